@@ -1,0 +1,619 @@
+"""Hierarchical dirty bitmap, byte-addressed with a granularity (QEMU's HBitmap).
+
+A :class:`DirtyBitmap` tracks which *granules* (``granularity`` bytes each) of a
+device of ``size`` bytes are dirty. It serves as the backup engine's "still to
+copy" bitmap and as the persistent dirty bitmap of incremental backups.
+
+Layout
+------
+Level 0 holds one bit per granule in 64-bit words. Each level above holds one
+bit per word of the level below, so every level is 64 times smaller and a search
+climbs until it finds a non-empty word, then descends one word per level::
+
+    level 2   ..1.                                    1 bit per level-1 word
+                |
+    level 1   ..1.......  ..........  ..........      1 bit per level-0 word
+                |
+    level 0   [w0][w1][w2]...[w63]  [w64]...          bit i = granule i
+
+There are two such towers over the same level 0:
+
+* the *any* tower: a bit is 1 when its word below has a set bit, used by
+  :meth:`DirtyBitmap.next_dirty`;
+* the *full* tower: a bit is 1 when its word below is all ones, used by
+  :meth:`DirtyBitmap.next_clean` (and so to find where a dirty run ends), so
+  that a nearly full bitmap is as cheap to walk as a nearly clean one.
+
+Bits past the end of a level ("padding") are 0 in level 0 and in the any tower,
+and 1 in the full tower, so no search ever stops on a padding bit of an upper
+level; a padding bit of level 0 may be found as "clean" and is clipped away.
+
+Memory for 16 TiB at 64 KiB granularity: 2**44 / 2**16 = 2**28 granules, so
+level 0 is 2**28 bits = 32 MiB. Each tower adds 2**22 + 2**16 + 2**10 + 16 bits
+(about 520 KiB), so the whole bitmap is about 33 MiB. A search touches one word
+per level (five levels here), whatever the size of the clean area it skips.
+
+Serialized format
+-----------------
+:meth:`DirtyBitmap.serialize` returns level 0 as ``ceil(bits / 8)`` bytes: bit
+``i`` (granule ``i``) is bit ``i % 8`` of byte ``i // 8``, least significant bit
+first, and the unused bits of the last byte are zero. This is the bit order of
+QEMU's qcow2 bitmap data, so a qcow2 module can store the bytes as they are.
+
+Thread safety: none. A bitmap is owned by the one event loop thread that owns
+its block node (QEMU protects its bitmaps with the BQL / bitmap mutex instead).
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Iterator
+
+__all__ = ["DirtyBitmap"]
+
+_M64 = (1 << 64) - 1
+
+# Words per chunk when a range operation walks level 0: bounds the temporary
+# objects to 64 KiB while keeping the number of Python iterations small.
+_CHUNK = 8192
+
+_LITTLE = sys.byteorder == "little"
+
+if array("Q").itemsize != 8:  # pragma: no cover - every CPython platform has 8-byte 'Q'
+    raise ImportError("cowbackup.block.bitmap needs an 8-byte array('Q')")
+
+_ONES = array("Q", [_M64]) * _CHUNK
+_ZEROS = array("Q", [0]) * _CHUNK
+
+# bytes.translate tables mapping a byte to a 0/1 flag (see _summarize).
+_IS_NONZERO = bytes([0] + [1] * 255)
+_IS_FF = bytes([0] * 255 + [1])
+
+
+def _words_to_int(words: array[int], i: int, j: int) -> int:
+    """Words [i, j) as one integer, word i least significant."""
+    if _LITTLE:
+        return int.from_bytes(memoryview(words)[i:j], "little")
+    return int.from_bytes(_words_to_bytes(words, i, j), "little")  # pragma: no cover
+
+
+def _words_to_bytes(words: array[int], i: int, j: int) -> bytes:
+    """Words [i, j) as little-endian bytes."""
+    if _LITTLE:
+        return memoryview(words)[i:j].tobytes()
+    part = words[i:j]  # pragma: no cover - big-endian hosts only
+    part.byteswap()  # pragma: no cover
+    return part.tobytes()  # pragma: no cover
+
+
+def _zero_words(n: int) -> array[int]:
+    # Repetition allocates exactly n words, with no n-sized temporary.
+    return array("Q", [0]) * n
+
+
+def _words_from_int(value: int, n: int) -> array[int]:
+    """The inverse of _words_to_int for n words."""
+    words = array("Q", value.to_bytes(8 * n, "little"))
+    if not _LITTLE:  # pragma: no cover - big-endian hosts only
+        words.byteswap()
+    return words
+
+
+def _lowest_bit(word: int) -> int:
+    return (word & -word).bit_length() - 1
+
+
+def _fill_bits(words: array[int], a: int, b: int, value: bool) -> int:
+    """Set bits [a, b) of ``words`` to ``value``; return how many bits flipped."""
+    if a >= b:
+        return 0
+    wa, wb = a >> 6, (b - 1) >> 6
+    head = (_M64 << (a & 63)) & _M64
+    tail = _M64 >> (63 - ((b - 1) & 63))
+    if wa == wb:
+        return _fill_word(words, wa, head & tail, value)
+    flipped = _fill_word(words, wa, head, value) + _fill_word(words, wb, tail, value)
+    # Whole words in the middle: slice assignment, chunked so that neither the
+    # popcount temporary nor the source array grows with the range.
+    w = wa + 1
+    while w < wb:
+        n = min(_CHUNK, wb - w)
+        ones = _words_to_int(words, w, w + n).bit_count()
+        flipped += 64 * n - ones if value else ones
+        src = _ONES if value else _ZEROS
+        words[w : w + n] = src if n == _CHUNK else src[:n]
+        w += n
+    return flipped
+
+
+def _fill_word(words: array[int], w: int, mask: int, value: bool) -> int:
+    old = words[w]
+    new = old | mask if value else old & ~mask
+    words[w] = new
+    return abs(new.bit_count() - old.bit_count())
+
+
+def _write_bits(words: array[int], lo: int, n: int, value: int) -> None:
+    """Overwrite bits [lo, lo + n) of ``words`` with the n low bits of ``value``."""
+    wa, wb = lo >> 6, (lo + n - 1) >> 6
+    shift = lo & 63
+    keep_head = words[wa] & ((1 << shift) - 1)
+    end = (lo + n - 1) & 63
+    keep_tail = words[wb] & ~(_M64 >> (63 - end)) & _M64
+    span = wb - wa + 1
+    merged = keep_head | (value << shift) | (keep_tail << (64 * (span - 1)))
+    if span == 1:
+        words[wa] = merged
+    else:
+        words[wa : wb + 1] = _words_from_int(merged, span)
+
+
+def _summarize(words: array[int], i: int, j: int, full: bool) -> int:
+    """Summary bits of words [i, j): bit k is 1 if word i+k is non-zero (any
+    tower) or all ones (full tower)."""
+    n = j - i
+    if n <= 4:  # the common case of a small update: plain integer tests
+        bits = 0
+        for k in range(n):
+            word = words[i + k]
+            if (word == _M64) if full else (word != 0):
+                bits |= 1 << k
+        return bits
+    # Bulk case, all at C speed. Byte r of every word, gathered with a stride
+    # of 8, is one integer; OR-ing (AND-ing) the 8 of them leaves byte k equal
+    # to the OR (AND) of word k's bytes. Map those bytes to 0/1 flags and pack
+    # 8 flags per byte with 8 more strided slices.
+    raw = _words_to_bytes(words, i, j)
+    acc = int.from_bytes(raw[0::8], "little")
+    for r in range(1, 8):
+        part = int.from_bytes(raw[r::8], "little")
+        acc = acc & part if full else acc | part
+    flags = acc.to_bytes(n, "little").translate(_IS_FF if full else _IS_NONZERO) + bytes(-n % 8)
+    packed = 0
+    for r in range(8):
+        packed |= int.from_bytes(flags[r::8], "little") << r
+    return packed
+
+
+def _find(levels: list[array[int]], value: int, pos: int) -> int | None:
+    """First bit >= pos of levels[0] equal to ``value``, or None.
+
+    ``levels[k + 1]`` must summarise ``levels[k]``: its bit w equals ``value``
+    exactly when word w of ``levels[k]`` holds a bit equal to ``value``. The
+    search climbs while the current word has nothing at or after ``pos``, then
+    descends through words that are known to hold a match.
+    """
+    k = 0
+    top = len(levels) - 1
+    while True:
+        level = levels[k]
+        w = pos >> 6
+        if w >= len(level):
+            return None
+        word = level[w] if value else ~level[w]
+        word &= (_M64 << (pos & 63)) & _M64
+        if word:
+            pos = (w << 6) + _lowest_bit(word)
+            break
+        if k == top:
+            return None
+        pos = w + 1
+        k += 1
+    while k > 0:
+        k -= 1
+        word = levels[k][pos] if value else ~levels[k][pos] & _M64
+        pos = (pos << 6) + _lowest_bit(word)
+    return pos
+
+
+def _tower_bits(bits: int) -> list[int]:
+    """Number of bits in each level above level 0 (the top level has one word)."""
+    sizes = []
+    while bits > 64:
+        bits = (bits + 63) >> 6
+        sizes.append(bits)
+    return sizes
+
+
+class DirtyBitmap:
+    """A dirty bitmap of ``size`` bytes with one bit per ``granularity`` bytes.
+
+    Byte ranges are mapped to granules: :meth:`set` widens a range outward to
+    whole granules, :meth:`reset` requires an aligned range, and
+    :meth:`reset_inward` narrows it. The last granule may extend past ``size``.
+    """
+
+    def __init__(self, size: int, granularity: int) -> None:
+        """Create a clean bitmap.
+
+        Raises ValueError if ``size`` is negative or ``granularity`` is not a
+        power of two >= 1.
+        """
+        if size < 0:
+            raise ValueError(f"Bitmap size must be >= 0, got {size}")
+        if granularity < 1 or granularity & (granularity - 1):
+            raise ValueError(f"Granularity must be a power of two >= 1, got {granularity}")
+        self._granularity = granularity
+        self._shift = granularity.bit_length() - 1
+        self._allocate(size)
+
+    def _allocate(self, size: int) -> None:
+        # _allocate (construction, resize) replaces these fields together; the
+        # update methods change _l0, _count and the towers in place.
+        self._size = size
+        self._bits = (size + self._granularity - 1) >> self._shift
+        self._l0: array[int] = _zero_words((self._bits + 63) >> 6)
+        self._count = 0  # set bits of level 0, kept exact by every update
+        self._any: list[array[int]] = []
+        self._full: list[array[int]] = []
+        for nbits in _tower_bits(self._bits):
+            nwords = (nbits + 63) >> 6
+            self._any.append(_zero_words(nwords))
+            full = _zero_words(nwords)
+            _fill_bits(full, nbits, 64 * nwords, True)  # padding of the full tower
+            self._full.append(full)
+        # A clean level 0 has no non-zero and no full word, so zeroed towers
+        # (plus the padding above) are already correct.
+
+    # -- properties ------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Size of the tracked device in bytes."""
+        return self._size
+
+    @property
+    def granularity(self) -> int:
+        """Bytes per bit."""
+        return self._granularity
+
+    # -- internal helpers ------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ValueError(
+                f"Range offset={offset} length={length} is outside the bitmap of size {self._size}"
+            )
+
+    def _granules_outward(self, offset: int, length: int) -> tuple[int, int]:
+        g = self._granularity
+        return offset >> self._shift, (offset + length + g - 1) >> self._shift
+
+    def _fill(self, a: int, b: int, value: bool) -> None:
+        """Set granules [a, b) to ``value`` and update count and towers."""
+        if a >= b:
+            return
+        flipped = _fill_bits(self._l0, a, b, value)
+        if not flipped:
+            return
+        self._count += flipped if value else -flipped
+        for tower, full in ((self._any, False), (self._full, True)):
+            src, lo, hi = self._l0, a, b - 1  # changed bits of `src`, inclusive
+            for dst in tower:
+                wl, wh = lo >> 6, hi >> 6
+                # Words strictly inside the range now hold only `value`, so
+                # their summary bit is `value` in both towers.
+                _fill_bits(dst, wl + 1, wh, value)
+                changed = self._update_summary(dst, wl, src[wl], full)
+                if wh != wl:
+                    self._update_summary(dst, wh, src[wh], full)
+                elif not changed:
+                    break  # nothing above can change either
+                src, lo, hi = dst, wl, wh
+
+    @staticmethod
+    def _update_summary(dst: array[int], w: int, word: int, full: bool) -> bool:
+        bit = word == _M64 if full else word != 0
+        i, mask = w >> 6, 1 << (w & 63)
+        old = dst[i]
+        new = old | mask if bit else old & ~mask
+        if new == old:
+            return False
+        dst[i] = new
+        return True
+
+    def _resummarize(self, wa: int, wb: int) -> None:
+        """Recompute both towers after level-0 words [wa, wb] changed arbitrarily."""
+        for tower, full in ((self._any, False), (self._full, True)):
+            src, lo, hi = self._l0, wa, wb  # changed words of `src`, inclusive
+            for dst in tower:
+                _write_bits(dst, lo, hi - lo + 1, _summarize(src, lo, hi + 1, full))
+                src, lo, hi = dst, lo >> 6, hi >> 6
+
+    def _rebuild(self) -> None:
+        """Recompute count and towers from level 0 (after a bulk load)."""
+        words = len(self._l0)
+        self._count = 0
+        for w in range(0, words, _CHUNK):
+            end = min(w + _CHUNK, words)
+            self._count += _words_to_int(self._l0, w, end).bit_count()
+            self._resummarize(w, end - 1)
+
+    def _next_nonzero_word(self, w: int) -> int | None:
+        if self._any:
+            return _find(self._any, 1, w)
+        return w if w < len(self._l0) and self._l0[w] else None
+
+    def _popcount(self, a: int, b: int) -> int:
+        """Set bits among granules [a, b), skipping clean chunks via the any tower."""
+        if a >= b:
+            return 0
+        l0 = self._l0
+        wa, wb = a >> 6, (b - 1) >> 6
+        head = (_M64 << (a & 63)) & _M64
+        tail = _M64 >> (63 - ((b - 1) & 63))
+        if wa == wb:
+            return (l0[wa] & head & tail).bit_count()
+        total = (l0[wa] & head).bit_count() + (l0[wb] & tail).bit_count()
+        w: int | None = wa + 1
+        while w is not None and w < wb:
+            w = self._next_nonzero_word(w)
+            if w is None or w >= wb:
+                break
+            end = min(w + _CHUNK, wb)
+            total += _words_to_int(l0, w, end).bit_count()
+            w = end
+        return total
+
+    def _next_bit(self, value: bool, gi: int) -> int | None:
+        """First granule >= gi with the given state (may be a level-0 padding bit)."""
+        if gi >= self._bits:
+            return None
+        if value:  # a dirty granule: follow "word has a set bit"
+            return _find([self._l0, *self._any], 1, gi)
+        # a clean granule: follow "word is not all ones", i.e. a 0 in the full tower
+        return _find([self._l0, *self._full], 0, gi)
+
+    # -- modification ----------------------------------------------------------
+
+    def set(self, offset: int, length: int) -> None:
+        """Mark dirty every granule that touches [offset, offset + length).
+
+        A zero length is a no-op. Raises ValueError if the range is not within
+        [0, size].
+        """
+        self._check_range(offset, length)
+        if length:
+            self._fill(*self._granules_outward(offset, length), True)
+
+    def reset(self, offset: int, length: int) -> None:
+        """Mark clean the granules of [offset, offset + length).
+
+        ``offset`` must be a multiple of the granularity, and ``length`` too
+        unless the range ends at ``size`` (which clears the partial last
+        granule). Raises ValueError otherwise or if the range is out of bounds.
+        Use :meth:`reset_inward` for unaligned ranges.
+        """
+        self._check_range(offset, length)
+        g = self._granularity
+        if offset % g or (length % g and offset + length != self._size):
+            raise ValueError(f"Range offset={offset} length={length} is not aligned to granularity {g}")
+        if length:
+            self._fill(*self._granules_outward(offset, length), False)
+
+    def reset_inward(self, offset: int, length: int) -> None:
+        """Mark clean only the granules lying entirely inside the range.
+
+        The partial last granule counts as inside when the range reaches
+        ``size``. Raises ValueError if the range is not within [0, size].
+        """
+        self._check_range(offset, length)
+        g = self._granularity
+        a = (offset + g - 1) >> self._shift
+        end = offset + length
+        b = self._bits if end == self._size else end >> self._shift
+        self._fill(a, b, False)
+
+    def set_all(self) -> None:
+        """Mark every granule dirty."""
+        self._fill(0, self._bits, True)
+
+    def clear(self) -> None:
+        """Mark every granule clean."""
+        self._fill(0, self._bits, False)
+
+    def merge(self, other: DirtyBitmap) -> None:
+        """Mark dirty everything that is dirty in ``other`` (self |= other).
+
+        The granularities may differ: each dirty granule of ``other`` dirties
+        every granule of this bitmap that it overlaps. Raises ValueError if the
+        sizes differ.
+        """
+        if other._size != self._size:
+            raise ValueError(
+                f"Bitmaps are of different sizes ({self._size} and {other._size}) and can't be merged"
+            )
+        if other._granularity != self._granularity:
+            for start, length in other.dirty_areas():
+                self.set(start, length)
+            return
+        # Same layout: OR level 0 chunk by chunk, visiting only the chunks in
+        # which `other` has a set bit.
+        words = len(other._l0)
+        w: int | None = 0
+        while w is not None and w < words:
+            w = other._next_nonzero_word(w)
+            if w is None:
+                break
+            end = min(w + _CHUNK, words)
+            mine = _words_to_int(self._l0, w, end)
+            merged = mine | _words_to_int(other._l0, w, end)
+            if merged != mine:
+                self._l0[w:end] = _words_from_int(merged, end - w)
+                self._count += merged.bit_count() - mine.bit_count()
+                self._resummarize(w, end - 1)
+            w = end
+
+    def resize(self, size: int) -> None:
+        """Change the size. Growing adds clean granules; shrinking drops the
+        granules past the new end. Raises ValueError if ``size`` is negative.
+        """
+        if size < 0:
+            raise ValueError(f"Bitmap size must be >= 0, got {size}")
+        old_l0, old_bits = self._l0, self._bits
+        self._allocate(size)
+        keep = min(old_bits, self._bits)
+        nwords = (keep + 63) >> 6
+        self._l0[:nwords] = old_l0[:nwords]
+        # Granules past the new end must not survive as level-0 padding.
+        _fill_bits(self._l0, keep, 64 * len(self._l0), False)
+        self._rebuild()
+
+    # -- queries ---------------------------------------------------------------
+
+    def get(self, offset: int) -> bool:
+        """Whether the granule holding byte ``offset`` is dirty.
+
+        Raises ValueError unless 0 <= offset < size.
+        """
+        if not 0 <= offset < self._size:
+            raise ValueError(f"Offset {offset} is outside the bitmap of size {self._size}")
+        gi = offset >> self._shift
+        return bool(self._l0[gi >> 6] >> (gi & 63) & 1)
+
+    def count(self) -> int:
+        """Dirty bytes, counted in whole granules (as QEMU does): this may
+        exceed ``size`` when the last granule is partial and dirty."""
+        return self._count << self._shift
+
+    def count_bits(self) -> int:
+        """Number of dirty granules."""
+        return self._count
+
+    def is_empty(self) -> bool:
+        """Whether no granule is dirty."""
+        return self._count == 0
+
+    def count_range(self, offset: int, length: int) -> int:
+        """Dirty bytes, in whole granules, of the granules touching the range.
+
+        Raises ValueError if the range is not within [0, size].
+        """
+        self._check_range(offset, length)
+        if not length:
+            return 0
+        return self._popcount(*self._granules_outward(offset, length)) << self._shift
+
+    def _next(self, value: bool, offset: int, end: int | None) -> int | None:
+        if offset < 0:
+            raise ValueError(f"Offset must be >= 0, got {offset}")
+        stop = self._size if end is None else min(end, self._size)
+        if offset >= stop:
+            return None
+        gi = self._next_bit(value, offset >> self._shift)
+        if gi is None:
+            return None
+        found = max(offset, gi << self._shift)
+        return found if found < stop else None
+
+    def next_dirty(self, offset: int, end: int | None = None) -> int | None:
+        """Smallest byte offset in [offset, end) whose granule is dirty.
+
+        Returns ``offset`` itself when its granule is dirty, otherwise the start
+        of the next dirty granule; None if there is none. ``end`` defaults to
+        and is clipped to ``size``. Raises ValueError if ``offset`` < 0.
+        """
+        return self._next(True, offset, end)
+
+    def next_clean(self, offset: int, end: int | None = None) -> int | None:
+        """Like :meth:`next_dirty`, for a clean granule."""
+        return self._next(False, offset, end)
+
+    def next_dirty_area(self, offset: int, end: int, max_length: int) -> tuple[int, int] | None:
+        """The first dirty area in [offset, end) as ``(start, length)``, or None.
+
+        ``start`` is the first dirty byte (see :meth:`next_dirty`); the area
+        runs to the first clean granule, ``end`` or ``start + max_length``,
+        whichever comes first. ``end`` is clipped to ``size``. Raises
+        ValueError if ``offset`` < 0 or ``max_length`` < 1.
+        """
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        start = self.next_dirty(offset, end)
+        if start is None:
+            return None
+        stop = min(end, self._size, start + max_length)
+        clean = self.next_clean(start, stop)
+        return start, (stop if clean is None else clean) - start
+
+    def dirty_areas(self, offset: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Yield the maximal dirty runs as ``(start, length)`` in byte units,
+        clipped to [offset, end) and to ``size``.
+
+        The bitmap must not be modified while the iterator is in use. Raises
+        ValueError if ``offset`` < 0.
+        """
+        if offset < 0:
+            raise ValueError(f"Offset must be >= 0, got {offset}")
+        stop = self._size if end is None else min(end, self._size)
+        pos = offset
+        while pos < stop:
+            start = self.next_dirty(pos, stop)
+            if start is None:
+                return
+            clean = self.next_clean(start, stop)
+            pos = stop if clean is None else clean
+            yield start, pos - start
+
+    # -- copying and serialization -------------------------------------------
+
+    def copy(self) -> DirtyBitmap:
+        """An independent copy."""
+        new = DirtyBitmap.__new__(DirtyBitmap)
+        new._granularity = self._granularity
+        new._shift = self._shift
+        new._size = self._size
+        new._bits = self._bits
+        new._count = self._count
+        new._l0 = self._l0[:]
+        new._any = [level[:] for level in self._any]
+        new._full = [level[:] for level in self._full]
+        return new
+
+    def serialize(self) -> bytes:
+        """Level 0 as ``ceil(bits / 8)`` LSB-first bytes (see the module docstring)."""
+        nbytes = (self._bits + 7) >> 3
+        if _LITTLE:
+            return memoryview(self._l0).cast("B")[:nbytes].tobytes()
+        words = self._l0[:]  # pragma: no cover - big-endian hosts only
+        words.byteswap()  # pragma: no cover
+        return words.tobytes()[:nbytes]  # pragma: no cover
+
+    @classmethod
+    def deserialize(cls, size: int, granularity: int, data: bytes) -> DirtyBitmap:
+        """Build a bitmap from :meth:`serialize` output.
+
+        Unused bits of the last byte are ignored. Raises ValueError if ``data``
+        is not ``ceil(ceil(size / granularity) / 8)`` bytes long, or for the
+        errors of the constructor.
+        """
+        bitmap = cls(size, granularity)
+        nbytes = (bitmap._bits + 7) >> 3
+        if len(data) != nbytes:
+            raise ValueError(f"Serialized bitmap must be {nbytes} bytes, got {len(data)}")
+        words = bitmap._l0
+        with memoryview(words) as view, view.cast("B") as raw:
+            raw[:nbytes] = data
+        if not _LITTLE:  # pragma: no cover - big-endian hosts only
+            words.byteswap()
+        _fill_bits(words, bitmap._bits, 64 * len(words), False)
+        bitmap._rebuild()
+        return bitmap
+
+    # -- comparison ------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DirtyBitmap):
+            return NotImplemented
+        return (
+            self._size == other._size
+            and self._granularity == other._granularity
+            and self._count == other._count
+            and self._l0 == other._l0
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"DirtyBitmap(size={self._size}, granularity={self._granularity}, dirty_granules={self._count})"
+        )

@@ -1,0 +1,423 @@
+"""The copy engine: copies clusters from a source node to a target node, each at most once.
+
+It is shared by the copy-before-write filter (guest writes ask it to save old data first) and the backup
+job (which walks the whole disk in the background), so the two collaborate instead of copying the same
+cluster twice -- QEMU's block-copy.  State is split by lifetime (STYLE.md #2):
+
+* :class:`BlockCopyState` lives as long as the backup: the copy bitmap (set bit = "still to copy"),
+  the tasks in flight, the memory budget, the speed limit, progress hooks.
+* :class:`CopyCall` is one call of :meth:`BlockCopyState.copy` over a range: its workers, its first error,
+  its cancellation.
+* :class:`_Task` is one unit of work: a run of clusters claimed by one call.
+
+The rules that make the point-in-time guarantee hold::
+
+    claim      a task clears its clusters' bits *before* it reads them (in the same loop step as finding
+               them dirty), so no two tasks ever cover the same cluster;
+    wait       a call that finds no dirty bit left in its range waits for any task in flight that
+               overlaps the range, then looks again -- so a guest write never overtakes a copy of its
+               clusters that another call started;
+    roll back  a failed task sets its bits again; the waiting call then copies them itself (or fails).
+
+All state is owned by the event loop; no locks are needed because claiming happens without an ``await``
+between finding a dirty area and clearing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cowbackup.block.align import align_down, align_up
+from cowbackup.block.bitmap import DirtyBitmap
+from cowbackup.block.errors import RequestError
+from cowbackup.block.graph import Child
+from cowbackup.block.node import BlockNode, Extent, RequestFlags, Status
+from cowbackup.block.zero import is_zero
+from cowbackup.jobs.ratelimit import RateLimit
+
+log = logging.getLogger(__name__)
+
+#: Smallest copy unit; a target cluster larger than this raises it (QEMU's BACKUP_CLUSTER_SIZE_DEFAULT).
+MIN_CLUSTER_SIZE = 64 * 1024
+#: Largest chunk for buffered copies (QEMU: 1 MiB; we take larger chunks to amortise per-task cost).
+DEFAULT_CHUNK = 4 * 1024 * 1024
+#: Largest chunk for copy offloading (copy_file_range).
+COPY_RANGE_CHUNK = 16 * 1024 * 1024
+#: Default and maximum number of parallel tasks of one call.
+DEFAULT_WORKERS = 64
+#: Bytes of buffers in flight across all calls (QEMU: 128 MiB).
+MEMORY_BUDGET = 128 * 1024 * 1024
+
+
+class CopyMethod(enum.Enum):
+    READ_WRITE = "read-write"
+    WRITE_ZEROES = "write-zeroes"
+    SKIP = "skip"
+    COPY_RANGE = "copy-range"
+
+
+class CopyError(RequestError):
+    """A copy failed.  ``is_read`` tells whether reading the source (True) or writing the target failed."""
+
+    def __init__(self, cause: OSError, is_read: bool) -> None:
+        super().__init__(cause.errno or errno.EIO, cause.strerror or str(cause))
+        self.is_read = is_read
+        self.__cause__ = cause
+
+
+class CopyCancelled(Exception):
+    """The call was cancelled before it finished its range (not an error of the copy)."""
+
+
+class _MemoryBudget:
+    """Bytes of copy buffers allowed in flight; a request larger than the budget still passes alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        if self.used and self.used + n > self.limit:
+            async with self._freed:
+                await self._freed.wait_for(lambda: not self.used or self.used + n <= self.limit)
+        self.used += n
+
+    async def release(self, n: int) -> None:
+        self.used -= n
+        async with self._freed:
+            self._freed.notify_all()
+
+
+@dataclass(eq=False)
+class _Task:
+    """Clusters ``[offset, offset+length)`` claimed by one call; ``done`` is set when they are settled."""
+
+    call: CopyCall
+    offset: int
+    length: int
+    method: CopyMethod = CopyMethod.READ_WRITE
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(eq=False)
+class CopyCall:
+    """One request to copy everything still dirty in ``[offset, offset+length)``.
+
+    ``max_workers`` tasks run at once; ``max_chunk`` (0 = no limit) caps a task's size; guest-triggered
+    calls set ``ignore_ratelimit``.  ``cancel()`` stops new tasks; tasks in flight finish.
+    """
+
+    offset: int
+    length: int
+    max_workers: int = DEFAULT_WORKERS
+    max_chunk: int = 0
+    ignore_ratelimit: bool = False
+    cancelled: bool = False
+    error: CopyError | None = None
+    _kick: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._kick.set()
+
+    def kick(self) -> None:
+        """Wake the call if it sleeps for the speed limit (the limit changed)."""
+        self._kick.set()
+
+
+class BlockCopyState:
+    """Copies dirty clusters from ``source`` to ``target`` (edges, resolved at each request).
+
+    ``bitmap``: the copy bitmap; a set bit means "still to copy".  The owner (the backup job or the filter)
+    initialises it; :class:`BlockCopyState` only claims, clears and rolls back bits.
+    ``on_progress(done_bytes)`` is called after each successful task and ``on_remaining(bytes)`` after
+    every task (remaining = dirty + in flight), as QEMU's progress meter.
+    """
+
+    def __init__(
+        self,
+        source: Child,
+        target: Child,
+        cluster_size: int,
+        *,
+        use_copy_range: bool = False,
+        memory_budget: int = MEMORY_BUDGET,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.cluster_size = cluster_size
+        size = source.node.size
+        self.bitmap = DirtyBitmap(size, cluster_size)
+        self.skip_unallocated = False
+        #: Discard each source range once copied (blockdev-backup's discard-source).
+        self.discard_source = False
+        self.use_copy_range = use_copy_range
+        self.ratelimit = RateLimit(0)
+        self.on_progress: Callable[[int], None] = lambda n: None
+        self.on_remaining: Callable[[int], None] = lambda n: None
+        self._tasks: list[_Task] = []
+        self._in_flight_bytes = 0
+        self._memory = _MemoryBudget(memory_budget)
+        self._calls: set[CopyCall] = set()
+        # Last block status answer from the source.  Valid for still-dirty clusters: they cannot have been
+        # written since the backup started (every write copies its dirty clusters first).
+        self._status: Extent | None = None
+        #: Set when the target reads as zeros everywhere not yet written (a fresh sparse file).
+        self.target_is_zero = bool(getattr(target.node, "known_zero_init", False))
+        src_max = source.node.limits.max_transfer
+        tgt_max = target.node.limits.max_transfer
+        self.max_transfer = max(align_down(min(src_max, tgt_max), cluster_size), cluster_size)
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def size(self) -> int:
+        return self.source.node.size
+
+    @property
+    def in_flight_bytes(self) -> int:
+        return self._in_flight_bytes
+
+    def remaining(self) -> int:
+        """Bytes still to copy: dirty clusters plus those being copied."""
+        return self.bitmap.count() + self._in_flight_bytes
+
+    def set_speed(self, speed: int) -> None:
+        self.ratelimit.set_speed(speed)
+        for call in self._calls:
+            call.kick()
+
+    def _chunk_limit(self, call: CopyCall) -> int:
+        chunk = COPY_RANGE_CHUNK if self.use_copy_range else DEFAULT_CHUNK
+        chunk = min(max(chunk, self.cluster_size), self.max_transfer)
+        if call.max_chunk:
+            chunk = min(chunk, max(align_down(call.max_chunk, self.cluster_size), self.cluster_size))
+        return chunk
+
+    # ------------------------------------------------------------------ public entry
+
+    async def copy(self, call: CopyCall) -> None:
+        """Copy every dirty cluster in the call's range; return when none is dirty or in flight there.
+
+        Raises :class:`CopyError` on the first failed task (its clusters are dirty again) and
+        :class:`CopyCancelled` if the call was cancelled.
+        """
+        self._calls.add(call)
+        try:
+            while True:
+                found = await self._copy_dirty_clusters(call)
+                if call.error is not None:
+                    raise call.error
+                if call.cancelled:
+                    raise CopyCancelled()
+                waited = await self._wait_one(call.offset, call.offset + call.length)
+                if not found and not waited:
+                    return
+        finally:
+            self._calls.discard(call)
+
+    async def _wait_one(self, start: int, end: int) -> bool:
+        """Wait for one task in flight that overlaps ``[start, end)``; False if there is none."""
+        for task in self._tasks:
+            if task.offset < end and start < task.end:
+                await task.done.wait()
+                return True
+        return False
+
+    # ------------------------------------------------------------------ the copy loop
+
+    async def _copy_dirty_clusters(self, call: CopyCall) -> bool:
+        """One pass over the range, claiming and copying dirty areas.  True if anything was claimed."""
+        start = align_down(call.offset, self.cluster_size)
+        end = min(align_up(call.offset + call.length, self.cluster_size), self.size)
+        limit = self._chunk_limit(call)
+        found = False
+        workers: set[asyncio.Task[None]] = set()
+        pos = start
+        try:
+            while pos < end and not call.cancelled and call.error is None:
+                area = self.bitmap.next_dirty_area(pos, end, limit)
+                if area is None:
+                    break
+                task = self._claim(call, *area)
+                found = True
+                classified = await self._classify(task)
+                pos = task.end  # the task may have shrunk to one block-status extent
+                if not classified:
+                    continue
+                # Charged at task start, zero clusters too (QEMU's rule); guest-triggered copies are exempt.
+                if not call.ignore_ratelimit:
+                    delay = self.ratelimit.calculate_delay()
+                    if delay > 0:
+                        self._finish(task, ok=False)
+                        pos = task.offset
+                        await self._sleep(call, delay)
+                        continue
+                    self.ratelimit.account(task.length)
+                if len(workers) >= call.max_workers:
+                    done, workers = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
+                    for worker in done:
+                        worker.result()  # re-raise anything that is not a copy error (a bug)
+                    if call.error is not None:
+                        self._finish(task, ok=False)
+                        break
+                if pos >= end and not workers:
+                    # The last piece of the range: run it inline, no worker needed.
+                    await self._run_task(task)
+                else:
+                    workers.add(asyncio.ensure_future(self._run_task(task)))
+        finally:
+            if workers:
+                await asyncio.wait(workers)
+        return found
+
+    def _claim(self, call: CopyCall, offset: int, length: int) -> _Task:
+        end = min(offset + length, self.size)
+        # Claim whole clusters; the bitmap clamps the last partial cluster to the image end.
+        self.bitmap.reset(offset, end - offset)
+        task = _Task(call, offset, end - offset)
+        self._tasks.append(task)
+        self._in_flight_bytes += task.length
+        return task
+
+    def _shrink(self, task: _Task, length: int) -> None:
+        """Give back the tail of a task (its clusters become dirty again) and wake its waiters."""
+        tail = task.length - length
+        self.bitmap.set(task.offset + length, tail)
+        self._in_flight_bytes -= tail
+        task.length = length
+        task.done.set()
+        task.done = asyncio.Event()
+
+    async def _classify(self, task: _Task) -> bool:
+        """Choose the copy method from the source's block status; False if the task needs no copy.
+
+        A task is cut to the first block-status extent (rounded down to clusters), so one task is all data,
+        all zero or all unallocated.
+        """
+        ext = self._status
+        if ext is None or not ext.offset <= task.offset < ext.end:
+            try:
+                ext = await self.source.node.block_status(task.offset, task.length)
+            except OSError:
+                # Unknown status: treat one task as data; the read will report a real error.
+                ext = Extent(task.offset, task.length, Status.DATA | Status.ALLOCATED)
+            self._status = ext
+        usable = min(ext.end, task.end) - task.offset
+        if ext.end < self.size:
+            usable = align_down(usable, self.cluster_size)
+        if usable <= 0:
+            usable = self.cluster_size  # extent shorter than a cluster: copy the cluster as data
+            flags = Status.DATA | Status.ALLOCATED
+        else:
+            flags = ext.flags
+        if usable < task.length:
+            self._shrink(task, usable)
+        if self.skip_unallocated and not flags & Status.ALLOCATED:
+            task.method = CopyMethod.SKIP
+            self._finish(task, ok=True, count_progress=False)
+            return False
+        if flags & Status.ZERO:
+            task.method = CopyMethod.SKIP if self.target_is_zero else CopyMethod.WRITE_ZEROES
+        elif self.use_copy_range:
+            task.method = CopyMethod.COPY_RANGE
+        return True
+
+    async def _sleep(self, call: CopyCall, delay_ns: int) -> None:
+        call._kick.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(call._kick.wait(), delay_ns / 1e9)
+
+    async def _run_task(self, task: _Task) -> None:
+        ok = False
+        # Only buffered copies hold memory; zero writes and offloaded copies do not.
+        buffered = task.method is not CopyMethod.WRITE_ZEROES
+        try:
+            if buffered:
+                await self._memory.acquire(task.length)
+            try:
+                await self._do_copy(task)
+                ok = True
+                if self.discard_source and task.method is not CopyMethod.SKIP:
+                    # Best effort, as QEMU: a failed discard does not fail the copy.
+                    with contextlib.suppress(OSError):
+                        await self.source.node.discard(task.offset, task.length)
+            finally:
+                if buffered:
+                    await self._memory.release(task.length)
+        except CopyError as err:
+            if task.call.error is None:
+                task.call.error = err
+            log.debug("copy of %d+%d failed: %s", task.offset, task.length, err)
+        finally:
+            self._finish(task, ok=ok)
+
+    async def _do_copy(self, task: _Task) -> None:
+        target = self.target.node
+        offset, length = task.offset, task.length
+        if task.method is CopyMethod.SKIP:
+            return
+        if task.method is CopyMethod.WRITE_ZEROES:
+            await _target_io(target.write_zeroes(offset, length, RequestFlags.MAY_UNMAP))
+            return
+        if task.method is CopyMethod.COPY_RANGE:
+            if await self._copy_range(offset, length):
+                return
+            task.method = CopyMethod.READ_WRITE
+        buf = bytearray(length)
+        try:
+            await self.source.node.read(offset, buf)
+        except OSError as err:
+            raise CopyError(err, is_read=True) from err
+        if is_zero(buf):
+            if not self.target_is_zero:
+                await _target_io(target.write_zeroes(offset, length, RequestFlags.MAY_UNMAP))
+            return
+        await _target_io(target.write(offset, buf))
+
+    async def _copy_range(self, offset: int, length: int) -> bool:
+        """Offload to copy_file_range between two local files; False (and stop trying) if impossible."""
+        from cowbackup.block.copy_range import copy_file_range
+
+        try:
+            done = await copy_file_range(self.source.node, self.target.node, offset, length)
+        except OSError as err:
+            raise CopyError(err, is_read=False) from err
+        if not done:
+            self.use_copy_range = False
+        return done
+
+    def _finish(self, task: _Task, *, ok: bool, count_progress: bool = True) -> None:
+        if not ok:
+            self.bitmap.set(task.offset, task.length)
+        self._in_flight_bytes -= task.length
+        self._tasks.remove(task)
+        task.done.set()
+        if ok and count_progress:
+            self.on_progress(task.length)
+        self.on_remaining(self.remaining())
+
+
+async def _target_io(request: object) -> None:
+    """Await a target request, marking its failure as a write error."""
+    assert asyncio.iscoroutine(request)
+    try:
+        await request
+    except OSError as err:
+        raise CopyError(err, is_read=False) from err
+
+
+def cluster_size_for(target: BlockNode, minimum: int = MIN_CLUSTER_SIZE) -> int:
+    """The backup cluster size: max(minimum, target cluster size), as QEMU chooses it."""
+    return max(minimum, target.limits.cluster_size)

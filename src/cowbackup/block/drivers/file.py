@@ -1,0 +1,404 @@
+"""``file`` and ``host_device``: a regular file or a host block device (QEMU's file-posix).
+
+Options (both driver names take the same ones and accept both kinds of file):
+
+==================  =========================================================================================
+``filename``        path of the file or block device (required)
+``read-only``       open ``O_RDONLY`` (default off)
+``discard``         ``ignore`` / ``off`` (default): discard does nothing and write-zeroes never deallocates;
+                    ``unmap`` / ``on``: discard punches holes, write-zeroes with ``MAY_UNMAP`` may too
+``cache.direct``    open with ``O_DIRECT`` (default off); requests are then aligned to the logical block size
+                    (``BLKSSZGET`` for block devices, 4096 for regular files) and bounced through page-aligned
+                    buffers when the caller's memory is not aligned
+``cache.no-flush``  flush does nothing (default off)
+``aio``             ``threads`` only: every system call runs in the bounded I/O thread pool;
+                    ``native`` and ``io_uring`` are refused
+``locking``         ``auto`` (default) and ``off`` take no lock; ``on`` takes a ``flock`` on the open file
+                    (exclusive when writable, shared when read-only) and fails if another opener conflicts.
+                    Unlike QEMU's byte-range image locking this does not see QEMU's own locks.
+==================  =========================================================================================
+
+QEMU's ``aio-max-batch``, ``drop-cache``, ``pr-manager`` and ``x-check-cache-dropped`` are not supported (the
+registry refuses them as unexpected).
+
+Write-zeroes follows QEMU: with ``MAY_UNMAP`` and ``discard=unmap`` it punches a hole; otherwise it tries
+``FALLOC_FL_ZERO_RANGE``; when the file system supports neither (remembered per node in
+``has_punch_hole``/``has_zero_range``) it writes zero buffers, or fails with ENOTSUP under ``NO_FALLBACK``.
+Linux implements both ``fallocate`` modes on block devices too, so no ``BLKZEROOUT``/``BLKDISCARD`` ioctls
+are needed.
+
+With ``cache.direct`` and a size that is not a multiple of the alignment, the padded last block is read with
+zeros past the end of the file, and a write into it is followed by an ``ftruncate`` back to the size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import functools
+import logging
+import mmap
+import os
+import stat
+from collections.abc import Callable
+
+from cowbackup.block.errors import BlockError, RequestError
+from cowbackup.block.graph import BlockGraph
+from cowbackup.block.node import BlockNode, Extent, RequestFlags, Status
+from cowbackup.block.options import Options
+from cowbackup.block.threadpool import run_blocking
+
+log = logging.getLogger(__name__)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+#: ioctl returning the logical sector size of a block device (an int).
+BLKSSZGET = 0x1268
+#: request_alignment of regular files opened with O_DIRECT: a multiple of every logical block size in use.
+DIRECT_ALIGNMENT = 4096
+
+#: errnos meaning "this kind of request is not supported here"; the node remembers and stops trying.
+_UNSUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+_Fallocate = Callable[[int, int, int, int], int]
+
+
+@functools.cache
+def _libc_fallocate() -> _Fallocate | None:
+    """libc's ``fallocate`` (``os.posix_fallocate`` takes no mode flags), or None when unavailable."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        func = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    result: _Fallocate = func
+    return result
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Call ``fallocate(2)``; raise OSError on failure (ENOTSUP when libc has no fallocate)."""
+    func = _libc_fallocate()
+    if func is None:
+        raise OSError(errno.ENOTSUP, "fallocate is not available")
+    if func(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _address(view: memoryview) -> int | None:
+    """Memory address of a writable buffer, or None when it cannot be known (read-only buffers)."""
+    if view.readonly:
+        return None
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
+
+
+class _AlignedBuffer:
+    """A page-aligned anonymous mapping of ``n`` bytes, for O_DIRECT I/O from unaligned buffers."""
+
+    def __init__(self, n: int) -> None:
+        self._map = mmap.mmap(-1, n)
+        self.view = memoryview(self._map)
+
+    def __enter__(self) -> memoryview:
+        return self.view
+
+    def __exit__(self, *exc: object) -> None:
+        self.view.release()
+        self._map.close()
+
+
+class FileNode(BlockNode):
+    """An open file descriptor.  ``fd`` is owned by the node and closed by :meth:`close`.
+
+    ``has_punch_hole``/``has_zero_range``: cleared the first time the file system reports the fallocate
+    mode unsupported, so later requests go straight to the fallback (tests clear them to force it).
+    ``known_zero_init``: the file was one big hole when opened (a fresh sparse file); the copy engine then
+    need not write zeros to it.  It describes the file *at open* and is not updated by writes.
+    """
+
+    driver_name = "file"
+
+    def __init__(
+        self,
+        node_name: str,
+        filename: str,
+        fd: int,
+        *,
+        size: int,
+        read_only: bool = False,
+        is_block: bool = False,
+        discard_unmap: bool = False,
+        direct: bool = False,
+        alignment: int = 1,
+        no_flush: bool = False,
+        known_zero_init: bool = False,
+    ) -> None:
+        super().__init__(node_name, read_only=read_only)
+        self.filename = filename
+        self.fd = fd
+        self._size = size
+        self.is_block = is_block
+        self.discard_unmap = discard_unmap
+        self.direct = direct
+        self.no_flush = no_flush
+        self.known_zero_init = known_zero_init
+        self.limits.request_alignment = alignment
+        self.has_punch_hole = True
+        self.has_zero_range = True
+        self.has_seek_data = not is_block
+        self.has_rwf_dsync = hasattr(os, "RWF_DSYNC")
+
+    def describe(self) -> dict[str, object]:
+        return {"file": self.filename}
+
+    def _needs_bounce(self, view: memoryview) -> bool:
+        if not self.direct:
+            return False
+        addr = _address(view)
+        return addr is None or addr % self.limits.request_alignment != 0
+
+    # ------------------------------------------------------------------ read / write (in the pool)
+
+    def _pread_all(self, offset: int, buf: memoryview) -> None:
+        pos = 0
+        while pos < len(buf):
+            if offset + pos >= self._size:
+                # Only the padding of an O_DIRECT tail block lies past the end: it reads as zeros.
+                buf[pos:] = bytes(len(buf) - pos)
+                return
+            n = os.preadv(self.fd, [buf[pos:]], offset + pos)
+            if n == 0:
+                raise RequestError(
+                    errno.EIO, f"unexpected end of '{self.filename}' at offset {offset + pos} (file shrank?)"
+                )
+            pos += n
+
+    def _pwrite_all(self, offset: int, data: memoryview, fua: bool) -> None:
+        rwflags = os.RWF_DSYNC if fua and self.has_rwf_dsync else 0
+        pos = 0
+        while pos < len(data):
+            try:
+                n = os.pwritev(self.fd, [data[pos:]], offset + pos, rwflags)
+            except OSError as err:
+                if not rwflags or err.errno not in _UNSUPPORTED:
+                    raise
+                self.has_rwf_dsync = False  # old kernel: fall back to fdatasync below
+                rwflags = 0
+                continue
+            if n == 0:
+                raise RequestError(errno.EIO, f"write to '{self.filename}' stalled at {offset + pos}")
+            pos += n
+        if offset + len(data) > self._size and not self.is_block:
+            os.ftruncate(self.fd, self._size)  # padding of an O_DIRECT tail block grew the file
+        if fua and not rwflags:
+            os.fdatasync(self.fd)
+
+    async def _do_read(self, offset: int, buf: memoryview) -> None:
+        if self._needs_bounce(buf):
+            with _AlignedBuffer(len(buf)) as bounce:
+                await run_blocking(self._pread_all, offset, bounce)
+                buf[:] = bounce
+        else:
+            await run_blocking(self._pread_all, offset, buf)
+
+    async def _do_write(self, offset: int, data: memoryview, flags: RequestFlags) -> None:
+        fua = bool(flags & RequestFlags.FUA)
+        if self._needs_bounce(data):
+            with _AlignedBuffer(len(data)) as bounce:
+                bounce[:] = data
+                await run_blocking(self._pwrite_all, offset, bounce, fua)
+        else:
+            await run_blocking(self._pwrite_all, offset, data, fua)
+
+    # ------------------------------------------------------------------ zeroing and discard
+
+    async def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """Run fallocate; False (and remember it when permanent) if the mode is not supported here."""
+        try:
+            await run_blocking(_fallocate, self.fd, mode, offset, length)
+        except OSError as err:
+            if err.errno in _UNSUPPORTED:
+                if mode & FALLOC_FL_PUNCH_HOLE:
+                    self.has_punch_hole = False
+                else:
+                    self.has_zero_range = False
+                return False
+            if err.errno == errno.EINVAL:
+                return False  # e.g. a block device and a range not aligned to its sectors
+            raise
+        return True
+
+    async def _do_write_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
+        done = False
+        if flags & RequestFlags.MAY_UNMAP and self.discard_unmap and self.has_punch_hole:
+            done = await self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if not done and self.has_zero_range:
+            done = await self._try_fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if not done:
+            # The base class writes zero buffers, or raises ENOTSUP under NO_FALLBACK.
+            await super()._do_write_zeroes(offset, length, flags)
+        elif flags & RequestFlags.FUA:
+            await self._do_flush()
+
+    async def _do_discard(self, offset: int, length: int) -> None:
+        if self.discard_unmap and self.has_punch_hole:
+            await self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    async def _do_flush(self) -> None:
+        if not self.no_flush:
+            await run_blocking(os.fdatasync, self.fd)
+
+    # ------------------------------------------------------------------ block status
+
+    def _find_allocation(self, offset: int, length: int) -> Extent:
+        """One ``SEEK_DATA`` (and maybe one ``SEEK_HOLE``) from ``offset``::
+
+            in a hole:  |offset ....... data|xxxxxxx    -> ZERO up to the next data (ENXIO: up to EOF)
+            in data:    |offset xxxxxxx hole|.......    -> DATA up to the next hole
+
+        File systems without SEEK_DATA (EINVAL, ENOTSUP) report everything as data from then on.
+        """
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:
+                return Extent(offset, length, Status.ZERO)  # no data after offset: a hole to EOF
+            if err.errno in _UNSUPPORTED or err.errno == errno.EINVAL:
+                self.has_seek_data = False
+                return Extent(offset, length, Status.DATA | Status.ALLOCATED)
+            raise
+        if data > offset:
+            return Extent(offset, min(data - offset, length), Status.ZERO)
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError as err:
+            if err.errno != errno.ENXIO:
+                raise
+            hole = offset + length  # the file shrank under us: report data, reads will tell
+        if hole <= offset:
+            hole = offset + length  # changed between the two seeks: data is the safe answer
+        return Extent(offset, min(hole - offset, length), Status.DATA | Status.ALLOCATED)
+
+    async def _do_block_status(self, offset: int, length: int) -> Extent:
+        if not self.has_seek_data:
+            return Extent(offset, length, Status.DATA | Status.ALLOCATED)
+        return await run_blocking(self._find_allocation, offset, length)
+
+    async def _do_close(self) -> None:
+        await self.drain()  # worker threads may still use the fd number
+        os.close(self.fd)
+
+
+# ---------------------------------------------------------------------- opening and creating
+
+
+def _lock(fd: int, filename: str, read_only: bool) -> None:
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as err:
+        what = 'shared "write"' if read_only else '"write"'
+        raise BlockError(
+            f"Failed to get {what} lock: Is another process using the image [{filename}]?"
+        ) from err
+
+
+def _probe(fd: int, filename: str, direct: bool) -> tuple[int, bool, int, bool]:
+    """(size, is_block, alignment, known_zero_init) of an open file; BlockError if it is neither kind."""
+    st = os.fstat(fd)
+    is_block = stat.S_ISBLK(st.st_mode)
+    if not is_block and not stat.S_ISREG(st.st_mode):
+        raise BlockError(f"'file' driver requires '{filename}' to be a regular file or a block device")
+    alignment = 1
+    if is_block:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if direct:
+            try:
+                out = fcntl.ioctl(fd, BLKSSZGET, b"\0\0\0\0")
+                alignment = int.from_bytes(out, "little") or DIRECT_ALIGNMENT
+            except OSError:
+                alignment = DIRECT_ALIGNMENT
+        return size, True, alignment, False
+    if direct:
+        alignment = DIRECT_ALIGNMENT
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+        zero_init = False
+    except OSError as err:
+        zero_init = err.errno == errno.ENXIO  # no data anywhere: one hole (or empty)
+    return st.st_size, False, alignment, zero_init
+
+
+def _open(filename: str, read_only: bool, direct: bool, lock: bool) -> tuple[int, int, bool, int, bool]:
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    if direct:
+        flags |= os.O_DIRECT
+    try:
+        fd = os.open(filename, flags)
+    except OSError as err:
+        raise BlockError(f"Could not open '{filename}': {err.strerror}") from err
+    try:
+        if lock:
+            _lock(fd, filename, read_only)
+        return (fd, *_probe(fd, filename, direct))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNode:
+    """Open a ``file``/``host_device`` node (options in the module docstring)."""
+    filename = opts.get_str("filename")
+    read_only = opts.get_bool("read-only", False)
+    discard = opts.get_enum("discard", ("ignore", "off", "unmap", "on"), "ignore")
+    cache = opts.get_dict("cache")
+    direct = cache.get_bool("direct", False)
+    no_flush = cache.get_bool("no-flush", False)
+    cache.finish()
+    aio = opts.get_enum("aio", ("threads", "native", "io_uring"), "threads")
+    if aio != "threads":
+        raise BlockError(f"aio={aio} is not supported; cowbackup only implements aio=threads")
+    locking = opts.get_enum("locking", ("auto", "on", "off"), "auto")
+    fd, size, is_block, alignment, zero_init = await run_blocking(
+        _open, filename, read_only, direct, locking == "on"
+    )
+    log.debug("opened %s: size=%d alignment=%d zero_init=%s", filename, size, alignment, zero_init)
+    return FileNode(
+        node_name,
+        filename,
+        fd,
+        size=size,
+        read_only=read_only,
+        is_block=is_block,
+        discard_unmap=discard in ("unmap", "on"),
+        direct=direct,
+        alignment=alignment,
+        no_flush=no_flush,
+        known_zero_init=zero_init,
+    )
+
+
+def create_file(path: str, size: int) -> None:
+    """Create (or cut to empty and regrow) a sparse regular file of ``size`` bytes at ``path``.
+
+    Whether an existing file may be replaced is the caller's decision.  Raises BlockError on failure.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise BlockError(f"Could not create '{path}': {err.strerror}") from err
+    try:
+        os.ftruncate(fd, 0)  # drop old blocks, so the new file is all hole
+        os.ftruncate(fd, size)
+    except OSError as err:
+        raise BlockError(f"Could not resize '{path}' to {size} bytes: {err.strerror}") from err
+    finally:
+        os.close(fd)

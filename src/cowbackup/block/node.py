@@ -1,0 +1,604 @@
+"""The block-node interface and the generic request path.
+
+Every disk, format, filter and test device is a :class:`BlockNode`.  Users call the public coroutines
+(``read``, ``write``, ``write_zeroes``, ``discard``, ``flush``, ``block_status``); those run the generic
+request path, which guarantees drivers a narrow, simple contract:
+
+* **validated** -- negative offsets/lengths, requests past the end of the node and writes to a read-only
+  node fail with a clear :class:`RequestError` before a driver sees them.  Nothing is ever silently
+  shortened.
+* **aligned** -- drivers receive only requests aligned to ``limits.request_alignment``.  Unaligned reads
+  are padded through a bounce buffer; unaligned writes become read-modify-write cycles that are
+  *serialising*: they wait for every overlapping write in flight, and later overlapping writes wait for
+  them, so two writers can never lose each other's bytes inside one aligned block::
+
+        request       |----xxxxxxxxxxxxxxxxxxx-----|
+        aligned   |--------|--------|--------|--------|
+        padded    |<-head->|xxxxxxxxxxxxxxxxx|<-tail->|    head/tail read first, then one aligned write
+
+* **split** -- no driver request is longer than ``limits.max_transfer`` (or ``max_zeroes`` /
+  ``max_discard`` for those operations).
+* **tracked** -- every request in flight is counted, so :meth:`BlockNode.drain` can wait for quiescence.
+* **observed** -- after each write, write-zeroes or discard completes (successfully or not, as QEMU marks
+  dirty bitmaps), every registered write observer is told the byte range.  Dirty bitmaps hook in here.
+
+Block status is clamped: it returns one extent that starts at the asked offset and is at most as long
+as asked and never reaches past the end of the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from cowbackup.block.align import align_down, align_up
+from cowbackup.block.errors import RequestError, invalid
+from cowbackup.block.zero import is_zero
+
+if TYPE_CHECKING:
+    from cowbackup.block.graph import Child
+
+log = logging.getLogger(__name__)
+
+#: Any buffer the block layer accepts for data (a memoryview of it is taken, never a copy).
+Buffer = bytes | bytearray | memoryview
+
+#: Default upper bound of one driver request when the driver sets none.
+DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024
+#: Default upper bound of one write-zeroes or discard request handed to a driver.
+DEFAULT_MAX_ZEROES = 1 << 30
+
+
+class Status(enum.IntFlag):
+    """Block status flags of an extent (QEMU's BDRV_BLOCK_DATA / ZERO / ALLOCATED).
+
+    ``DATA``: the driver stores data there (reads are not known to be zero).
+    ``ZERO``: reads return zeros.
+    ``ALLOCATED``: the range is allocated in this layer (not inherited from a backing file).
+    A hole of a sparse file is ``ZERO`` and not ``DATA``; "unknown" is reported as ``DATA | ALLOCATED``.
+    """
+
+    DATA = 1
+    ZERO = 2
+    ALLOCATED = 4
+
+
+class RequestFlags(enum.IntFlag):
+    """Per-request flags (QEMU's BdrvRequestFlags)."""
+
+    #: Force unit access: the write is on stable storage when the request completes.
+    FUA = 1
+    #: write_zeroes may deallocate (punch a hole) instead of writing zeros.
+    MAY_UNMAP = 2
+    #: write_zeroes must fail with ENOTSUP rather than fall back to writing zero buffers.
+    NO_FALLBACK = 4
+    #: The write does not change the data (copy-before-write need not save the old contents).
+    WRITE_UNCHANGED = 8
+
+
+#: The default of every ``flags`` argument.
+NO_FLAGS = RequestFlags(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of bytes with one block status."""
+
+    offset: int
+    length: int
+    flags: Status
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def is_zero(self) -> bool:
+        return bool(self.flags & Status.ZERO)
+
+    @property
+    def is_data(self) -> bool:
+        return bool(self.flags & Status.DATA)
+
+    @property
+    def is_allocated(self) -> bool:
+        return bool(self.flags & Status.ALLOCATED)
+
+
+@dataclass(slots=True)
+class Limits:
+    """What a driver can take in one request.
+
+    ``request_alignment``: offsets and lengths given to the driver are multiples of this (power of two).
+    ``max_transfer``: longest read/write given to the driver (a multiple of the alignment).
+    ``max_zeroes``, ``max_discard``: the same for write-zeroes and discard.
+    ``cluster_size``: the allocation unit of a format with clusters (0 when there is none).
+    """
+
+    request_alignment: int = 1
+    max_transfer: int = DEFAULT_MAX_TRANSFER
+    max_zeroes: int = DEFAULT_MAX_ZEROES
+    max_discard: int = DEFAULT_MAX_ZEROES
+    cluster_size: int = 0
+
+
+#: Called with (offset, length) after every write, write-zeroes or discard on a node completes.
+WriteObserver = Callable[[int, int], None]
+
+
+class _TrackedWrite:
+    """A write-type request in flight, for serialising read-modify-write cycles.
+
+    ``start``/``end`` are the aligned bounds of the request.  Owned by the node's request path; lives
+    from the request's start until its completion.
+    """
+
+    __slots__ = ("done", "end", "serialising", "start")
+
+    def __init__(self, start: int, end: int, serialising: bool) -> None:
+        self.start = start
+        self.end = end
+        self.serialising = serialising
+        self.done = asyncio.Event()
+
+    def overlaps(self, other: _TrackedWrite) -> bool:
+        return self.start < other.end and other.start < self.end
+
+
+class BlockNode:
+    """A node of the block graph.  Subclass it and implement the ``_do_*`` hooks.
+
+    The generic layer guarantees every hook call to be in range, aligned to
+    ``limits.request_alignment`` and no longer than the matching limit; hooks must do the whole request
+    or raise ``OSError`` -- never return a short result.
+
+    Graph fields (``children``, ``parents``) are owned by :class:`cowbackup.block.graph.BlockGraph`; the
+    in-flight bookkeeping by the request path below.  All of it is touched only from the event loop.
+    """
+
+    #: The QEMU driver name (``file``, ``raw``, ``null-co``, ...).
+    driver_name: ClassVar[str] = ""
+
+    def __init__(self, node_name: str, *, read_only: bool = False) -> None:
+        self.node_name = node_name
+        self.read_only = read_only
+        self.limits = Limits()
+        self.children: dict[str, Child] = {}
+        self.parents: list[Child] = []
+        self.write_observers: list[WriteObserver] = []
+        self._size = 0
+        self._in_flight = 0
+        self._quiescent: asyncio.Event | None = None
+        self._writes: list[_TrackedWrite] = []
+        self.closed = False
+        #: Created inline as another node's child; removed with its parent when unused.
+        self.implicit = False
+        #: ``off`` | ``on`` | ``unmap``: all-zero writes become write-zeroes (QEMU's detect-zeroes).
+        self.detect_zeroes = "off"
+
+    # ------------------------------------------------------------------ description
+
+    @property
+    def size(self) -> int:
+        """Length of the node in bytes."""
+        return self._size
+
+    @property
+    def is_filter(self) -> bool:
+        return False
+
+    def describe(self) -> dict[str, object]:
+        """Driver-specific fields for ``query-named-block-nodes`` (``file`` name and the like)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.node_name!r} size={self._size}>"
+
+    # ------------------------------------------------------------------ driver hooks
+
+    async def _do_read(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset``."""
+        raise RequestError(errno.ENOTSUP, f"{self.driver_name} cannot read")
+
+    async def _do_write(self, offset: int, data: memoryview, flags: RequestFlags) -> None:
+        """Write ``data`` at ``offset``; honour ``RequestFlags.FUA``."""
+        raise RequestError(errno.ENOTSUP, f"{self.driver_name} cannot write")
+
+    async def _do_write_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
+        """Make ``[offset, offset+length)`` read as zeros.  The default writes a zero buffer."""
+        if flags & RequestFlags.NO_FALLBACK:
+            raise RequestError(errno.ENOTSUP, "fast zeroing is not supported")
+        chunk = min(length, self.limits.max_transfer, 4 * 1024 * 1024)
+        zeros = memoryview(bytes(chunk))
+        end = offset + length
+        while offset < end:
+            n = min(chunk, end - offset)
+            await self._do_write(offset, zeros[:n], flags & RequestFlags.FUA)
+            offset += n
+
+    async def _do_discard(self, offset: int, length: int) -> None:
+        """Tell the storage the range is no longer needed.  Advisory: the default does nothing."""
+
+    async def _do_flush(self) -> None:
+        """Make completed writes durable.  The default (for volatile nodes) does nothing."""
+
+    async def _do_block_status(self, offset: int, length: int) -> Extent:
+        """Status of the extent starting at ``offset`` (length ``1..length``).  Default: all data."""
+        return Extent(offset, length, Status.DATA | Status.ALLOCATED)
+
+    async def _do_close(self) -> None:
+        """Release the driver's resources."""
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_range(self, what: str, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise invalid(
+                f"{what} with negative offset {offset} or length {length} on node '{self.node_name}'"
+            )
+        if offset + length > self._size:
+            raise invalid(
+                f"{what} of {length} bytes at offset {offset} is beyond the end of node "
+                f"'{self.node_name}' ({self._size} bytes)"
+            )
+
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise RequestError(errno.EPERM, f"{what} refused: node '{self.node_name}' is read-only")
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RequestError(errno.EBADF, f"node '{self.node_name}' is closed")
+
+    # ------------------------------------------------------------------ in-flight tracking
+
+    def _begin(self) -> None:
+        self._in_flight += 1
+        if self._quiescent is not None:
+            self._quiescent.clear()
+
+    def _end(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._quiescent is not None:
+            self._quiescent.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Number of requests on this node that have started and not completed."""
+        return self._in_flight
+
+    async def drain(self) -> None:
+        """Wait until no request is in flight on this node."""
+        if self._in_flight == 0:
+            return
+        if self._quiescent is None:
+            self._quiescent = asyncio.Event()
+        await self._quiescent.wait()
+
+    async def _track_write(self, offset: int, length: int, serialising: bool) -> _TrackedWrite:
+        """Register a write-type request; wait for the overlapping ones it must follow.
+
+        A serialising request (read-modify-write) waits for every overlapping write already in flight; any
+        write waits for overlapping serialising ones.  Requests never wait for later ones, so no cycle.
+        Called after :meth:`_begin`; if the wait is cancelled, the request is ended here.
+        """
+        align = self.limits.request_alignment
+        req = _TrackedWrite(align_down(offset, align), align_up(offset + length, align), serialising)
+        if align > 1 and self._writes:
+            try:
+                while True:
+                    blocker = next(
+                        (w for w in self._writes if w.overlaps(req) and (serialising or w.serialising)), None
+                    )
+                    if blocker is None:
+                        break
+                    await blocker.done.wait()
+            except BaseException:
+                self._end()
+                raise
+        self._writes.append(req)
+        return req
+
+    def _untrack_write(self, req: _TrackedWrite) -> None:
+        self._writes.remove(req)
+        req.done.set()
+
+    def _notify_write(self, offset: int, length: int) -> None:
+        for observer in self.write_observers:
+            observer(offset, length)
+
+    # ------------------------------------------------------------------ public I/O
+
+    async def read(self, offset: int, buf: Buffer) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (any writable buffer).
+
+        Raises :class:`RequestError` (EINVAL) out of range, ``OSError`` from the driver.
+        """
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        self._check_open()
+        self._check_range("read", offset, length)
+        if length == 0:
+            return
+        self._begin()
+        try:
+            align = self.limits.request_alignment
+            if offset % align or length % align:
+                start = align_down(offset, align)
+                end = align_up(offset + length, align)
+                bounce = bytearray(end - start)
+                await self._read_split(start, memoryview(bounce))
+                view[:] = memoryview(bounce)[offset - start : offset - start + length]
+            else:
+                await self._read_split(offset, view)
+        finally:
+            self._end()
+
+    async def _read_split(self, offset: int, view: memoryview) -> None:
+        step = self.limits.max_transfer
+        if len(view) <= step:
+            await self._do_read(offset, view)
+            return
+        for pos in range(0, len(view), step):
+            await self._do_read(offset + pos, view[pos : pos + step])
+
+    async def write(self, offset: int, data: Buffer, flags: RequestFlags = NO_FLAGS) -> None:
+        """Write ``data`` at ``offset``.  ``RequestFlags.FUA`` makes it durable before returning."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        self._check_open()
+        self._check_writable("write")
+        self._check_range("write", offset, length)
+        if length == 0:
+            return
+        if self.detect_zeroes != "off" and is_zero(view):
+            # QEMU's detect-zeroes: an all-zero write becomes write-zeroes ("unmap" may deallocate).
+            zflags = flags & RequestFlags.FUA
+            if self.detect_zeroes == "unmap":
+                zflags |= RequestFlags.MAY_UNMAP
+            await self.write_zeroes(offset, length, zflags)
+            return
+        align = self.limits.request_alignment
+        unaligned = bool(offset % align or length % align)
+        self._begin()
+        req = await self._track_write(offset, length, unaligned)
+        try:
+            if unaligned:
+                start = align_down(offset, align)
+                end = align_up(offset + length, align)
+                bounce = bytearray(end - start)
+                bview = memoryview(bounce)
+                # Read only the partial head and tail blocks; the middle is overwritten anyway.
+                await self._do_read(start, bview[:align])
+                if end - align > start:
+                    await self._do_read(end - align, bview[len(bounce) - align :])
+                bview[offset - start : offset - start + length] = view
+                await self._write_split(start, bview, flags)
+            else:
+                await self._write_split(offset, view, flags)
+        finally:
+            self._untrack_write(req)
+            self._end()
+            self._notify_write(offset, length)
+
+    async def _write_split(self, offset: int, view: memoryview, flags: RequestFlags) -> None:
+        step = self.limits.max_transfer
+        if len(view) <= step:
+            await self._do_write(offset, view, flags)
+            return
+        for pos in range(0, len(view), step):
+            await self._do_write(offset + pos, view[pos : pos + step], flags)
+
+    async def write_zeroes(self, offset: int, length: int, flags: RequestFlags = NO_FLAGS) -> None:
+        """Make the range read as zeros; with ``MAY_UNMAP`` the driver may deallocate it."""
+        self._check_open()
+        self._check_writable("write-zeroes")
+        self._check_range("write-zeroes", offset, length)
+        if length == 0:
+            return
+        align = self.limits.request_alignment
+        start = align_up(offset, align)
+        end = align_down(offset + length, align)
+        unaligned = start != offset or end != offset + length
+        self._begin()
+        req = await self._track_write(offset, length, unaligned)
+        try:
+            if start >= end:
+                # Entirely inside one or two blocks: read-modify-write with zeros.
+                await self._zero_partial(offset, offset + length, flags)
+            else:
+                if start > offset:
+                    await self._zero_partial(offset, start, flags)
+                step = align_down(self.limits.max_zeroes, align) or align
+                pos = start
+                while pos < end:
+                    n = min(step, end - pos)
+                    await self._do_write_zeroes(pos, n, flags)
+                    pos += n
+                if end < offset + length:
+                    await self._zero_partial(end, offset + length, flags)
+        finally:
+            self._untrack_write(req)
+            self._end()
+            self._notify_write(offset, length)
+
+    async def _zero_partial(self, start: int, end: int, flags: RequestFlags) -> None:
+        """Zero an unaligned range by read-modify-write of the aligned blocks around it."""
+        align = self.limits.request_alignment
+        astart = align_down(start, align)
+        aend = align_up(end, align)
+        bounce = bytearray(aend - astart)
+        view = memoryview(bounce)
+        await self._do_read(astart, view)
+        view[start - astart : end - astart] = bytes(end - start)
+        await self._do_write(astart, view, flags & RequestFlags.FUA)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Discard the range.  Unaligned edges are left alone (discard is advisory, as in QEMU)."""
+        self._check_open()
+        self._check_writable("discard")
+        self._check_range("discard", offset, length)
+        align = self.limits.request_alignment
+        start = align_up(offset, align)
+        end = align_down(offset + length, align)
+        if start >= end:
+            return
+        self._begin()
+        req = await self._track_write(start, end - start, False)
+        try:
+            step = align_down(self.limits.max_discard, align) or align
+            pos = start
+            while pos < end:
+                n = min(step, end - pos)
+                await self._do_discard(pos, n)
+                pos += n
+        finally:
+            self._untrack_write(req)
+            self._end()
+            self._notify_write(start, end - start)
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+        self._check_open()
+        self._begin()
+        try:
+            await self._do_flush()
+        finally:
+            self._end()
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Status of the extent that starts at ``offset``; its length is 1..``length`` (clamped to size).
+
+        The alignment of the answer follows the driver; callers that need cluster granularity round it.
+        """
+        self._check_open()
+        if offset < 0 or length <= 0 or offset >= self._size:
+            raise invalid(
+                f"block status of {length} bytes at offset {offset} out of range for node "
+                f"'{self.node_name}' ({self._size} bytes)"
+            )
+        length = min(length, self._size - offset)
+        self._begin()
+        try:
+            ext = await self._do_block_status(offset, length)
+        finally:
+            self._end()
+        if ext.offset != offset or not ext.length > 0:
+            raise RequestError(errno.EIO, f"driver {self.driver_name} returned a bad extent {ext}")
+        flags = ext.flags
+        if "backing" not in self.children and flags & (Status.DATA | Status.ZERO):
+            # Without a backing file every byte belongs to this layer: a hole is allocated zeros
+            # (QEMU's rule; sync=top must not skip holes of a raw disk).
+            flags |= Status.ALLOCATED
+        if ext.length > length or flags != ext.flags:
+            ext = Extent(offset, min(ext.length, length), flags)
+        return ext
+
+    async def extents(self, offset: int = 0, length: int | None = None) -> AsyncIterator[Extent]:
+        """Iterate the block status of ``[offset, offset+length)`` extent by extent, merging equal flags."""
+        end = self._size if length is None else offset + length
+        pending: Extent | None = None
+        while offset < end:
+            ext = await self.block_status(offset, end - offset)
+            if pending is not None and pending.flags == ext.flags:
+                pending = Extent(pending.offset, pending.length + ext.length, ext.flags)
+            else:
+                if pending is not None:
+                    yield pending
+                pending = ext
+            offset = ext.end
+        if pending is not None:
+            yield pending
+
+    async def close(self) -> None:
+        """Close the node's driver.  Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        await self._do_close()
+
+
+class FilterNode(BlockNode):
+    """A node with exactly one child (role ``file``) that never changes data.
+
+    By default every request passes to the child unchanged; filters override what they intercept.
+    The child is resolved through the edge at each request, so graph changes take effect at once.
+    """
+
+    def __init__(self, node_name: str, *, read_only: bool = False) -> None:
+        super().__init__(node_name, read_only=read_only)
+
+    @property
+    def is_filter(self) -> bool:
+        return True
+
+    @property
+    def child(self) -> BlockNode:
+        return self.children["file"].node
+
+    @property
+    def size(self) -> int:
+        return self.child.size
+
+    def refresh_limits(self) -> None:
+        """Take the child's limits (called when the child is attached)."""
+        child = self.child
+        self._size = child.size
+        self.limits = Limits(
+            request_alignment=1,
+            max_transfer=child.limits.max_transfer,
+            max_zeroes=child.limits.max_zeroes,
+            max_discard=child.limits.max_discard,
+            cluster_size=child.limits.cluster_size,
+        )
+
+    # The filter passes requests through whole: the child's own request path aligns and splits them.
+    # Requests are counted here too, so draining the filter waits for what passes through it.
+
+    async def read(self, offset: int, buf: Buffer) -> None:
+        self._check_open()
+        self._begin()
+        try:
+            await self.child.read(offset, buf)
+        finally:
+            self._end()
+
+    async def write(self, offset: int, data: Buffer, flags: RequestFlags = NO_FLAGS) -> None:
+        self._check_open()
+        self._check_writable("write")
+        self._begin()
+        try:
+            await self.child.write(offset, data, flags)
+        finally:
+            self._end()
+
+    async def write_zeroes(self, offset: int, length: int, flags: RequestFlags = NO_FLAGS) -> None:
+        self._check_open()
+        self._check_writable("write-zeroes")
+        self._begin()
+        try:
+            await self.child.write_zeroes(offset, length, flags)
+        finally:
+            self._end()
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check_open()
+        self._check_writable("discard")
+        self._begin()
+        try:
+            await self.child.discard(offset, length)
+        finally:
+            self._end()
+
+    async def flush(self) -> None:
+        self._check_open()
+        await self.child.flush()
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        self._check_open()
+        return await self.child.block_status(offset, length)

@@ -1,0 +1,196 @@
+"""``cowbackup backup SOURCE TARGET``: a one-shot backup of an image nobody else is writing.
+
+For a stopped VM's disk or an LVM snapshot.  It runs the same engine as the daemon -- an in-process
+daemon, the copy-before-write filter, the backup job -- and shows progress.  TARGET is created sparse
+with the source's size when absent; an existing non-empty TARGET is only overwritten with ``--force``.
+Ctrl-C (or SIGTERM) cancels the job cleanly and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+import sys
+import time
+from typing import Any
+
+from cowbackup.block.errors import BlockError
+from cowbackup.block.options import parse_size
+from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
+from cowbackup.cli.progress import JsonReporter, Reporter, make_reporter
+from cowbackup.daemon import Daemon
+from cowbackup.jobs.backup import BackupParams, BackupPerf
+from cowbackup.jobs.events import Event
+from cowbackup.jobs.job import JobStatus
+
+#: How often the progress display is refreshed.
+PROGRESS_INTERVAL = 0.2
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size '{text}' (examples: 65536, 64K, 100M, 1G)") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "backup",
+        help="back up an image that nobody else is writing",
+        description="Back up SOURCE into TARGET (point-in-time copy; holes and zeros stay sparse).",
+    )
+    p.add_argument("source", metavar="SOURCE", help="source image (raw file or block device)")
+    p.add_argument("target", metavar="TARGET", help="target image; created sparse if absent")
+    p.add_argument("--sync", choices=("full", "top"), default="full", help="what to copy (default: full)")
+    p.add_argument("--speed", type=_size, default=0, help="limit in bytes per second, e.g. 100M (0: none)")
+    p.add_argument("--cluster-size", type=_size, default=0, help="copy unit, a power of two >= 64K")
+    p.add_argument("--workers", type=_positive_int, default=64, help="parallel copy tasks (default 64)")
+    p.add_argument("--max-chunk", type=_size, default=0, help="largest single copy (default: engine's)")
+    p.add_argument("--copy-range", action="store_true", help="copy with copy_file_range (local files)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty TARGET")
+    p.add_argument("--json", action="store_true", help="print progress and events as JSON lines")
+    p.set_defaults(func=run)
+
+
+def _target_options(path: str, size: int, force: bool) -> dict[str, Any]:
+    """Prepare TARGET: create it sparse, or check and truncate an existing one."""
+    from cowbackup.block.drivers.file import create_file
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        create_file(path, size)
+        return {"driver": "file", "filename": path}
+    if stat.S_ISBLK(st.st_mode):
+        if not force:
+            raise UsageError(f"target '{path}' is a block device; use --force to overwrite it")
+        return {"driver": "raw", "size": size, "file": {"driver": "host_device", "filename": path}}
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"target '{path}' is neither a regular file nor a block device")
+    if st.st_size > 0 and not force:
+        raise UsageError(f"target '{path}' exists and is not empty; use --force to overwrite it")
+    create_file(path, size)  # truncates: a fresh sparse file reads as zeros
+    return {"driver": "file", "filename": path}
+
+
+def _source_options(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise UsageError(f"source '{path}' does not exist")
+    driver = "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+    return {"driver": "raw", "read-only": True, "file": {"driver": driver, "filename": path}}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.cluster_size and (args.cluster_size < 65536 or args.cluster_size & (args.cluster_size - 1)):
+        raise UsageError(f"--cluster-size must be a power of two of at least 64K, not {args.cluster_size}")
+    if args.max_chunk and args.max_chunk < max(args.cluster_size, 65536):
+        raise UsageError("--max-chunk must be at least the cluster size")
+    if os.path.realpath(args.source) == os.path.realpath(args.target):
+        raise UsageError("source and target are the same file")
+    return asyncio.run(_backup(args))
+
+
+async def _backup(args: argparse.Namespace) -> int:
+    reporter = make_reporter(args.json)
+    daemon = Daemon()
+    try:
+        source = await daemon.blockdev_add({**_source_options(args.source), "node-name": "source"})
+        target_opts = _target_options(args.target, source.size, args.force)
+        await daemon.blockdev_add({**target_opts, "node-name": "target"})
+        params = BackupParams(
+            job_id="backup0",
+            device="source",
+            target="target",
+            sync=args.sync,
+            speed=args.speed,
+            perf=BackupPerf(
+                use_copy_range=args.copy_range,
+                max_workers=args.workers,
+                max_chunk=args.max_chunk,
+                min_cluster_size=args.cluster_size,
+            ),
+        )
+        return await _run_job(daemon, params, reporter, args)
+    except BlockError as err:
+        raise UsageError(str(err)) from None
+    finally:
+        await daemon.close()
+
+
+async def _run_job(daemon: Daemon, params: BackupParams, reporter: Reporter, args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    interrupted: list[int] = []
+    outcome: dict[str, Any] = {}
+
+    def on_event(event: Event) -> None:
+        reporter.event(event.name, event.data)
+        if event.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            outcome.update(event.data, event=event.name)
+
+    unsubscribe = daemon.jobs.events.subscribe(on_event)
+    job = daemon.blockdev_backup(params)
+
+    def interrupt(signum: int) -> None:
+        if interrupted:
+            return
+        interrupted.append(signum)
+        job.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, interrupt, signum)
+    started = time.monotonic()
+    reporter.start(job.id, job.progress_total)
+    try:
+        while job.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
+            reporter.update(job.progress_current, job.progress_total)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.wait_concluded(), PROGRESS_INTERVAL)
+        reporter.update(job.progress_current, job.progress_total)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        reporter.stop()
+        unsubscribe()
+    elapsed = time.monotonic() - started
+    if interrupted:
+        name = signal.Signals(interrupted[0]).name
+        raise CliError(
+            f"interrupted by {name}: backup cancelled, '{args.target}' is incomplete", EXIT_INTERRUPTED
+        )
+    if outcome.get("error") or outcome.get("event") != "BLOCK_JOB_COMPLETED":
+        raise CliError(f"backup failed: {outcome.get('error', 'job did not complete')}", EXIT_FAILED)
+    await daemon.graph.get("target").flush()
+    _summary(args, reporter, int(outcome.get("len", 0)), elapsed)
+    return EXIT_OK
+
+
+def _summary(args: argparse.Namespace, reporter: Reporter, length: int, elapsed: float) -> None:
+    try:
+        allocated = os.stat(args.target).st_blocks * 512
+    except OSError:
+        allocated = -1
+    rate = length / elapsed if elapsed > 0 else 0.0
+    if isinstance(reporter, JsonReporter):
+        result = {"type": "result", "bytes": length, "seconds": elapsed, "rate": rate, "allocated": allocated}
+        reporter.event("result", result)
+        return
+    mib = 1024 * 1024
+    sys.stderr.write(
+        f"cowbackup: backed up {length / mib:.1f} MiB in {elapsed:.2f} s ({rate / mib:.1f} MiB/s); "
+        f"target allocates {allocated / mib:.1f} MiB\n"
+    )

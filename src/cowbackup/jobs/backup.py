@@ -1,0 +1,280 @@
+"""The backup job: a point-in-time copy of a node while it is being written (QEMU's block/backup.c).
+
+Creating the job is the instant of the snapshot: :func:`backup_job_create` inserts the copy-before-write
+filter above the source and marks the copy bitmap in one step of the event loop, so no write can slip
+between them.  From then on every write to the source first saves the old data of the clusters it touches;
+the job itself walks the copy bitmap in the background::
+
+    create:  validate (QEMU's order and messages) -> cbw_append -> bitmap := what the sync mode copies
+    run:     [sync=top: clear unallocated clusters] -> loop { copy call over the whole disk }
+             pause = cancel the call, resume = a new call; an error goes to on-source/target-error
+    clean:   wait for every copy in flight (guest-triggered too), drop the filter -- whatever the outcome
+
+Sync modes: ``full`` copies everything; ``top`` skips clusters not allocated in the source's top layer;
+``none`` copies only what writers are about to change (fleecing), until cancelled.  ``bitmap`` and
+``incremental`` are validated here and refused with QEMU's "could not be found" until bitmaps exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from cowbackup.block.align import align_down, align_up, is_power_of_2
+from cowbackup.block.copy import (
+    DEFAULT_WORKERS,
+    MIN_CLUSTER_SIZE,
+    BlockCopyState,
+    CopyCall,
+    CopyCancelled,
+    CopyError,
+    cluster_size_for,
+)
+from cowbackup.block.errors import BlockError
+from cowbackup.block.filters.cbw import CopyBeforeWriteNode, cbw_append, cbw_detach, cbw_drop
+from cowbackup.block.graph import BlockGraph
+from cowbackup.jobs.job import BlockdevOnError, ErrorAction, Job, JobError, JobManager, JobTxn
+
+SYNC_MODES = ("top", "full", "none", "incremental", "bitmap")
+BITMAP_MODES = ("on-success", "never", "always")
+INT_MAX = 2**31 - 1
+
+
+@dataclass
+class BackupPerf:
+    """``x-perf`` (QEMU's BackupPerf)."""
+
+    use_copy_range: bool = False
+    max_workers: int = DEFAULT_WORKERS
+    max_chunk: int = 0
+    min_cluster_size: int = 0
+
+
+@dataclass
+class BackupParams:
+    """The arguments of ``blockdev-backup`` (QEMU's BackupCommon plus ``target``), with QEMU's defaults."""
+
+    device: str
+    target: str
+    sync: str
+    job_id: str | None = None
+    speed: int = 0
+    bitmap: str | None = None
+    bitmap_mode: str | None = None
+    compress: bool = False
+    on_source_error: BlockdevOnError = BlockdevOnError.REPORT
+    on_target_error: BlockdevOnError = BlockdevOnError.REPORT
+    on_cbw_error: str = "break-guest-write"
+    auto_finalize: bool = True
+    auto_dismiss: bool = True
+    filter_node_name: str | None = None
+    discard_source: bool = False
+    perf: BackupPerf = field(default_factory=BackupPerf)
+
+
+class BackupJob(Job):
+    """Copies the snapshot held by ``bcs`` to the target; see the module docstring.
+
+    ``_call``/``_copy`` are the background copy call in flight (None between calls); only the job's own
+    task and its pause/cancel hooks touch them.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        manager: JobManager,
+        graph: BlockGraph,
+        params: BackupParams,
+        filt: CopyBeforeWriteNode,
+        bcs: BlockCopyState,
+        txn: JobTxn | None = None,
+    ) -> None:
+        super().__init__(
+            job_id,
+            "backup",
+            manager,
+            speed=params.speed,
+            auto_finalize=params.auto_finalize,
+            auto_dismiss=params.auto_dismiss,
+            txn=txn,
+        )
+        self.graph = graph
+        self.params = params
+        self.filt = filt
+        self.bcs = bcs
+        self._call: CopyCall | None = None
+        self._copy: asyncio.Future[None] | None = None
+        self._snapshot_error: OSError | None = None
+        bcs.set_speed(params.speed)
+        bcs.on_progress = self.progress_update
+        bcs.on_remaining = self.progress_set_remaining
+        filt.on_snapshot_error = self._snapshot_broken
+        self.progress_set_remaining(bcs.remaining())
+
+    @property
+    def cluster_size(self) -> int:
+        return self.bcs.cluster_size
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_set_speed(self, speed: int) -> None:
+        self.bcs.set_speed(speed)
+
+    def on_cancel(self, force: bool) -> None:
+        # Backup cancels are always forced: stop starting tasks; tasks in flight finish.
+        if self._call is not None:
+            self._call.cancel()
+
+    async def on_pause(self) -> None:
+        # QEMU's backup_pause: stop the running copy call; a new one continues from the bitmap on resume.
+        if self._call is not None and self._copy is not None:
+            self._call.cancel()
+            await asyncio.wait([self._copy])
+
+    def _snapshot_broken(self, err: OSError) -> None:
+        """on-cbw-error=break-snapshot gave up the snapshot: the job fails with that error."""
+        self._snapshot_error = err
+        if self._call is not None:
+            self._call.cancel()
+        self.enter()
+
+    async def clean(self) -> None:
+        await cbw_drop(self.graph, self.filt)
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self) -> None:
+        if self.params.sync == "top":
+            await self._skip_unallocated()
+        self.progress_set_remaining(self.bcs.remaining())
+        if self.params.sync == "none":
+            while not self.is_cancelled() and self._snapshot_error is None:
+                await self.yield_()
+        else:
+            await self._copy_loop()
+        if self._snapshot_error is not None and not self.is_cancelled():
+            raise self._snapshot_error
+
+    async def _skip_unallocated(self) -> None:
+        """sync=top: clear the bits of clusters the source's top layer does not allocate.
+
+        The engine skips unallocated areas meanwhile (guest writes may copy before the scan reaches them).
+        """
+        bcs = self.bcs
+        bcs.skip_unallocated = True
+        source = bcs.source.node
+        offset = 0
+        while offset < bcs.size and not self.is_cancelled():
+            ext = await source.block_status(offset, bcs.size - offset)
+            if not ext.is_allocated:
+                start = align_up(ext.offset, self.cluster_size)
+                end = ext.end if ext.end == bcs.size else align_down(ext.end, self.cluster_size)
+                if start < end:
+                    bcs.bitmap.reset(start, end - start)
+                    self.progress_set_remaining(bcs.remaining())
+            offset = ext.end
+            await self.pause_point()
+        bcs.skip_unallocated = False
+
+    async def _copy_loop(self) -> None:
+        perf = self.params.perf
+        while not self.is_cancelled() and self._snapshot_error is None:
+            call = CopyCall(0, self.bcs.size, max_workers=perf.max_workers, max_chunk=perf.max_chunk)
+            copy = asyncio.ensure_future(self.bcs.copy(call))
+            copy.add_done_callback(lambda _: self.enter())
+            self._call, self._copy = call, copy
+            try:
+                while not copy.done() and not self.is_cancelled():
+                    await self.yield_()
+                if not copy.done():
+                    call.cancel()
+                    await asyncio.wait([copy])
+            finally:
+                self._call = self._copy = None
+            try:
+                copy.result()
+                return
+            except CopyCancelled:
+                continue  # paused (a new call resumes) or cancelled (the loop ends)
+            except CopyError as err:
+                if self.is_cancelled():
+                    return
+                policy = self.params.on_source_error if err.is_read else self.params.on_target_error
+                if self.error_action(policy, err.is_read, err) is ErrorAction.REPORT:
+                    raise
+                await self.pause_point()  # "stop" paused the job; "ignore" retries at once
+
+
+def _check_bitmap_args(params: BackupParams) -> None:
+    """QEMU's do_backup_common checks on bitmap arguments, in its order and words."""
+    sync = params.sync
+    if sync in ("bitmap", "incremental") and params.bitmap is None:
+        raise BlockError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if sync == "incremental":
+        if params.bitmap_mode not in (None, "on-success"):
+            raise BlockError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
+        params.sync, params.bitmap_mode = "bitmap", "on-success"
+    if params.bitmap is not None:
+        # Dirty bitmaps do not exist yet, so no name can be found.
+        raise BlockError(f"Bitmap '{params.bitmap}' could not be found")
+    if params.bitmap_mode is not None:
+        raise BlockError("Cannot specify bitmap sync mode without a bitmap")
+
+
+def backup_job_create(
+    graph: BlockGraph, manager: JobManager, params: BackupParams, txn: JobTxn | None = None
+) -> BackupJob:
+    """Validate ``params``, insert the filter (the snapshot instant) and create the job, not yet started.
+
+    Raises BlockError / JobError with QEMU's messages; on error nothing is left behind.
+    """
+    if params.sync not in SYNC_MODES:
+        raise BlockError(f"Parameter 'sync' does not accept value '{params.sync}'")
+    if params.bitmap_mode is not None and params.bitmap_mode not in BITMAP_MODES:
+        raise BlockError(f"Parameter 'bitmap-mode' does not accept value '{params.bitmap_mode}'")
+    source = graph.get(params.device)
+    target = graph.get(params.target)
+    _check_bitmap_args(params)
+    if source is target:
+        raise BlockError("Source and target cannot be the same")
+    if params.compress:
+        raise BlockError(f"Compression is not supported for this drive {params.target}")
+    perf = params.perf
+    if not 1 <= perf.max_workers <= INT_MAX:
+        raise BlockError(f"max-workers must be between 1 and {INT_MAX}")
+    if perf.max_chunk < 0:
+        raise BlockError("max-chunk must be zero (which means no limit) or positive")
+    if perf.min_cluster_size and not is_power_of_2(perf.min_cluster_size):
+        raise BlockError("min-cluster-size needs to be a power of 2")
+    if params.speed < 0:
+        raise JobError("Parameter 'speed' expects a non-negative value")
+    if source.size != target.size:
+        raise BlockError("Source and target image have different sizes")
+    if target.read_only:
+        raise BlockError(f"Block node '{params.target}' is read-only")
+    if params.discard_source and source.read_only:
+        raise BlockError(f"Block node '{params.device}' is read-only: cannot discard the source")
+    cluster = cluster_size_for(target, max(perf.min_cluster_size, MIN_CLUSTER_SIZE))
+    if perf.max_chunk and perf.max_chunk < cluster:
+        raise BlockError(
+            f"Required max-chunk ({perf.max_chunk}) is less than backup cluster size ({cluster})"
+        )
+    job_id = params.job_id if params.job_id is not None else params.device
+
+    filt, bcs = cbw_append(
+        graph,
+        params.device,
+        params.target,
+        filter_node_name=params.filter_node_name,
+        cluster_size=cluster,
+        on_cbw_error=params.on_cbw_error,
+        use_copy_range=perf.use_copy_range,
+    )
+    bcs.discard_source = params.discard_source
+    # The snapshot instant: from here on every write passes through the filter.
+    bcs.bitmap.set_all()
+    try:
+        return BackupJob(job_id, manager, graph, params, filt, bcs, txn)
+    except (JobError, BlockError):
+        cbw_detach(graph, filt)
+        raise

@@ -1,0 +1,286 @@
+"""The copy engine and the copy-before-write filter, below the job layer."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+
+import pytest
+
+from cowbackup.block.copy import BlockCopyState, CopyCall, CopyCancelled, CopyError
+from cowbackup.block.drivers import open_node
+from cowbackup.block.drivers.memory import MemoryNode
+from cowbackup.block.errors import RequestError
+from cowbackup.block.filters.cbw import cbw_append, cbw_drop
+from cowbackup.block.filters.fault import FaultNode
+from cowbackup.block.graph import BlockGraph, Root
+from cowbackup.block.node import BlockNode
+
+MiB = 1 << 20
+C = 64 * 1024
+
+
+async def _memory(graph: BlockGraph, name: str, size: int) -> MemoryNode:
+    node = await open_node(graph, {"driver": "memory", "node-name": name, "size": size})
+    assert isinstance(node, MemoryNode)
+    return node
+
+
+async def _setup(size: int = 4 * MiB) -> tuple[BlockGraph, MemoryNode, MemoryNode, Root]:
+    graph = BlockGraph()
+    src = await _memory(graph, "src", size)
+    tgt = await _memory(graph, "tgt", size)
+    guest = Root("guest")
+    graph.attach(guest, "root", src)
+    return graph, src, tgt, guest
+
+
+def test_insert_filter_repoints_all_parents_and_drop_restores() -> None:
+    async def main() -> None:
+        graph, src, _tgt, guest = await _setup()
+        other = Root("export 'x'")
+        graph.attach(other, "root", src)
+        filt, _bcs = cbw_append(graph, "src", "tgt", filter_node_name="cbw0")
+        assert guest.node is filt and other.node is filt
+        assert filt.child is src and graph.get("cbw0") is filt
+        await cbw_drop(graph, filt)
+        assert {id(guest.node), id(other.node)} == {id(src)}
+        assert graph.find("cbw0") is None
+        assert [e.parent for e in src.parents] == [guest, other]
+
+    asyncio.run(main())
+
+
+def test_background_copy_copies_everything_and_keeps_holes() -> None:
+    async def main() -> None:
+        graph, src, tgt, _guest = await _setup(8 * MiB)
+        await src.write(0, os.urandom(MiB))
+        await src.write(5 * MiB + 100, b"x" * 5000)
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        done: list[int] = []
+        bcs.on_progress = done.append
+        await bcs.copy(CopyCall(0, src.size, max_workers=4))
+        assert tgt.snapshot() == src.snapshot()
+        assert sum(done) == 8 * MiB
+        assert bcs.remaining() == 0
+        # Zero areas of the source were not written as data.
+        data = [e async for e in tgt.extents() if e.is_data]
+        assert data[0].length == MiB
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_guest_writes_during_copy_keep_point_in_time() -> None:
+    async def main() -> None:
+        rng = random.Random(7)
+        graph, src, tgt, guest = await _setup(8 * MiB)
+        await src.write(0, rng.randbytes(8 * MiB))
+        before = src.snapshot()
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        expected = bytearray(before)
+
+        async def writer() -> None:
+            for _ in range(300):
+                off = rng.randrange(0, src.size - 9000)
+                kind = rng.randrange(3)
+                n = rng.randrange(1, 9000)
+                if kind == 0:
+                    data = rng.randbytes(n)
+                    await guest.node.write(off, data)
+                    expected[off : off + n] = data
+                elif kind == 1:
+                    await guest.node.write_zeroes(off, n)
+                    expected[off : off + n] = bytes(n)
+                else:
+                    await guest.node.discard(off, n)
+                    expected[off : off + n] = bytes(n)
+                await asyncio.sleep(0)
+
+        await asyncio.gather(writer(), bcs.copy(CopyCall(0, src.size, max_workers=3, max_chunk=C)))
+        await cbw_drop(graph, filt)
+        assert tgt.snapshot() == before
+        assert src.snapshot() == bytes(expected)
+
+    asyncio.run(main())
+
+
+def test_failed_read_redirties_and_reports_read_error() -> None:
+    async def main() -> None:
+        graph = BlockGraph()
+        await _memory(graph, "mem", 2 * MiB)
+        fault = await open_node(graph, {"driver": "fault-inject", "node-name": "src", "file": "mem"})
+        assert isinstance(fault, FaultNode)
+        await fault.write(0, b"\1" * 2 * MiB)
+        await _memory(graph, "tgt", 2 * MiB)
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        fault.inject("read", nth=1, errno=errno.EIO)
+        with pytest.raises(CopyError) as info:
+            await bcs.copy(CopyCall(0, 2 * MiB, max_workers=1, max_chunk=C))
+        assert info.value.is_read and info.value.errno == errno.EIO
+        assert bcs.bitmap.get(0)
+        # A retry copies everything.
+        await bcs.copy(CopyCall(0, 2 * MiB))
+        assert bcs.remaining() == 0
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_break_guest_write_fails_the_write_and_keeps_source() -> None:
+    async def main() -> None:
+        graph = BlockGraph()
+        src = await _memory(graph, "src", MiB)
+        await src.write(0, b"\2" * MiB)
+        await _memory(graph, "mem", MiB)
+        fault = await open_node(graph, {"driver": "fault-inject", "node-name": "tgt", "file": "mem"})
+        assert isinstance(fault, FaultNode)
+        guest = Root("guest")
+        graph.attach(guest, "root", src)
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        fault.inject("write", nth=1, errno=errno.ENOSPC)
+        with pytest.raises(RequestError) as info:
+            await guest.node.write(100, b"new")
+        assert info.value.errno == errno.ENOSPC
+        assert src.snapshot()[100:103] == b"\2\2\2"
+        # The cluster is still to be copied; the next write copies it and goes through.
+        await guest.node.write(100, b"new")
+        assert src.snapshot()[100:103] == b"new"
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_break_snapshot_lets_the_write_through_and_reports() -> None:
+    async def main() -> None:
+        graph = BlockGraph()
+        src = await _memory(graph, "src", MiB)
+        await _memory(graph, "mem", MiB)
+        fault = await open_node(graph, {"driver": "fault-inject", "node-name": "tgt", "file": "mem"})
+        assert isinstance(fault, FaultNode)
+        guest = Root("guest")
+        graph.attach(guest, "root", src)
+        filt, bcs = cbw_append(graph, "src", "tgt", on_cbw_error="break-snapshot")
+        bcs.bitmap.set_all()
+        await src.write(0, b"\3" * MiB)
+        broken: list[OSError] = []
+        filt.on_snapshot_error = broken.append
+        fault.inject("any-write", nth=1, errno=errno.EIO)
+        await guest.node.write(0, b"guest")
+        assert src.snapshot()[:5] == b"guest"
+        assert len(broken) == 1 and filt.snapshot_error is not None
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_cbw_timeout_fails_guest_write_with_etimedout() -> None:
+    async def main() -> None:
+        graph = BlockGraph()
+        src = await _memory(graph, "src", MiB)
+        await src.write(0, b"\4" * MiB)
+        await _memory(graph, "mem", MiB)
+        fault = await open_node(graph, {"driver": "fault-inject", "node-name": "tgt", "file": "mem"})
+        assert isinstance(fault, FaultNode)
+        guest = Root("guest")
+        graph.attach(guest, "root", src)
+        filt, bcs = cbw_append(graph, "src", "tgt", cbw_timeout=1)
+        bcs.bitmap.set_all()
+        rule = fault.inject("any-write", nth=1, stall=True)
+        with pytest.raises(RequestError) as info:
+            await guest.node.write(0, b"late")
+        assert info.value.errno == errno.ETIMEDOUT
+        rule.release()
+        await cbw_drop(graph, filt)
+        assert not filt._background
+
+    asyncio.run(main())
+
+
+def test_overlapping_guest_write_waits_for_copy_in_flight() -> None:
+    async def main() -> None:
+        graph = BlockGraph()
+        src = await _memory(graph, "src", MiB)
+        await src.write(0, b"\5" * MiB)
+        before = src.snapshot()
+        tgt = await _memory(graph, "mem", MiB)
+        fault = await open_node(graph, {"driver": "fault-inject", "node-name": "tgt", "file": "mem"})
+        assert isinstance(fault, FaultNode)
+        guest = Root("guest")
+        graph.attach(guest, "root", src)
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        rule = fault.inject("any-write", nth=1, stall=True)
+        background = asyncio.ensure_future(bcs.copy(CopyCall(0, C, max_workers=1)))
+        await rule.wait_hits(1)
+        write = asyncio.ensure_future(guest.node.write(10, b"guest"))
+        await asyncio.sleep(0.05)
+        assert not write.done() and src.snapshot() == before
+        rule.release()
+        await asyncio.gather(background, write)
+        assert tgt.snapshot()[:C] == before[:C]
+        assert src.snapshot()[10:15] == b"guest"
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_cancelled_call_raises_and_leaves_rest_dirty() -> None:
+    async def main() -> None:
+        graph = BlockGraph()
+        await open_node(
+            graph, {"driver": "null-co", "node-name": "src", "size": 64 * MiB, "latency-ns": 1000000}
+        )
+        await open_node(graph, {"driver": "null-co", "node-name": "tgt", "size": 64 * MiB})
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        call = CopyCall(0, 64 * MiB, max_workers=1, max_chunk=C)
+        task = asyncio.ensure_future(bcs.copy(call))
+        await asyncio.sleep(0.02)
+        call.cancel()
+        with pytest.raises(CopyCancelled):
+            await task
+        assert 0 < bcs.remaining() < 64 * MiB
+        assert bcs.in_flight_bytes == 0
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_speed_limit_paces_background_but_not_guest_copies() -> None:
+    """The limiter's decisions, not wall-clock time: sleeps requested add up to bytes / speed."""
+
+    slept: list[int] = []
+
+    class RecordingState(BlockCopyState):
+        async def _sleep(self, call: CopyCall, delay_ns: int) -> None:
+            slept.append(delay_ns)
+            await super()._sleep(call, delay_ns)
+
+    async def main() -> None:
+        graph = BlockGraph()
+        src: BlockNode = await _memory(graph, "src", 4 * MiB)
+        await src.write(0, b"\6" * 4 * MiB)
+        await _memory(graph, "tgt", 4 * MiB)
+        guest = Root("guest")
+        graph.attach(guest, "root", src)
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs = RecordingState(bcs.source, bcs.target, bcs.cluster_size)
+        filt.bcs = bcs
+        bcs.bitmap.set_all()
+        bcs.set_speed(8 * MiB)  # a 100 ms slice admits about 0.8 MiB
+        await guest.node.write(3 * MiB, b"x" * MiB)  # guest copies are exempt
+        assert slept == []
+        await bcs.copy(CopyCall(0, 2 * MiB, max_chunk=C))
+        # 2 MiB at 8 MiB/s is 0.25 s of slices; the first slice is free.
+        total = sum(slept) / 1e9
+        assert 0.1 < total < 0.4, total
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())

@@ -1,0 +1,319 @@
+"""The ``file`` driver against real files under ``tmp_path``."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cowbackup.block.drivers import file as file_mod
+from cowbackup.block.drivers import open_node
+from cowbackup.block.drivers.file import FileNode, create_file
+from cowbackup.block.errors import BlockError, RequestError
+from cowbackup.block.graph import BlockGraph
+from cowbackup.block.node import RequestFlags
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def run(func: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(func())
+
+
+async def open_file(path: Path, **opts: Any) -> FileNode:
+    node = await open_node(BlockGraph(), {"driver": "file", "node-name": "f", "filename": str(path), **opts})
+    assert isinstance(node, FileNode)
+    return node
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(n))
+
+
+async def extents(node: FileNode) -> list[tuple[int, int, bool]]:
+    return [(e.offset, e.length, e.is_data) async for e in node.extents()]
+
+
+def test_round_trip_and_fua(tmp_path: Path) -> None:
+    path = tmp_path / "disk"
+    create_file(str(path), MiB)
+
+    async def main() -> None:
+        node = await open_file(path)
+        assert node.size == MiB
+        assert node.limits.request_alignment == 1
+        assert node.describe() == {"file": str(path)}
+        await node.write(1000, pattern(5000))
+        await node.write(300 * KiB, pattern(4096, 3), RequestFlags.FUA)
+        node.has_rwf_dsync = False  # the fdatasync fallback of FUA
+        await node.write(400 * KiB, pattern(100, 5), RequestFlags.FUA)
+        buf = bytearray(5000)
+        await node.read(1000, buf)
+        assert buf == pattern(5000)
+        await node.flush()
+        await node.close()
+        await node.close()  # twice is fine
+
+    run(main)
+    data = path.read_bytes()
+    assert data[1000:6000] == pattern(5000)
+    assert data[300 * KiB : 304 * KiB] == pattern(4096, 3)
+    assert data[400 * KiB : 400 * KiB + 100] == pattern(100, 5)
+    assert data[:1000] == bytes(1000)
+
+
+def test_sparse_block_status_and_zero_init(tmp_path: Path) -> None:
+    path = tmp_path / "sparse"
+    create_file(str(path), MiB)
+
+    async def main() -> None:
+        node = await open_file(path)
+        assert node.known_zero_init
+        assert await extents(node) == [(0, MiB, False)]
+        await node.write(64 * KiB, pattern(64 * KiB))
+        await node.write(512 * KiB, pattern(4 * KiB))
+        assert await extents(node) == [
+            (0, 64 * KiB, False),
+            (64 * KiB, 64 * KiB, True),
+            (128 * KiB, 384 * KiB, False),
+            (512 * KiB, 4 * KiB, True),
+            (516 * KiB, 508 * KiB, False),
+        ]
+        ext = await node.block_status(0, MiB)
+        assert ext.is_zero
+        assert not ext.is_data
+        await node.close()
+        again = await open_file(path)
+        assert not again.known_zero_init  # it has data now
+        await again.close()
+
+    run(main)
+
+
+def test_write_zeroes_punches_holes_with_discard_unmap(tmp_path: Path) -> None:
+    path = tmp_path / "disk"
+    path.write_bytes(pattern(256 * KiB))
+
+    async def main() -> None:
+        node = await open_file(path, discard="unmap")
+        assert not node.known_zero_init
+        blocks = os.stat(path).st_blocks
+        await node.write_zeroes(64 * KiB, 64 * KiB, RequestFlags.MAY_UNMAP)
+        assert os.stat(path).st_blocks < blocks
+        ext = await node.block_status(64 * KiB, 64 * KiB)
+        assert (ext.length, ext.is_zero, ext.is_data) == (64 * KiB, True, False)
+        # Without MAY_UNMAP the range is zeroed but stays allocated.
+        await node.write_zeroes(192 * KiB, 8 * KiB, RequestFlags.FUA)
+        await node.close()
+
+    run(main)
+    expect = bytearray(pattern(256 * KiB))
+    expect[64 * KiB : 128 * KiB] = bytes(64 * KiB)
+    expect[192 * KiB : 200 * KiB] = bytes(8 * KiB)
+    assert path.read_bytes() == expect
+
+
+def test_discard(tmp_path: Path) -> None:
+    path = tmp_path / "disk"
+    path.write_bytes(pattern(128 * KiB))
+
+    async def main() -> None:
+        ignore = await open_file(path)  # discard=ignore is the default: a no-op
+        await ignore.discard(0, 64 * KiB)
+        await ignore.write_zeroes(64 * KiB, 4 * KiB, RequestFlags.MAY_UNMAP)  # zeroes, never unmaps
+        assert [e[2] for e in await extents(ignore)] == [True]
+        await ignore.close()
+        assert path.read_bytes()[: 64 * KiB] == pattern(128 * KiB)[: 64 * KiB]
+
+        unmap = await open_file(path, discard="unmap")
+        await unmap.discard(0, 64 * KiB)
+        assert await extents(unmap) == [(0, 64 * KiB, False), (64 * KiB, 64 * KiB, True)]
+        await unmap.close()
+        assert path.read_bytes()[: 64 * KiB] == bytes(64 * KiB)
+
+    run(main)
+
+
+def test_write_zeroes_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "disk"
+    path.write_bytes(pattern(64 * KiB))
+
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    async def main() -> None:
+        node = await open_file(path, discard="unmap")
+        # A file system without fallocate modes: learnt once, then zero buffers are written.
+        monkeypatch.setattr(file_mod, "_fallocate", unsupported)
+        await node.write_zeroes(0, 4 * KiB, RequestFlags.MAY_UNMAP)
+        assert not node.has_punch_hole
+        assert not node.has_zero_range
+        monkeypatch.undo()
+        await node.write_zeroes(8 * KiB, 4 * KiB, RequestFlags.MAY_UNMAP)
+        assert [e[2] for e in await extents(node)] == [True]  # written, not punched
+        with pytest.raises(RequestError) as info:
+            await node.write_zeroes(16 * KiB, 4 * KiB, RequestFlags.NO_FALLBACK)
+        assert info.value.errno == errno.ENOTSUP
+        await node.discard(20 * KiB, 4 * KiB)  # punching unsupported: discard does nothing
+        await node.close()
+
+    run(main)
+    data = path.read_bytes()
+    expect = bytearray(pattern(64 * KiB))
+    expect[0 : 4 * KiB] = bytes(4 * KiB)
+    expect[8 * KiB : 12 * KiB] = bytes(4 * KiB)
+    assert data == expect
+
+
+def test_cache_direct_unaligned(tmp_path: Path) -> None:
+    path = tmp_path / "direct"
+    size = 64 * KiB + 1000  # the last block is partial: padding must not grow the file
+    path.write_bytes(pattern(size))
+    model = bytearray(pattern(size))
+
+    async def main() -> None:
+        try:
+            node = await open_file(path, cache={"direct": True, "no-flush": True})
+        except BlockError as err:
+            pytest.skip(f"no O_DIRECT here: {err}")
+        assert node.direct
+        assert node.limits.request_alignment == 4096
+        backing = bytearray(20000)
+        unaligned = memoryview(backing)[3:8003]  # not aligned in memory: bounced
+        unaligned[:] = pattern(8000, 9)
+        await node.write(1001, unaligned)
+        model[1001:9001] = pattern(8000, 9)
+        await node.write(size - 500, b"tail" * 125)  # bytes: read-only, bounced
+        model[size - 500 :] = b"tail" * 125
+        await node.write_zeroes(5000, 20000, RequestFlags.MAY_UNMAP)
+        model[5000:25000] = bytes(20000)
+        await node.write(16 * KiB, pattern(8 * KiB, 4))  # aligned request, bytes buffer
+        model[16 * KiB : 24 * KiB] = pattern(8 * KiB, 4)
+        buf = bytearray(size)
+        await node.read(0, buf)
+        assert buf == model
+        small = bytearray(7)
+        await node.read(size - 7, small)
+        assert small == model[-7:]
+        await node.flush()
+        await node.close()
+
+    run(main)
+    assert path.stat().st_size == size
+    assert path.read_bytes() == model
+
+
+def test_read_only_and_ranges(tmp_path: Path) -> None:
+    path = tmp_path / "disk"
+    create_file(str(path), 8 * KiB)
+
+    async def main() -> None:
+        node = await open_file(path, **{"read-only": True})
+        assert node.read_only
+        for call in (node.write(0, b"x"), node.write_zeroes(0, 1), node.discard(0, 4096)):
+            with pytest.raises(RequestError) as info:
+                await call
+            assert info.value.errno == errno.EPERM
+        with pytest.raises(RequestError) as info:
+            await node.read(8 * KiB - 1, bytearray(2))
+        assert info.value.errno == errno.EINVAL
+        with pytest.raises(RequestError):
+            await node.block_status(8 * KiB, 1)
+        await node.flush()
+        await node.close()
+        with pytest.raises(RequestError) as info:
+            await node.read(0, bytearray(1))
+        assert info.value.errno == errno.EBADF
+
+    run(main)
+
+
+def test_file_shrank_is_eio(tmp_path: Path) -> None:
+    path = tmp_path / "disk"
+    path.write_bytes(pattern(8 * KiB))
+
+    async def main() -> None:
+        node = await open_file(path)
+        os.truncate(path, 4 * KiB)
+        with pytest.raises(RequestError) as info:
+            await node.read(0, bytearray(8 * KiB))
+        assert info.value.errno == errno.EIO
+        await node.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        ({}, "Parameter 'filename' is missing"),
+        ({"filename": "{F}", "bogus": 1}, "Parameter 'bogus' is unexpected"),
+        ({"filename": "{F}", "discard": "maybe"}, "Parameter 'discard' does not accept value 'maybe'"),
+        ({"filename": "{F}", "locking": "perhaps"}, "Parameter 'locking' does not accept value 'perhaps'"),
+        ({"filename": "{F}", "cache": {"writeback": True}}, "Parameter 'cache.writeback' is unexpected"),
+        ({"filename": "{F}", "cache": {"direct": "sure"}}, "Parameter 'cache.direct' expects 'on' or 'off'"),
+        (
+            {"filename": "{F}", "aio": "native"},
+            "aio=native is not supported; cowbackup only implements aio=threads",
+        ),
+        ({"filename": "{D}/missing"}, "Could not open '{D}/missing': No such file or directory"),
+        ({"filename": "{D}"}, "'file' driver requires '{D}' to be a regular file or a block device"),
+    ],
+)
+def test_bad_options(tmp_path: Path, opts: dict[str, Any], message: str) -> None:
+    path = tmp_path / "disk"
+    create_file(str(path), 4096)
+    names = {"F": str(path), "D": str(tmp_path)}
+    if "filename" in opts:
+        opts["filename"] = opts["filename"].format(**names)
+    message = message.format(**names)
+    graph = BlockGraph()
+
+    async def main() -> None:
+        with pytest.raises(BlockError) as info:
+            await open_node(graph, {"driver": "file", "node-name": "f", "read-only": True, **opts})
+        assert str(info.value) == message
+        assert graph.nodes == {}
+
+    run(main)
+
+
+def test_locking_and_host_device_name(tmp_path: Path) -> None:
+    path = tmp_path / "disk"
+    create_file(str(path), 4096)
+
+    async def main() -> None:
+        graph = BlockGraph()
+        base = {"driver": "host_device", "filename": str(path), "locking": "on"}
+        first = await open_node(graph, {**base, "node-name": "a"})
+        with pytest.raises(BlockError, match='Failed to get "write" lock'):
+            await open_node(graph, {**base, "node-name": "b"})
+        with pytest.raises(BlockError, match='Failed to get shared "write" lock'):
+            await open_node(graph, {**base, "node-name": "c", "read-only": True})
+        unlocked = await open_node(graph, {**base, "node-name": "d", "locking": "off"})
+        await graph.close_all()
+        assert first.closed
+        assert unlocked.closed
+        r1 = await open_node(graph, {**base, "node-name": "r1", "read-only": True})
+        r2 = await open_node(graph, {**base, "node-name": "r2", "read-only": True})
+        assert r1.read_only
+        assert r2.read_only
+        await graph.close_all()
+
+    run(main)
+
+
+def test_create_file(tmp_path: Path) -> None:
+    path = tmp_path / "new"
+    path.write_bytes(b"old data" * 1000)
+    create_file(str(path), 3 * MiB)
+    assert path.stat().st_size == 3 * MiB
+    assert path.stat().st_blocks == 0
+    with pytest.raises(BlockError, match="Could not create"):
+        create_file(str(tmp_path / "no" / "such"), 4096)
