@@ -32,24 +32,32 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import builtins
 import errno
 import logging
 import os
 import re
 from collections.abc import Callable, Coroutine
-from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any
 
 from cowbackup.jobs.events import (
     BLOCK_JOB_CANCELLED,
     BLOCK_JOB_COMPLETED,
     BLOCK_JOB_ERROR,
-    BLOCK_JOB_PENDING,
     JOB_STATUS_CHANGE,
     Event,
-    EventBus,
 )
+from cowbackup.jobs.states import (
+    JOB_TRANSITIONS,
+    JOB_VERBS,
+    BlockdevOnError,
+    DeviceNotActiveError,
+    ErrorAction,
+    IoStatus,
+    JobError,
+    JobStatus,
+    JobVerb,
+)
+from cowbackup.jobs.txn import JobManager, JobTxn
 
 __all__ = [
     "JOB_TRANSITIONS",
@@ -69,95 +77,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class JobError(Exception):
-    """A job verb or lookup was refused; ``str(err)`` is QEMU's message, ``qmp_class`` its error class."""
-
-    qmp_class: ClassVar[str] = "GenericError"
-
-
-class DeviceNotActiveError(JobError):
-    """``block-job-*`` named a job that does not exist."""
-
-    qmp_class: ClassVar[str] = "DeviceNotActive"
-
-
-class JobStatus(StrEnum):
-    UNDEFINED = "undefined"
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    READY = "ready"
-    STANDBY = "standby"
-    WAITING = "waiting"
-    PENDING = "pending"
-    ABORTING = "aborting"
-    CONCLUDED = "concluded"
-    NULL = "null"
-
-
-class JobVerb(StrEnum):
-    CANCEL = "cancel"
-    PAUSE = "pause"
-    RESUME = "resume"
-    SET_SPEED = "set-speed"
-    CHANGE = "change"
-    COMPLETE = "complete"
-    FINALIZE = "finalize"
-    DISMISS = "dismiss"
-
-
-class BlockdevOnError(StrEnum):
-    REPORT = "report"
-    IGNORE = "ignore"
-    ENOSPC = "enospc"
-    STOP = "stop"
-    AUTO = "auto"
-
-
-class ErrorAction(StrEnum):
-    REPORT = "report"
-    IGNORE = "ignore"
-    STOP = "stop"
-
-
-class IoStatus(StrEnum):
-    OK = "ok"
-    FAILED = "failed"
-    NOSPACE = "nospace"
-
-
-_S = JobStatus
-
-# QEMU's JobSTT: from -> the states it may move to.
-JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    _S.UNDEFINED: frozenset({_S.CREATED}),
-    _S.CREATED: frozenset({_S.RUNNING, _S.ABORTING, _S.NULL}),
-    _S.RUNNING: frozenset({_S.PAUSED, _S.READY, _S.WAITING, _S.ABORTING}),
-    _S.PAUSED: frozenset({_S.RUNNING}),
-    _S.READY: frozenset({_S.STANDBY, _S.WAITING, _S.ABORTING}),
-    _S.STANDBY: frozenset({_S.READY}),
-    _S.WAITING: frozenset({_S.PENDING, _S.ABORTING}),
-    _S.PENDING: frozenset({_S.ABORTING, _S.CONCLUDED}),
-    _S.ABORTING: frozenset({_S.ABORTING, _S.CONCLUDED}),
-    _S.CONCLUDED: frozenset({_S.NULL}),
-    _S.NULL: frozenset(),
-}
-
-_LIVE = frozenset({_S.CREATED, _S.RUNNING, _S.PAUSED, _S.READY, _S.STANDBY})
-
-# QEMU's JobVerbTable: verb -> the states that accept it.
-JOB_VERBS: dict[JobVerb, frozenset[JobStatus]] = {
-    JobVerb.CANCEL: _LIVE | {_S.WAITING, _S.PENDING},
-    JobVerb.PAUSE: _LIVE,
-    JobVerb.RESUME: _LIVE,
-    JobVerb.SET_SPEED: _LIVE,
-    JobVerb.CHANGE: _LIVE,
-    JobVerb.COMPLETE: frozenset({_S.READY, _S.STANDBY}),
-    JobVerb.FINALIZE: frozenset({_S.PENDING}),
-    JobVerb.DISMISS: frozenset({_S.CONCLUDED}),
-}
-
 # QEMU's job_is_completed(): run() has returned (or never will).
+_S = JobStatus
 _COMPLETED = frozenset({_S.WAITING, _S.PENDING, _S.ABORTING, _S.CONCLUDED, _S.NULL})
 
 # QEMU's id_wellformed().
@@ -722,161 +643,3 @@ class Job(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id!r} {self._status.value}>"
-
-
-class JobTxn:
-    """Jobs that finish together (QEMU's JobTxn; QMP transaction ``completion-mode=grouped``).
-
-    A job that finishes successfully waits in ``waiting`` until every job of the transaction has
-    finished; then all become ``pending`` and are finalized together (by the last one, or by
-    ``finalize()`` on any of them if one has auto-finalize off). If one fails or is cancelled, the others
-    are force-cancelled and every job takes the abort path. A job created without a transaction gets one
-    of its own, so single jobs follow the same code.
-
-    Jobs are kept newest first, as QEMU's list, which is the order in which they are finalized.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: list[Job] = []
-        self._finalizing = False  # a success flow has started (set synchronously, before any await)
-        self._aborting = False  # an abort flow has started (likewise)
-
-    @property
-    def jobs(self) -> list[Job]:
-        return list(self._jobs)
-
-    @property
-    def busy(self) -> bool:
-        """A finalize or abort flow has started; the jobs' fates are decided."""
-        return self._finalizing or self._aborting
-
-    def _add(self, job: Job) -> None:
-        if self.busy:
-            raise AssertionError("job added to a transaction that is completing")
-        self._jobs.insert(0, job)
-
-    def _remove(self, job: Job) -> None:
-        if job in self._jobs:
-            self._jobs.remove(job)
-
-    def _job_completed(self, job: Job) -> Coroutine[Any, Any, None] | None:
-        """``job`` finished running (or was cancelled before starting). Decides synchronously what
-        happens next and returns the flow that runs the hooks, if one must run now; the caller awaits
-        or spawns it."""
-        job._update_rc()
-        if job._ret:
-            return self._run_abort() if self._begin_abort(job) else None
-        job._transition(JobStatus.WAITING)
-        if not all(other.is_completed() for other in self._jobs):
-            return None
-        for other in self._jobs:
-            other._transition(JobStatus.PENDING)
-            if not other.auto_finalize:
-                other._emit(BLOCK_JOB_PENDING, {"type": other.type, "id": other.id})
-        if not all(other.auto_finalize for other in self._jobs):
-            return None
-        return self._run_finalize() if self._begin_finalize() else None
-
-    def _begin_finalize(self) -> bool:
-        if self.busy:
-            return False
-        self._finalizing = True
-        return True
-
-    async def _run_finalize(self) -> None:
-        for job in list(self._jobs):
-            if not await job._prepare():
-                if self._begin_abort(job):
-                    await self._run_abort()
-                return
-        for job in list(self._jobs):
-            await job._finalize_single()
-
-    def _begin_abort(self, failed: Job) -> bool:
-        if self._aborting:
-            # Another job is already aborting the transaction and will take care of this one.
-            return False
-        self._aborting = True
-        for other in self._jobs:
-            if other is not failed:
-                other._cancel_async(True)
-        return True
-
-    async def _run_abort(self) -> None:
-        while self._jobs:
-            job = self._jobs[0]
-            if not job.is_completed():
-                if job._started:
-                    job.enter()
-                    await job._run_finished.wait()
-                else:
-                    job._deferred = True
-                    job._update_rc()
-            await job._finalize_single()
-
-
-class JobManager:
-    """All jobs of one daemon, by id, and the event bus their events go out on.
-
-    A job is registered when created and forgotten when it reaches ``null``.
-    """
-
-    def __init__(self, events: EventBus | None = None) -> None:
-        self.events = events if events is not None else EventBus()
-        self._jobs: dict[str, Job] = {}
-        # Completion flows started by verbs; kept here so they are not garbage-collected mid-flight.
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
-
-    def find_job(self, job_id: str) -> Job:
-        """The job for ``job-*`` commands; ``JobError("Job not found")`` if none."""
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise JobError("Job not found")
-        return job
-
-    def find_block_job(self, job_id: str) -> Job:
-        """The job for ``block-job-*`` commands; ``DeviceNotActiveError`` if none."""
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise DeviceNotActiveError(f"Block job '{job_id}' not found")
-        return job
-
-    def list(self) -> builtins.list[Job]:
-        """Every job, newest first (QEMU's order in query-jobs and query-block-jobs)."""
-        return builtins.list(reversed(self._jobs.values()))
-
-    async def wait(self, job: Job) -> None:
-        """Return once ``job`` has concluded (or been dismissed)."""
-        await job.wait_concluded()
-
-    async def cancel_all(self) -> None:
-        """Cancel every job and wait until all are gone, dismissing concluded ones (shutdown, ``quit``)."""
-        while self._jobs:
-            job = next(iter(self._jobs.values()))
-            task = job._cancel(True)
-            if task is not None:
-                await asyncio.shield(task)
-            await job.wait_concluded()
-            if job.status == JobStatus.CONCLUDED:
-                job._do_dismiss()
-
-    def _register(self, job: Job) -> None:
-        self._jobs[job.id] = job
-
-    def _unregister(self, job: Job) -> None:
-        if self._jobs.get(job.id) is job:
-            del self._jobs[job.id]
-
-    def _spawn(self, flow: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(flow)
-        self._tasks.add(task)
-        task.add_done_callback(self._flow_done)
-        return task
-
-    def _flow_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("job completion flow failed", exc_info=task.exception())
