@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 
 from cowbackup.block.align import align_down, align_up
 from cowbackup.block.bitmap import DirtyBitmap
+from cowbackup.block.buffers import BufferPool
 from cowbackup.block.errors import RequestError
 from cowbackup.block.graph import Child
 from cowbackup.block.node import BlockNode, Extent, RequestFlags, Status
-from cowbackup.block.zero import is_zero
+from cowbackup.block.zero import is_zero, zero_runs
 from cowbackup.jobs.ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
@@ -73,26 +74,6 @@ class CopyError(RequestError):
 
 class CopyCancelled(Exception):
     """The call was cancelled before it finished its range (not an error of the copy)."""
-
-
-class _MemoryBudget:
-    """Bytes of copy buffers allowed in flight; a request larger than the budget still passes alone."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._freed = asyncio.Condition()
-
-    async def acquire(self, n: int) -> None:
-        if self.used and self.used + n > self.limit:
-            async with self._freed:
-                await self._freed.wait_for(lambda: not self.used or self.used + n <= self.limit)
-        self.used += n
-
-    async def release(self, n: int) -> None:
-        self.used -= n
-        async with self._freed:
-            self._freed.notify_all()
 
 
 @dataclass(eq=False)
@@ -168,13 +149,17 @@ class BlockCopyState:
         self.on_remaining: Callable[[int], None] = lambda n: None
         self._tasks: list[_Task] = []
         self._in_flight_bytes = 0
-        self._memory = _MemoryBudget(memory_budget)
+        self._buffers = BufferPool(memory_budget)
         self._calls: set[CopyCall] = set()
         # Last block status answer from the source.  Valid for still-dirty clusters: they cannot have been
         # written since the backup started (every write copies its dirty clusters first).
         self._status: Extent | None = None
-        #: Set when the target reads as zeros everywhere not yet written (a fresh sparse file).
-        self.target_is_zero = bool(getattr(target.node, "known_zero_init", False))
+        #: Set when the target reads as zeros everywhere not yet written (a fresh sparse file): zero
+        #: clusters then need no write.  ``known_zero_init`` only says what a file was when it was opened
+        #: (a node reused for a second backup has data since), so it is confirmed against the target's
+        #: block status before the first copy; until then zeros are written.
+        self.target_is_zero = False
+        self._confirm_target_zero = bool(getattr(target.node, "known_zero_init", False))
         src_max = source.node.limits.max_transfer
         tgt_max = target.node.limits.max_transfer
         self.max_transfer = max(align_down(min(src_max, tgt_max), cluster_size), cluster_size)
@@ -190,8 +175,17 @@ class BlockCopyState:
         return self._in_flight_bytes
 
     def remaining(self) -> int:
-        """Bytes still to copy: dirty clusters plus those being copied."""
-        return self.bitmap.count() + self._in_flight_bytes
+        """Bytes still to copy: dirty clusters plus those being copied.
+
+        Counted as tasks count them, in bytes clamped to the disk: the bitmap counts whole clusters, so a
+        dirty partial last cluster is counted for its bytes only (otherwise ``len`` would exceed the disk
+        size until that cluster is copied, and stay so if the job fails first).
+        """
+        dirty = self.bitmap.count()
+        size = self.size
+        if size % self.cluster_size and self.bitmap.get(size - 1):
+            dirty -= align_up(size, self.cluster_size) - size
+        return dirty + self._in_flight_bytes
 
     def set_speed(self, speed: int) -> None:
         self.ratelimit.set_speed(speed)
@@ -213,6 +207,9 @@ class BlockCopyState:
         Raises :class:`CopyError` on the first failed task (its clusters are dirty again) and
         :class:`CopyCancelled` if the call was cancelled.
         """
+        if self._confirm_target_zero:
+            self._confirm_target_zero = False
+            self.target_is_zero = await self._target_reads_zero()
         self._calls.add(call)
         try:
             while True:
@@ -226,6 +223,14 @@ class BlockCopyState:
                     return
         finally:
             self._calls.discard(call)
+
+    async def _target_reads_zero(self) -> bool:
+        """True if the whole target is one zero extent (only asked before this state's first copy)."""
+        try:
+            ext = await self.target.node.block_status(0, self.size)
+        except OSError:
+            return False
+        return ext.length == self.size and ext.is_zero and not ext.is_data
 
     async def _wait_one(self, start: int, end: int) -> bool:
         """Wait for one task in flight that overlaps ``[start, end)``; False if there is none."""
@@ -335,27 +340,25 @@ class BlockCopyState:
         return True
 
     async def _sleep(self, call: CopyCall, delay_ns: int) -> None:
+        """Sleep for the speed limit; a kick (cancel, new speed) ends it early.
+
+        The kick is cleared only after waking, so one that arrived while the loop was busy elsewhere (in a
+        block-status query, say) is not lost.
+        """
+        if not call.cancelled:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(call._kick.wait(), delay_ns / 1e9)
         call._kick.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(call._kick.wait(), delay_ns / 1e9)
 
     async def _run_task(self, task: _Task) -> None:
         ok = False
-        # Only buffered copies hold memory; zero writes and offloaded copies do not.
-        buffered = task.method is not CopyMethod.WRITE_ZEROES
         try:
-            if buffered:
-                await self._memory.acquire(task.length)
-            try:
-                await self._do_copy(task)
-                ok = True
-                if self.discard_source and task.method is not CopyMethod.SKIP:
-                    # Best effort, as QEMU: a failed discard does not fail the copy.
-                    with contextlib.suppress(OSError):
-                        await self.source.node.discard(task.offset, task.length)
-            finally:
-                if buffered:
-                    await self._memory.release(task.length)
+            await self._do_copy(task)
+            ok = True
+            if self.discard_source and task.method is not CopyMethod.SKIP:
+                # Best effort, as QEMU: a failed discard does not fail the copy.
+                with contextlib.suppress(OSError):
+                    await self.source.node.discard(task.offset, task.length)
         except CopyError as err:
             if task.call.error is None:
                 task.call.error = err
@@ -369,22 +372,33 @@ class BlockCopyState:
         if task.method is CopyMethod.SKIP:
             return
         if task.method is CopyMethod.WRITE_ZEROES:
-            await _target_io(target.write_zeroes(offset, length, RequestFlags.MAY_UNMAP))
+            await self._write_zeroes(offset, length)
             return
         if task.method is CopyMethod.COPY_RANGE:
             if await self._copy_range(offset, length):
                 return
             task.method = CopyMethod.READ_WRITE
-        buf = bytearray(length)
+        buf = await self._buffers.get(length)
         try:
-            await self.source.node.read(offset, buf)
-        except OSError as err:
-            raise CopyError(err, is_read=True) from err
-        if is_zero(buf):
-            if not self.target_is_zero:
-                await _target_io(target.write_zeroes(offset, length, RequestFlags.MAY_UNMAP))
-            return
-        await _target_io(target.write(offset, buf))
+            try:
+                await self.source.node.read(offset, buf)
+            except OSError as err:
+                raise CopyError(err, is_read=True) from err
+            if is_zero(buf):
+                await self._write_zeroes(offset, length)
+                return
+            # Zero clusters inside a data extent stay sparse too (only data runs are written).
+            for run, n, zero in zero_runs(buf, self.cluster_size):
+                if zero:
+                    await self._write_zeroes(offset + run, n)
+                else:
+                    await _target_io(target.write(offset + run, buf[run : run + n]))
+        finally:
+            await self._buffers.put(buf)
+
+    async def _write_zeroes(self, offset: int, length: int) -> None:
+        if not self.target_is_zero:
+            await _target_io(self.target.node.write_zeroes(offset, length, RequestFlags.MAY_UNMAP))
 
     async def _copy_range(self, offset: int, length: int) -> bool:
         """Offload to copy_file_range between two local files; False (and stop trying) if impossible."""

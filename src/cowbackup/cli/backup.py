@@ -142,8 +142,18 @@ async def _run_job(daemon: Daemon, params: BackupParams, reporter: Reporter, arg
         if event.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
             outcome.update(event.data, event=event.name)
 
+    # Creating the job emits its first events; hold them until the "start" line, which needs the job.
+    creation: list[Event] = []
+    unsubscribe = daemon.jobs.events.subscribe(creation.append)
+    try:
+        job = daemon.blockdev_backup(params)
+    finally:
+        unsubscribe()
+    # No await from here to the subscription: no event can be missed in between.
+    reporter.start(job.id, job.progress_total)
+    for event in creation:
+        on_event(event)
     unsubscribe = daemon.jobs.events.subscribe(on_event)
-    job = daemon.blockdev_backup(params)
 
     def interrupt(signum: int) -> None:
         if interrupted:
@@ -154,13 +164,12 @@ async def _run_job(daemon: Daemon, params: BackupParams, reporter: Reporter, arg
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, interrupt, signum)
     started = time.monotonic()
-    reporter.start(job.id, job.progress_total)
     try:
         while job.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
             reporter.update(job.progress_current, job.progress_total)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(job.wait_concluded(), PROGRESS_INTERVAL)
-        reporter.update(job.progress_current, job.progress_total)
+        reporter.update(job.progress_current, job.progress_total, force=True)  # the final sample, always
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
@@ -186,8 +195,7 @@ def _summary(args: argparse.Namespace, reporter: Reporter, length: int, elapsed:
         allocated = -1
     rate = length / elapsed if elapsed > 0 else 0.0
     if isinstance(reporter, JsonReporter):
-        result = {"type": "result", "bytes": length, "seconds": elapsed, "rate": rate, "allocated": allocated}
-        reporter.event("result", result)
+        reporter.result({"bytes": length, "seconds": elapsed, "rate": rate, "allocated": allocated})
         return
     mib = 1024 * 1024
     sys.stderr.write(

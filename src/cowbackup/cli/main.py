@@ -61,3 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("cowbackup: interrupted\n")
         return EXIT_INTERRUPTED
+    except Exception as err:
+        # A bug: one line unless --debug asks for the traceback.
+        if args.debug:
+            raise
+        sys.stderr.write(f"cowbackup: internal error: {type(err).__name__}: {err} (--debug shows more)\n")
+        return EXIT_FAILED

@@ -3,8 +3,12 @@
 Progress is data (STYLE.md #24): the renderer receives ``(current, total)`` samples and job events and
 decides how to show them.  ``--json`` prints one JSON object per line::
 
+    {"type": "start", "job": "backup0", "total": 134217728}
     {"type": "progress", "job": "backup0", "current": 1048576, "total": 134217728, "rate": 5.2e8}
     {"type": "event", "event": "BLOCK_JOB_COMPLETED", "data": {...}}
+    {"type": "result", "bytes": 134217728, "seconds": 0.25, "rate": 5.4e8, "allocated": 75497472}
+
+``start`` comes first and ``result`` (on success) last; the last ``progress`` line is the final sample.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from rich.progress import (
 
 class Reporter(Protocol):
     def start(self, job_id: str, total: int) -> None: ...
-    def update(self, current: int, total: int) -> None: ...
+    def update(self, current: int, total: int, *, force: bool = False) -> None:
+        """A progress sample; a reporter may drop samples to limit its output, unless ``force``."""
+        ...
+
     def event(self, name: str, data: dict[str, Any]) -> None: ...
     def stop(self) -> None: ...
 
@@ -54,7 +61,7 @@ class BarReporter:
         self._progress.start()
         self._task = self._progress.add_task(job_id, total=max(total, 1))
 
-    def update(self, current: int, total: int) -> None:
+    def update(self, current: int, total: int, *, force: bool = False) -> None:
         if self._task is not None:
             self._progress.update(self._task, completed=current, total=max(total, 1))
 
@@ -99,6 +106,10 @@ class JsonReporter:
     def event(self, name: str, data: dict[str, Any]) -> None:
         self._emit({"type": "event", "event": name, "data": data})
 
+    def result(self, data: dict[str, Any]) -> None:
+        """The last line: the outcome of the command (``bytes``, ``seconds``, ...)."""
+        self._emit({"type": "result", **data})
+
     def stop(self) -> None:
         pass
 
@@ -109,7 +120,7 @@ class QuietReporter:
     def start(self, job_id: str, total: int) -> None:
         pass
 
-    def update(self, current: int, total: int) -> None:
+    def update(self, current: int, total: int, *, force: bool = False) -> None:
         pass
 
     def event(self, name: str, data: dict[str, Any]) -> None:

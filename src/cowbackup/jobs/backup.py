@@ -18,6 +18,7 @@ Sync modes: ``full`` copies everything; ``top`` skips clusters not allocated in 
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 
 from cowbackup.block.align import align_down, align_up, is_power_of_2
@@ -144,6 +145,17 @@ class BackupJob(Job):
     # ------------------------------------------------------------------ run
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except OSError as err:
+            # QEMU fails the job with strerror(-ret) alone ("Input/output error"); the details of our
+            # errors (which node, which offset) go to the log, not into BLOCK_JOB_COMPLETED.
+            if not err.errno:
+                raise
+            self.log.info("backup failed: %s", err)
+            raise OSError(err.errno, os.strerror(err.errno)) from err
+
+    async def _run(self) -> None:
         if self.params.sync == "top":
             await self._skip_unallocated()
         self.progress_set_remaining(self.bcs.remaining())
@@ -244,16 +256,16 @@ def backup_job_create(
         raise BlockError(f"max-workers must be between 1 and {INT_MAX}")
     if perf.max_chunk < 0:
         raise BlockError("max-chunk must be zero (which means no limit) or positive")
-    if perf.min_cluster_size and not is_power_of_2(perf.min_cluster_size):
-        raise BlockError("min-cluster-size needs to be a power of 2")
-    if params.speed < 0:
-        raise JobError("Parameter 'speed' expects a non-negative value")
     if source.size != target.size:
         raise BlockError("Source and target image have different sizes")
     if target.read_only:
         raise BlockError(f"Block node '{params.target}' is read-only")
     if params.discard_source and source.read_only:
         raise BlockError(f"Block node '{params.device}' is read-only: cannot discard the source")
+    # QEMU checks min-cluster-size when it opens the filter, after the sizes; the job id and the speed
+    # (< 0) are checked last, when the job is created (BackupJob below).
+    if perf.min_cluster_size and not is_power_of_2(perf.min_cluster_size):
+        raise BlockError("min-cluster-size needs to be a power of 2")
     cluster = cluster_size_for(target, max(perf.min_cluster_size, MIN_CLUSTER_SIZE))
     if perf.max_chunk and perf.max_chunk < cluster:
         raise BlockError(
