@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cowbackup import __version__
 from cowbackup.block.errors import BlockError
-from cowbackup.cli import backup, demo
+from cowbackup.cli import backup, demo, serve
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from cowbackup.jobs.job import JobError
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     backup.add_parser(sub)
     demo.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

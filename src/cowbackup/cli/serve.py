@@ -1,0 +1,110 @@
+"""``cowbackup serve IMAGE``: serve a disk over NBD until Ctrl-C.
+
+Prints the NBD URI to connect to (``nbd+unix:///NAME?socket=PATH`` or ``nbd://HOST:PORT/NAME``), so
+``qemu-io``, ``qemu-img``, ``nbdinfo``, ``nbdcopy`` or the kernel's ``nbd-client`` can use it at once.
+Writable unless ``--read-only``.  ``--tls-creds DIR`` (QEMU's x509 layout) makes TLS mandatory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import stat
+import sys
+from typing import Any
+
+from cowbackup.cli.errors import EXIT_OK, UsageError
+from cowbackup.daemon import Daemon
+from cowbackup.nbd.listener import NBDServer
+from cowbackup.nbd.tls import TLSError, server_context
+from cowbackup.nbd.uri import NBD_DEFAULT_PORT, NBDAddress
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a disk image over NBD", description=__doc__)
+    p.add_argument("image", metavar="IMAGE", help="raw image file or block device")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket")
+    where.add_argument(
+        "--bind", metavar="HOST[:PORT]", help=f"listen on TCP (default port {NBD_DEFAULT_PORT})"
+    )
+    p.add_argument("--name", default="", help="export name (default: empty, the default export)")
+    p.add_argument("--read-only", action="store_true", help="refuse writes")
+    p.add_argument("--tls-creds", metavar="DIR", help="x509 credentials directory; TLS becomes mandatory")
+    p.add_argument(
+        "--no-verify-peer", action="store_true", help="with TLS, do not require client certificates"
+    )
+    p.set_defaults(func=run)
+
+
+def _parse_bind(text: str) -> tuple[str, int]:
+    host, port = text, NBD_DEFAULT_PORT
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":"):
+            port = _port(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = _port(port_text)
+    return host or "localhost", port
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise UsageError(f"invalid port '{text}'") from None
+    if not 0 <= port <= 65535:
+        raise UsageError(f"invalid port {port}")
+    return port
+
+
+def run(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.image):
+        raise UsageError(f"image '{args.image}' does not exist")
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    daemon = Daemon()
+    socket_path = os.path.abspath(args.socket) if args.socket else ""
+    driver = "host_device" if stat.S_ISBLK(os.stat(args.image).st_mode) else "file"
+    try:
+        ssl_ctx = (
+            server_context(args.tls_creds, verify_peer=not args.no_verify_peer) if args.tls_creds else None
+        )
+    except TLSError as err:
+        raise UsageError(str(err)) from None
+    server = NBDServer(daemon.graph, tls_creds=ssl_ctx)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await daemon.blockdev_add(
+            {
+                "driver": "raw",
+                "node-name": "disk",
+                "read-only": args.read_only,
+                "file": {"driver": driver, "filename": args.image},
+            }
+        )
+        server.add_export(args.name, "disk", writable=not args.read_only)
+        if args.socket:
+            await server.listen_unix(args.socket)
+            address = NBDAddress(export=args.name, socket=socket_path, tls=ssl_ctx is not None)
+        else:
+            host, port = _parse_bind(args.bind or f"localhost:{NBD_DEFAULT_PORT}")
+            host, port = await server.listen_tcp(host, port)
+            address = NBDAddress(export=args.name, host=host, port=port, tls=ssl_ctx is not None)
+        print(address.to_uri(), flush=True)
+        sys.stderr.write(
+            f"cowbackup: serving '{args.image}'{' read-only' if args.read_only else ''}; Ctrl-C stops\n"
+        )
+        await stop.wait()
+    finally:
+        await server.close()
+        await daemon.close()
+    return EXIT_OK

@@ -1,0 +1,194 @@
+"""One NBD client connection: the asyncio shell around :class:`~cowbackup.nbd.server.ServerProtocol`.
+
+::
+
+    accept -> greeting -> option haggling (answered by the core; STARTTLS upgrades the stream)
+           -> ExportSelected -> transmission: read requests in order, run up to MAX_IN_FLIGHT at once,
+              write each reply as soon as it is ready (out of order, matched by cookie)
+           -> NBD_CMD_DISC / EOF / protocol error / server shutdown: finish what is in flight, close
+
+The handshake has a deadline (QEMU's 10 s); a client that stalls in it is dropped.  A client that goes
+away mid-payload or mid-request hurts nobody else: its requests in flight still complete on the node (a
+write that reached the node is never half-applied by us), their replies are dropped.  Each reply is
+written with one ``writelines`` call, so replies never interleave on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from cowbackup.nbd.constants import NBD_EIO
+from cowbackup.nbd.errors import ProtocolError
+from cowbackup.nbd.events import (
+    ConnectionClosed,
+    Disconnect,
+    ExportSelected,
+    NeedData,
+    Request,
+    SendData,
+    StartTLS,
+)
+from cowbackup.nbd.handlers import RequestHandler
+from cowbackup.nbd.server import ServerProtocol
+
+if TYPE_CHECKING:
+    from cowbackup.nbd.listener import Export, NBDServer
+
+log = logging.getLogger(__name__)
+
+#: Requests of one connection served at once (QEMU's NBD server allows 16).
+MAX_IN_FLIGHT = 16
+#: How much to read from the socket at a time.
+READ_SIZE = 256 * 1024
+
+
+class ServerConnection:
+    """Serves one client.  Created by :class:`~cowbackup.nbd.listener.NBDServer` for each accepted socket.
+
+    ``_tasks`` are the requests in flight; ``_reader`` the task reading requests.  Touched only from the
+    event loop.
+    """
+
+    def __init__(
+        self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.log = log.getChild(peer.replace(".", "_"))
+        self.export: Export | None = None
+        self.proto = ServerProtocol(
+            lookup=server.lookup_info,
+            list_exports=server.list_infos,
+            tls=server.tls_mode,
+            logger=self.log,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._closing = False
+
+    # ------------------------------------------------------------------ life
+
+    async def run(self) -> None:
+        """Serve the client until it leaves or the server shuts down; never raises."""
+        try:
+            selected = await asyncio.wait_for(self._handshake(), self.server.handshake_timeout)
+            if selected is not None:
+                await self._transmission(selected)
+        except TimeoutError:
+            self.log.info("handshake not finished within %.0f s, dropping", self.server.handshake_timeout)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as err:
+            self.log.info("connection lost: %s", err)
+        except asyncio.CancelledError:
+            pass  # server shutdown: fall through to finish in-flight requests
+        finally:
+            await self._finish()
+
+    async def _finish(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self.export is not None:
+            self.export.connections.discard(self)
+        self._closing = True
+        with contextlib.suppress(OSError, RuntimeError):
+            await self.writer.drain()
+        self.writer.close()
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await self.writer.wait_closed()
+
+    async def _fill(self) -> None:
+        """Read more bytes from the client into the core (``b""`` at EOF)."""
+        self.proto.receive_data(await self.reader.read(READ_SIZE))
+
+    # ------------------------------------------------------------------ handshake
+
+    async def _handshake(self) -> ExportSelected | None:
+        self.writer.write(self.proto.initial_bytes())
+        while True:
+            event = self.proto.next_event()
+            if isinstance(event, NeedData):
+                await self._fill()
+            elif isinstance(event, SendData):
+                self.writer.write(event.data)
+            elif isinstance(event, StartTLS):
+                await self.writer.drain()
+                assert self.server.ssl_context is not None
+                await self.writer.start_tls(self.server.ssl_context)
+                self.proto.tls_started()
+                self.log.debug("TLS established")
+            elif isinstance(event, ExportSelected):
+                await self.writer.drain()
+                return event
+            elif isinstance(event, Disconnect | ConnectionClosed):
+                return None
+            elif isinstance(event, ProtocolError):
+                self.log.info("protocol error in handshake: %s", event)
+                return None
+            else:
+                raise AssertionError(f"unexpected event in handshake: {event!r}")
+
+    # ------------------------------------------------------------------ transmission
+
+    async def _transmission(self, selected: ExportSelected) -> None:
+        export = self.server.exports.get(selected.info.name)
+        if export is None:  # removed between lookup and now
+            return
+        self.export = export
+        export.connections.add(self)
+        contexts = {cid: export.context_status(name) for cid, name in selected.meta_contexts}
+        handler = RequestHandler(lambda: export.root.node, self.proto.replies, contexts)
+        self.log.info("serving export '%s'", export.name)
+        while not self._closing:
+            event = self.proto.next_event()
+            if isinstance(event, NeedData):
+                await self._fill()
+            elif isinstance(event, Request):
+                if event.error:
+                    self._send(self.proto.replies.error(event, event.error, event.error_message))
+                    continue
+                payload = await self._payload(event.payload_length) if event.payload_length else None
+                await self._slots.acquire()
+                task = asyncio.ensure_future(self._serve(handler, event, payload))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif isinstance(event, Disconnect | ConnectionClosed):
+                return
+            elif isinstance(event, ProtocolError):
+                self.log.info("protocol error: %s", event)
+                return
+            else:
+                raise AssertionError(f"unexpected event in transmission: {event!r}")
+
+    async def _payload(self, length: int) -> memoryview:
+        """The payload of a write: what the core holds, then the rest straight from the stream."""
+        view = self.proto.take_buffered(length)
+        if len(view) == length:
+            return view
+        buf = bytearray(length)
+        have = len(view)
+        buf[:have] = view
+        rest = await self.reader.readexactly(length - have)
+        buf[have:] = rest
+        self.proto.payload_consumed(length - have)
+        return memoryview(buf)
+
+    async def _serve(self, handler: RequestHandler, req: Request, payload: memoryview | None) -> None:
+        try:
+            reply = await handler.handle(req, payload)
+        except Exception:
+            self.log.exception("request %s failed unexpectedly", req)
+            reply = handler.replies.error(req, NBD_EIO)
+        finally:
+            self._slots.release()
+        self._send(reply)
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.drain()
+
+    def _send(self, message: list[bytes | memoryview]) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.writelines(message)
