@@ -64,12 +64,13 @@ def _port(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     if not os.path.exists(args.image):
         raise UsageError(f"image '{args.image}' does not exist")
+    if args.socket:
+        args.socket = os.path.abspath(args.socket)
     return asyncio.run(_serve(args))
 
 
 async def _serve(args: argparse.Namespace) -> int:
     daemon = Daemon()
-    socket_path = os.path.abspath(args.socket) if args.socket else ""
     driver = "host_device" if stat.S_ISBLK(os.stat(args.image).st_mode) else "file"
     try:
         ssl_ctx = (
@@ -94,7 +95,7 @@ async def _serve(args: argparse.Namespace) -> int:
         server.add_export(args.name, "disk", writable=not args.read_only)
         if args.socket:
             await server.listen_unix(args.socket)
-            address = NBDAddress(export=args.name, socket=socket_path, tls=ssl_ctx is not None)
+            address = NBDAddress(export=args.name, socket=args.socket, tls=ssl_ctx is not None)
         else:
             host, port = _parse_bind(args.bind or f"localhost:{NBD_DEFAULT_PORT}")
             host, port = await server.listen_tcp(host, port)
