@@ -10,6 +10,11 @@ the job itself walks the copy bitmap in the background::
              pause = cancel the call, resume = a new call; an error goes to on-source/target-error
     clean:   wait for every copy in flight (guest-triggered too), drop the filter -- whatever the outcome
 
+Writes already inside the source node when the filter goes in are not drained first (QEMU drains): they
+were not acknowledged before the snapshot instant, so the snapshot may hold their old data, their new
+data, or -- like a disk after a crash -- part of each; every write acknowledged before the instant is in,
+and nothing issued after it.
+
 Sync modes: ``full`` copies everything; ``top`` skips clusters not allocated in the source's top layer;
 ``none`` copies only what writers are about to change (fleecing), until cancelled.  ``bitmap`` and
 ``incremental`` are validated here and refused with QEMU's "could not be found" until bitmaps exist.
@@ -18,7 +23,6 @@ Sync modes: ``full`` copies everything; ``top`` skips clusters not allocated in 
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass, field
 
 from cowbackup.block.align import align_down, align_up, is_power_of_2
@@ -145,17 +149,6 @@ class BackupJob(Job):
     # ------------------------------------------------------------------ run
 
     async def run(self) -> None:
-        try:
-            await self._run()
-        except OSError as err:
-            # QEMU fails the job with strerror(-ret) alone ("Input/output error"); the details of our
-            # errors (which node, which offset) go to the log, not into BLOCK_JOB_COMPLETED.
-            if not err.errno:
-                raise
-            self.log.info("backup failed: %s", err)
-            raise OSError(err.errno, os.strerror(err.errno)) from err
-
-    async def _run(self) -> None:
         if self.params.sync == "top":
             await self._skip_unallocated()
         self.progress_set_remaining(self.bcs.remaining())

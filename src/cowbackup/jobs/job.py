@@ -86,9 +86,13 @@ _JOB_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 
 
 def _describe(err: BaseException) -> tuple[int, str]:
-    """(errno, message) for a failure, the way QEMU reports ``-errno``: "Input/output error"."""
+    """(errno, message) for a failure, the way QEMU reports ``-errno``: "Input/output error".
+
+    Only the errno's text: our errors carry details (node, offset) that belong in the log, not in
+    BLOCK_JOB_COMPLETED, whose ``error`` clients compare with QEMU's.
+    """
     if isinstance(err, OSError) and err.errno:
-        return err.errno, err.strerror or os.strerror(err.errno)
+        return err.errno, os.strerror(err.errno)
     return errno.EIO, str(err) or type(err).__name__
 
 
@@ -304,7 +308,9 @@ class Job(abc.ABC):
             self._cancelled = True
         except Exception as err:
             self._ret, self._error = _describe(err)
-            if not isinstance(err, OSError):
+            if isinstance(err, OSError):
+                self.log.info("job failed: %s", err)
+            else:
                 self.log.exception("job failed with an unexpected exception")
         self._deferred = True
         # Not quite true while the completion hooks run, but the job can no longer be woken (QEMU does
