@@ -32,9 +32,9 @@ import asyncio
 import enum
 import errno
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from cowbackup.block.align import align_down, align_up
 from cowbackup.block.errors import RequestError, invalid
@@ -44,6 +44,11 @@ if TYPE_CHECKING:
     from cowbackup.block.graph import Child
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Filter operations that change data (refused on a read-only filter).
+_WRITE_OPS = frozenset({"write", "write_zeroes", "discard"})
 
 #: Any buffer the block layer accepts for data (a memoryview of it is taken, never a copy).
 Buffer = bytes | bytearray | memoryview
@@ -560,45 +565,44 @@ class FilterNode(BlockNode):
     # The filter passes requests through whole: the child's own request path aligns and splits them.
     # Requests are counted here too, so draining the filter waits for what passes through it.
 
-    async def read(self, offset: int, buf: Buffer) -> None:
+    async def _intercept(self, op: str, offset: int | None, length: int, flags: RequestFlags) -> None:
+        """Called before each request goes to the child; a filter that acts on requests overrides it.
+
+        ``op`` is ``read``, ``write``, ``write_zeroes``, ``discard``, ``flush`` or ``block_status``
+        (``offset`` is None for ``flush``).  Raising fails the request before the child sees it.
+        """
+
+    async def _forward(
+        self, op: str, offset: int | None, length: int, flags: RequestFlags, call: Callable[[], Awaitable[T]]
+    ) -> T:
         self._check_open()
+        if op in _WRITE_OPS:
+            self._check_writable(op.replace("_", "-"))
         self._begin()
         try:
-            await self.child.read(offset, buf)
+            await self._intercept(op, offset, length, flags)
+            return await call()
         finally:
             self._end()
+
+    async def read(self, offset: int, buf: Buffer) -> None:
+        length = memoryview(buf).nbytes
+        await self._forward("read", offset, length, NO_FLAGS, lambda: self.child.read(offset, buf))
 
     async def write(self, offset: int, data: Buffer, flags: RequestFlags = NO_FLAGS) -> None:
-        self._check_open()
-        self._check_writable("write")
-        self._begin()
-        try:
-            await self.child.write(offset, data, flags)
-        finally:
-            self._end()
+        length = memoryview(data).nbytes
+        await self._forward("write", offset, length, flags, lambda: self.child.write(offset, data, flags))
 
     async def write_zeroes(self, offset: int, length: int, flags: RequestFlags = NO_FLAGS) -> None:
-        self._check_open()
-        self._check_writable("write-zeroes")
-        self._begin()
-        try:
-            await self.child.write_zeroes(offset, length, flags)
-        finally:
-            self._end()
+        call = lambda: self.child.write_zeroes(offset, length, flags)  # noqa: E731
+        await self._forward("write_zeroes", offset, length, flags, call)
 
     async def discard(self, offset: int, length: int) -> None:
-        self._check_open()
-        self._check_writable("discard")
-        self._begin()
-        try:
-            await self.child.discard(offset, length)
-        finally:
-            self._end()
+        await self._forward("discard", offset, length, NO_FLAGS, lambda: self.child.discard(offset, length))
 
     async def flush(self) -> None:
-        self._check_open()
-        await self.child.flush()
+        await self._forward("flush", None, 0, NO_FLAGS, lambda: self.child.flush())
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        self._check_open()
-        return await self.child.block_status(offset, length)
+        call = lambda: self.child.block_status(offset, length)  # noqa: E731
+        return await self._forward("block_status", offset, length, NO_FLAGS, call)

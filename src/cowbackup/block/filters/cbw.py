@@ -32,7 +32,7 @@ from cowbackup.block.copy import BlockCopyState, CopyCall, CopyError, cluster_si
 from cowbackup.block.drivers import open_child
 from cowbackup.block.errors import BlockError, RequestError
 from cowbackup.block.graph import BlockGraph
-from cowbackup.block.node import NO_FLAGS, Buffer, FilterNode, RequestFlags
+from cowbackup.block.node import FilterNode, RequestFlags
 from cowbackup.block.options import Options
 
 log = logging.getLogger(__name__)
@@ -111,35 +111,9 @@ class CopyBeforeWriteNode(FilterNode):
             self.snapshot_error = err
             self.on_snapshot_error(err)
 
-    async def write(self, offset: int, data: Buffer, flags: RequestFlags = NO_FLAGS) -> None:
-        self._check_open()
-        self._check_writable("write")
-        self._begin()
-        try:
-            await self._save_old_data(offset, len(memoryview(data).cast("B")), flags)
-            await self.child.write(offset, data, flags)
-        finally:
-            self._end()
-
-    async def write_zeroes(self, offset: int, length: int, flags: RequestFlags = NO_FLAGS) -> None:
-        self._check_open()
-        self._check_writable("write-zeroes")
-        self._begin()
-        try:
+    async def _intercept(self, op: str, offset: int | None, length: int, flags: RequestFlags) -> None:
+        if op in ("write", "write_zeroes", "discard") and offset is not None:
             await self._save_old_data(offset, length, flags)
-            await self.child.write_zeroes(offset, length, flags)
-        finally:
-            self._end()
-
-    async def discard(self, offset: int, length: int) -> None:
-        self._check_open()
-        self._check_writable("discard")
-        self._begin()
-        try:
-            await self._save_old_data(offset, length, NO_FLAGS)
-            await self.child.discard(offset, length)
-        finally:
-            self._end()
 
     # ------------------------------------------------------------------ lifecycle
 

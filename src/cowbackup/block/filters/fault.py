@@ -35,21 +35,18 @@ from __future__ import annotations
 import asyncio
 import errno as errno_mod
 import os
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 from cowbackup.block.drivers import open_child
 from cowbackup.block.errors import BlockError, RequestError
 from cowbackup.block.graph import BlockGraph
-from cowbackup.block.node import BlockNode, Buffer, Extent, FilterNode, RequestFlags
+from cowbackup.block.node import BlockNode, FilterNode, RequestFlags
 from cowbackup.block.options import Options
-
-T = TypeVar("T")
 
 OPS = ("read", "write", "write_zeroes", "discard", "flush", "block_status", "any-write")
 _WRITES = frozenset({"write", "write_zeroes", "discard"})
 _NO_END = 1 << 63
-_NO_FLAGS = RequestFlags(0)
 
 
 class Rule:
@@ -173,7 +170,7 @@ class FaultNode(FilterNode):
         self.release_all()
         self.rules.clear()
 
-    async def _intercept(self, op: str, offset: int | None, length: int) -> None:
+    async def _intercept(self, op: str, offset: int | None, length: int, flags: RequestFlags) -> None:
         fired = [rule for rule in self.rules if rule._arrive(op, offset, length)]
         for rule in fired:
             if rule.stall:
@@ -183,41 +180,6 @@ class FaultNode(FilterNode):
                 where = "" if offset is None else f" at offset {offset}"
                 message = f"{os.strerror(rule.errno)} (injected into {op}{where} by '{self.node_name}')"
                 raise RequestError(rule.errno, message)
-
-    async def _pass(self, op: str, offset: int | None, length: int, call: Callable[[], Awaitable[T]]) -> T:
-        self._check_open()
-        self._begin()
-        try:
-            await self._intercept(op, offset, length)
-            return await call()
-        finally:
-            self._end()
-
-    async def read(self, offset: int, buf: Buffer) -> None:
-        await self._pass("read", offset, memoryview(buf).nbytes, lambda: self.child.read(offset, buf))
-
-    async def write(self, offset: int, data: Buffer, flags: RequestFlags = _NO_FLAGS) -> None:
-        self._check_writable("write")
-        length = memoryview(data).nbytes
-        await self._pass("write", offset, length, lambda: self.child.write(offset, data, flags))
-
-    async def write_zeroes(self, offset: int, length: int, flags: RequestFlags = _NO_FLAGS) -> None:
-        self._check_writable("write-zeroes")
-        await self._pass(
-            "write_zeroes", offset, length, lambda: self.child.write_zeroes(offset, length, flags)
-        )
-
-    async def discard(self, offset: int, length: int) -> None:
-        self._check_writable("discard")
-        await self._pass("discard", offset, length, lambda: self.child.discard(offset, length))
-
-    async def flush(self) -> None:
-        await self._pass("flush", None, 0, lambda: self.child.flush())
-
-    async def block_status(self, offset: int, length: int) -> Extent:
-        return await self._pass(
-            "block_status", offset, length, lambda: self.child.block_status(offset, length)
-        )
 
 
 def fault_append(graph: BlockGraph, below: BlockNode, node_name: str | None = None) -> FaultNode:
