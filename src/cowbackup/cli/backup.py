@@ -4,6 +4,11 @@ For a stopped VM's disk or an LVM snapshot.  It runs the same engine as the daem
 daemon, the copy-before-write filter, the backup job -- and shows progress.  TARGET is created sparse
 with the source's size when absent; an existing non-empty TARGET is only overwritten with ``--force``.
 Ctrl-C (or SIGTERM) cancels the job cleanly and exits 130.
+
+SOURCE and TARGET may also be NBD URIs (``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``,
+``nbds...`` with ``?tls-certificates=DIR``).  An NBD source is opened read-only and its holes are skipped
+(``base:allocation``).  An NBD target is never created: the export must exist with the source's size, and
+``--force`` is not needed -- the server decides who may write to it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 import time
 from typing import Any
 
+from cowbackup.block.drivers.nbd import nbd_options_from_uri
 from cowbackup.block.errors import BlockError
 from cowbackup.block.options import parse_size
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
@@ -26,6 +32,7 @@ from cowbackup.daemon import Daemon
 from cowbackup.jobs.backup import BackupParams, BackupPerf
 from cowbackup.jobs.events import Event
 from cowbackup.jobs.job import JobStatus
+from cowbackup.nbd.uri import is_nbd_uri
 
 #: How often the progress display is refreshed.
 PROGRESS_INTERVAL = 0.2
@@ -52,24 +59,39 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "backup",
         help="back up an image that nobody else is writing",
-        description="Back up SOURCE into TARGET (point-in-time copy; holes and zeros stay sparse).",
+        description=(
+            "Back up SOURCE into TARGET (point-in-time copy; holes and zeros stay sparse).  Either may be an "
+            "NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://...?tls-certificates="
+            "DIR).  An NBD target is not created: the export must exist with the source's size, and --force "
+            "is not needed for it (the NBD server decides who may write)."
+        ),
     )
-    p.add_argument("source", metavar="SOURCE", help="source image (raw file or block device)")
-    p.add_argument("target", metavar="TARGET", help="target image; created sparse if absent")
+    p.add_argument("source", metavar="SOURCE", help="source image (raw file, block device or NBD URI)")
+    p.add_argument(
+        "target", metavar="TARGET", help="target image (created sparse if absent) or NBD URI (must exist)"
+    )
     p.add_argument("--sync", choices=("full", "top"), default="full", help="what to copy (default: full)")
     p.add_argument("--speed", type=_size, default=0, help="limit in bytes per second, e.g. 100M (0: none)")
     p.add_argument("--cluster-size", type=_size, default=0, help="copy unit, a power of two >= 64K")
     p.add_argument("--workers", type=_positive_int, default=64, help="parallel copy tasks (default 64)")
     p.add_argument("--max-chunk", type=_size, default=0, help="largest single copy (default: engine's)")
     p.add_argument("--copy-range", action="store_true", help="copy with copy_file_range (local files)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty TARGET")
+    p.add_argument(
+        "--force", action="store_true", help="overwrite a non-empty TARGET file (not needed for NBD targets)"
+    )
     p.add_argument("--json", action="store_true", help="print progress and events as JSON lines")
     p.set_defaults(func=run)
 
 
 def _target_options(path: str, size: int, force: bool) -> dict[str, Any]:
-    """Prepare TARGET: create it sparse, or check and truncate an existing one."""
+    """Prepare TARGET: create it sparse, or check and truncate an existing one.
+
+    An NBD URI is only turned into options: the export exists already (its size is checked once open).
+    """
     from cowbackup.block.drivers.file import create_file
+
+    if is_nbd_uri(path):
+        return nbd_options_from_uri(path)
 
     try:
         st = os.stat(path)
@@ -89,6 +111,8 @@ def _target_options(path: str, size: int, force: bool) -> dict[str, Any]:
 
 
 def _source_options(path: str) -> dict[str, Any]:
+    if is_nbd_uri(path):
+        return {**nbd_options_from_uri(path), "read-only": True}
     if not os.path.exists(path):
         raise UsageError(f"source '{path}' does not exist")
     driver = "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
@@ -100,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--cluster-size must be a power of two of at least 64K, not {args.cluster_size}")
     if args.max_chunk and args.max_chunk < max(args.cluster_size, 65536):
         raise UsageError("--max-chunk must be at least the cluster size")
-    if os.path.realpath(args.source) == os.path.realpath(args.target):
+    if is_nbd_uri(args.source) or is_nbd_uri(args.target):
+        if args.source == args.target:
+            raise UsageError("source and target are the same NBD export")
+    elif os.path.realpath(args.source) == os.path.realpath(args.target):
         raise UsageError("source and target are the same file")
     return asyncio.run(_backup(args))
 
@@ -111,7 +138,9 @@ async def _backup(args: argparse.Namespace) -> int:
     try:
         source = await daemon.blockdev_add({**_source_options(args.source), "node-name": "source"})
         target_opts = _target_options(args.target, source.size, args.force)
-        await daemon.blockdev_add({**target_opts, "node-name": "target"})
+        target = await daemon.blockdev_add({**target_opts, "node-name": "target"})
+        if is_nbd_uri(args.target):
+            _check_nbd_target(args.target, target.size, source.size, target.read_only)
         params = BackupParams(
             job_id="backup0",
             device="source",
@@ -130,6 +159,17 @@ async def _backup(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     finally:
         await daemon.close()
+
+
+def _check_nbd_target(uri: str, size: int, source_size: int, read_only: bool) -> None:
+    """An NBD target is used as it is: it must be writable and exactly as large as the source."""
+    if read_only:
+        raise UsageError(f"target '{uri}' is a read-only NBD export")
+    if size != source_size:
+        raise UsageError(
+            f"target '{uri}' has {size} bytes but the source has {source_size}; "
+            "an NBD target must exist with the source's size"
+        )
 
 
 async def _run_job(daemon: Daemon, params: BackupParams, reporter: Reporter, args: argparse.Namespace) -> int:
@@ -190,7 +230,8 @@ async def _run_job(daemon: Daemon, params: BackupParams, reporter: Reporter, arg
 
 def _summary(args: argparse.Namespace, reporter: Reporter, length: int, elapsed: float) -> None:
     try:
-        allocated = os.stat(args.target).st_blocks * 512
+        # Unknown (-1) for an NBD target: what the remote side allocates is its business.
+        allocated = -1 if is_nbd_uri(args.target) else os.stat(args.target).st_blocks * 512
     except OSError:
         allocated = -1
     rate = length / elapsed if elapsed > 0 else 0.0
@@ -198,7 +239,7 @@ def _summary(args: argparse.Namespace, reporter: Reporter, length: int, elapsed:
         reporter.result({"bytes": length, "seconds": elapsed, "rate": rate, "allocated": allocated})
         return
     mib = 1024 * 1024
+    where = f"; target allocates {allocated / mib:.1f} MiB" if allocated >= 0 else ""
     sys.stderr.write(
-        f"cowbackup: backed up {length / mib:.1f} MiB in {elapsed:.2f} s ({rate / mib:.1f} MiB/s); "
-        f"target allocates {allocated / mib:.1f} MiB\n"
+        f"cowbackup: backed up {length / mib:.1f} MiB in {elapsed:.2f} s ({rate / mib:.1f} MiB/s){where}\n"
     )

@@ -26,6 +26,7 @@ DRIVER_MODULES: dict[str, str] = {
     "raw": "cowbackup.block.drivers.raw",
     "null-co": "cowbackup.block.drivers.null",
     "memory": "cowbackup.block.drivers.memory",
+    "nbd": "cowbackup.block.drivers.nbd",
     "fault-inject": "cowbackup.block.filters.fault",
     "copy-before-write": "cowbackup.block.filters.cbw",
 }

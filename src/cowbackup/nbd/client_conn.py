@@ -1,0 +1,778 @@
+"""One NBD client connection: the asyncio shell around :class:`~cowbackup.nbd.client.ClientProtocol`.
+
+::
+
+    connect(address) -> socket -> [NBD_OPT_STARTTLS -> TLS handshake] -> go(export) -> ExportReady
+        -> transmission: callers send requests (at most ``max_in_flight`` at once, each split at the
+           server's maximum block size); one reader task parses the replies and routes them by cookie
+           to the waiting callers; READ data is copied from the socket into the caller's buffer
+        -> close(): wait for the requests in flight, send NBD_CMD_DISC, close the socket
+        -> EOF, socket error or protocol error: every request in flight fails with ConnectionLost,
+           and so does every later one
+
+Replies are routed through ``_pending`` (cookie -> :class:`_Pending`), a dict of futures (STYLE #15)::
+
+    caller:  slot -> send lock -> request_bytes + register + write -> drain -> await future
+    reader:  next_event() -> chunk for cookie C -> _pending[C] (data into its buffer, error, extents)
+                                                -> last chunk: pop C, release the slot, resolve the future
+    broken:  pop everything, fail every future -> callers wake with ConnectionLost
+
+Errors, by what the caller can do next (the root is :class:`~cowbackup.nbd.errors.NBDError`)::
+
+    NBDError
+     +-- ConnectError       connecting or negotiating failed; nothing stays open.  Fix the address,
+     |                      the export name or the TLS setup and connect again.
+     +-- ConnectionLost     (an OSError, EIO) the connection broke: this request and every later one
+     |                      fail.  Connect again.
+     +-- RequestError       (an OSError, errno from the server's NBD error) the server failed this one
+     |                      request, with its message; the connection goes on.
+     +-- StateError         a request after close(): a bug in the caller.
+
+A request the negotiation does not allow (unaligned to the minimum block size, an unadvertised flag)
+fails with ``OSError(EINVAL)`` before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import itertools
+import logging
+import ssl
+from collections.abc import Coroutine
+from typing import Any, NoReturn
+
+from cowbackup.nbd.client import ClientProtocol
+from cowbackup.nbd.constants import (
+    BASE_ALLOCATION,
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_DISC,
+    NBD_CMD_FLAG_FAST_ZERO,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_FAST_ZERO,
+    NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA,
+    NBD_FLAG_SEND_TRIM,
+    NBD_FLAG_SEND_WRITE_ZEROES,
+    NBD_OPT_STARTTLS,
+    NBD_REP_ERR_TLS_REQD,
+    NBD_REP_ERR_UNKNOWN,
+    cmd_name,
+    rep_name,
+)
+from cowbackup.nbd.errors import NBDError, OptionError, ProtocolError, RequestError, StateError
+from cowbackup.nbd.events import (
+    BlockStatusChunk,
+    ConnectionClosed,
+    Disconnect,
+    ErrorChunk,
+    ExportReady,
+    Greeting,
+    NeedData,
+    NoneChunk,
+    OffsetDataChunk,
+    OffsetHoleChunk,
+    ReplyData,
+    SendData,
+    SimpleReply,
+    StartTLS,
+)
+from cowbackup.nbd.tls import TLSError, client_context
+from cowbackup.nbd.uri import NBDAddress
+
+__all__ = ["ClientRunstate", "ConnectError", "ConnectionLost", "Extents", "NBDClient"]
+
+log = logging.getLogger(__name__)
+
+#: Requests of one connection in flight at once (QEMU's NBD client allows 16 too).
+MAX_IN_FLIGHT = 16
+#: Longest READ or WRITE sent, whatever the server allows (QEMU's NBD_MAX_BUFFER_SIZE).
+MAX_REQUEST = 32 * 1024 * 1024
+#: Longest TRIM, fast WRITE_ZEROES or BLOCK_STATUS range sent (QEMU uses INT_MAX, aligned down).
+MAX_EFFECT = 1 << 31
+#: How much to read from the socket at a time, and the stream's buffer limit.
+READ_SIZE = 256 * 1024
+STREAM_LIMIT = 1024 * 1024
+#: Default deadline of connect + handshake, in seconds.
+DEFAULT_CONNECT_TIMEOUT = 30.0
+#: How long close() waits for the socket (and TLS) to shut down before aborting it.
+SHUTDOWN_TIMEOUT = 5.0
+
+#: Block status extents as the server sends them: (length, NBD_STATE_* flags), consecutive.
+Extents = tuple[tuple[int, int], ...]
+
+_ZEROS = bytes(1024 * 1024)
+
+
+class ConnectError(NBDError):
+    """Connecting to ``address`` or negotiating the export failed; ``reason`` says why."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(address, reason)
+        self.address = address
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"Could not connect to '{self.address}': {self.reason}"
+
+
+class ConnectionLost(NBDError, ConnectionError):
+    """The connection to ``address`` broke (``reason``); every request in flight and after fails.
+
+    An ``OSError`` with errno EIO, as QEMU's NBD client reports a lost server.
+    """
+
+    def __init__(self, address: str, reason: str) -> None:
+        ConnectionError.__init__(self, errno.EIO, f"NBD connection to '{address}' lost: {reason}")
+        self.address = address
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class ClientRunstate(enum.Enum):
+    CONNECTING = "connecting"
+    RUNNING = "running"
+    #: the connection broke; requests fail with ConnectionLost until close()
+    LOST = "lost"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _Pending:
+    """A request in flight: where its data goes, what its reply said so far, who waits for it.
+
+    ``buf`` is the caller's buffer for a READ (None for other requests, and once the caller gave up:
+    the data is then read and dropped).  Owned by the reader task once registered.
+    """
+
+    __slots__ = ("buf", "error", "extents", "future", "length", "offset", "type")
+
+    def __init__(self, type: int, offset: int, length: int, buf: memoryview | None) -> None:
+        self.type = type
+        self.offset = offset
+        self.length = length
+        self.buf = buf
+        self.error: OSError | None = None
+        self.extents: Extents = ()
+        self.future: asyncio.Future[Extents] = asyncio.get_running_loop().create_future()
+
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """The part of the caller's buffer for ``[offset, offset+length)`` (inside the request)."""
+        if self.buf is None:
+            return None
+        start = offset - self.offset
+        return self.buf[start : start + length]
+
+
+class NBDClient:
+    """A connected NBD client for one export.  Create it with :meth:`connect`; end it with :meth:`close`.
+
+    All fields are touched only from the event loop.  ``_pending`` and the slots are owned by the request
+    path and the reader task together (see the module docstring); ``_send_lock`` keeps each request's
+    header and payload together on the wire and lets only one payload at a time wait in the transport.
+    """
+
+    def __init__(
+        self,
+        address: NBDAddress,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        proto: ClientProtocol,
+        *,
+        max_in_flight: int,
+        logger: logging.Logger,
+    ) -> None:
+        self.address = address
+        #: The address as an NBD URI, for messages and ``describe()``.
+        self.name = address.to_uri()
+        self._reader = reader
+        self._writer = writer
+        self._proto = proto
+        self._log = logger
+        self._state = ClientRunstate.CONNECTING
+        self._pending: dict[int, _Pending] = {}
+        self._cookies = itertools.count(1)
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._send_lock = asyncio.Lock()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = asyncio.Event()
+        self._lost_reason = ""
+        self._reader_task: asyncio.Task[None] | None = None
+        self._export: ExportReady | None = None
+        self._alloc_id: int | None = None
+
+    # ------------------------------------------------------------------ connecting
+
+    @classmethod
+    async def connect(
+        cls,
+        address: NBDAddress,
+        *,
+        tls_hostname: str | None = None,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> NBDClient:
+        """Connect to ``address``, negotiate its export (structured replies, ``base:allocation``).
+
+        TLS is used when ``address.tls`` is set or ``address.tls_certificates`` names a credentials
+        directory (laid out as :mod:`cowbackup.nbd.tls` describes).  The server's certificate is checked
+        against the CA, and its name against ``tls_hostname`` or, for TCP, the host (as QEMU does).
+        Raises :class:`ConnectError` (unreachable, export unknown, TLS required or refused, handshake
+        failure, ``connect_timeout`` seconds passed); nothing stays open then.
+        """
+        name = address.to_uri()
+        use_tls = address.tls or address.tls_certificates is not None
+        try:
+            ctx = cls._tls_context(address, tls_hostname) if use_tls else None
+        except TLSError as err:
+            raise ConnectError(name, str(err)) from err
+        client_log = log.getChild(f"{next(_CONNECTION_IDS)}")
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(connect_timeout):
+                if address.socket is not None:
+                    reader, writer = await asyncio.open_unix_connection(address.socket, limit=STREAM_LIMIT)
+                else:
+                    host = address.host or "localhost"
+                    reader, writer = await asyncio.open_connection(host, address.port, limit=STREAM_LIMIT)
+                proto = ClientProtocol(logger=client_log)
+                client = cls(address, reader, writer, proto, max_in_flight=max_in_flight, logger=client_log)
+                server_hostname = tls_hostname or (address.host if address.socket is None else None)
+                await client._handshake(ctx, server_hostname)
+        except ConnectError:
+            await _abort(writer)
+            raise
+        except TimeoutError as err:
+            await _abort(writer)
+            raise ConnectError(name, f"no answer within {connect_timeout:g} s") from err
+        except ssl.SSLError as err:
+            await _abort(writer)
+            why = getattr(err, "verify_message", None) or err.reason or str(err)
+            raise ConnectError(name, f"TLS handshake failed: {why}") from err
+        except (OSError, EOFError) as err:
+            await _abort(writer)
+            raise ConnectError(
+                name, getattr(err, "strerror", None) or str(err) or type(err).__name__
+            ) from err
+        except NBDError as err:  # a StateError: the core and this shell disagree (a bug)
+            await _abort(writer)
+            raise ConnectError(name, f"internal error: {type(err).__name__}: {err}") from err
+        except BaseException:
+            await _abort(writer)
+            raise
+        client._start()
+        return client
+
+    @staticmethod
+    def _tls_context(address: NBDAddress, tls_hostname: str | None) -> ssl.SSLContext:
+        if not address.tls_certificates:
+            raise TLSError("TLS needs a credentials directory (tls-creds, or ?tls-certificates=DIR)")
+        check = tls_hostname is not None or address.socket is None
+        return client_context(address.tls_certificates, hostname_check=check)
+
+    async def _handshake(self, ctx: ssl.SSLContext | None, server_hostname: str | None) -> None:
+        """Run the handshake to ExportReady; ConnectError for anything else."""
+        proto = self._proto
+        export = self.address.export
+        while True:
+            event = proto.next_event()
+            if isinstance(event, NeedData):
+                proto.receive_data(await self._reader.read(READ_SIZE))
+            elif isinstance(event, SendData):
+                self._writer.write(event.data)
+            elif isinstance(event, Greeting):
+                if ctx is not None:
+                    if not event.fixed_newstyle:
+                        self._fail_connect("the server does not support TLS (not a fixed newstyle server)")
+                    self._writer.write(proto.opt_starttls())
+                else:
+                    self._writer.write(self._go(export))
+            elif isinstance(event, StartTLS):
+                assert ctx is not None
+                await self._writer.drain()
+                await self._writer.start_tls(ctx, server_hostname=server_hostname)
+                proto.tls_started()
+                self._log.debug("TLS established")
+                self._writer.write(self._go(export))
+            elif isinstance(event, ExportReady):
+                await self._writer.drain()
+                self._export = event
+                self._alloc_id = event.meta_contexts.get(BASE_ALLOCATION)
+                return
+            elif isinstance(event, OptionError):
+                await self._send_abort()
+                self._fail_connect(self._option_reason(event), event)
+            elif isinstance(event, ProtocolError):
+                self._fail_connect(f"NBD protocol error: {event}", event)
+            elif isinstance(event, Disconnect | ConnectionClosed):
+                self._fail_connect("the server closed the connection during the handshake")
+            else:
+                self._fail_connect(f"unexpected {type(event).__name__} during the handshake")
+            await self._writer.drain()
+
+    def _go(self, export: str) -> bytes:
+        try:
+            return self._proto.go(export, meta_contexts=(BASE_ALLOCATION,))
+        except ValueError as err:  # export name too long or not UTF-8
+            self._fail_connect(f"invalid export name: {err}", err)
+
+    def _option_reason(self, error: OptionError) -> str:
+        export = self.address.export
+        server_says = f" ({error.message})" if error.message else ""
+        if error.option == NBD_OPT_STARTTLS:
+            return f"the server does not support TLS: {rep_name(error.reply_type)}{server_says}"
+        if error.reply_type == NBD_REP_ERR_TLS_REQD:
+            return f"the server requires TLS (give tls-creds, or use an nbds:// URI){server_says}"
+        if error.reply_type == NBD_REP_ERR_UNKNOWN:
+            return f"export '{export}' not found on the server{server_says}"
+        return f"export '{export}' refused: {error}"
+
+    async def _send_abort(self) -> None:
+        """NBD_OPT_ABORT after a refused option, so the server sees a polite goodbye (best effort)."""
+        with contextlib.suppress(NBDError, OSError, ValueError):
+            self._writer.write(self._proto.opt_abort())
+            await self._writer.drain()
+
+    def _fail_connect(self, reason: str, cause: BaseException | None = None) -> NoReturn:
+        raise ConnectError(self.name, reason) from cause
+
+    def _start(self) -> None:
+        self._state = ClientRunstate.RUNNING
+        self._reader_task = asyncio.create_task(self._read_replies(), name=f"nbd-client {self.name}")
+        ready = self.export
+        self._log.info(
+            "connected to %s: %d bytes, flags %#x, block sizes %d/%d/%d, base:allocation %s",
+            self.name,
+            ready.size,
+            ready.transmission_flags,
+            ready.min_block_size,
+            ready.preferred_block_size,
+            ready.max_block_size,
+            "yes" if self._alloc_id is not None else "no",
+        )
+
+    # ------------------------------------------------------------------ what the export allows
+
+    @property
+    def state(self) -> ClientRunstate:
+        return self._state
+
+    @property
+    def export(self) -> ExportReady:
+        """What the handshake told about the export."""
+        if self._export is None:
+            raise StateError("the handshake is not finished")
+        return self._export
+
+    @property
+    def size(self) -> int:
+        return self.export.size
+
+    def _has(self, flag: int) -> bool:
+        return bool(self.export.transmission_flags & flag)
+
+    @property
+    def read_only(self) -> bool:
+        return self._has(NBD_FLAG_READ_ONLY)
+
+    @property
+    def can_flush(self) -> bool:
+        return self._has(NBD_FLAG_SEND_FLUSH)
+
+    @property
+    def can_fua(self) -> bool:
+        return self._has(NBD_FLAG_SEND_FUA)
+
+    @property
+    def can_trim(self) -> bool:
+        return self._has(NBD_FLAG_SEND_TRIM)
+
+    @property
+    def can_zero(self) -> bool:
+        return self._has(NBD_FLAG_SEND_WRITE_ZEROES)
+
+    @property
+    def can_fast_zero(self) -> bool:
+        return self._has(NBD_FLAG_SEND_FAST_ZERO)
+
+    @property
+    def can_block_status(self) -> bool:
+        """The server selected the ``base:allocation`` metadata context."""
+        return self._alloc_id is not None
+
+    @property
+    def min_block_size(self) -> int:
+        return max(self.export.min_block_size, 1)
+
+    @property
+    def max_request(self) -> int:
+        """Longest READ or WRITE sent: the server's maximum block size, at most :data:`MAX_REQUEST`."""
+        return _align_down(min(self.export.max_block_size, MAX_REQUEST), self.min_block_size)
+
+    @property
+    def max_effect(self) -> int:
+        """Longest TRIM, fast WRITE_ZEROES or BLOCK_STATUS range sent."""
+        return _align_down(MAX_EFFECT, self.min_block_size)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._pending)
+
+    # ------------------------------------------------------------------ requests
+
+    async def read(self, offset: int, buf: bytearray | memoryview) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``.
+
+        Longer requests are split at :attr:`max_request` and sent together.  ``offset`` and the length
+        must be multiples of :attr:`min_block_size`.  Raises ``OSError``: the server's error
+        (:class:`~cowbackup.nbd.errors.RequestError`), :class:`ConnectionLost`, or EINVAL.
+        """
+        view = memoryview(buf).cast("B")
+        if view.readonly:
+            raise ValueError("read() needs a writable buffer")
+        step = self.max_request
+        await self._all(
+            [
+                self._request(NBD_CMD_READ, 0, offset + pos, len(piece), buf=piece)
+                for pos in range(0, len(view), step)
+                for piece in (view[pos : pos + step],)
+            ]
+        )
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        """Write ``data`` at ``offset`` (split at :attr:`max_request`); ``fua`` needs :attr:`can_fua`."""
+        view = memoryview(data).cast("B")
+        step = self.max_request
+        flags = NBD_CMD_FLAG_FUA if fua else 0
+        await self._all(
+            [
+                self._request(NBD_CMD_WRITE, flags, offset + pos, len(piece), payload=piece)
+                for pos in range(0, len(view), step)
+                for piece in (view[pos : pos + step],)
+            ]
+        )
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, fua: bool = False, no_hole: bool = False, fast: bool = False
+    ) -> None:
+        """NBD_CMD_WRITE_ZEROES (needs :attr:`can_zero`).
+
+        ``no_hole``: the server must allocate (NBD_CMD_FLAG_NO_HOLE); ``fast``: fail with ENOTSUP unless
+        zeroing is faster than writing (NBD_CMD_FLAG_FAST_ZERO, needs :attr:`can_fast_zero`).
+        """
+        flags = (NBD_CMD_FLAG_FUA if fua else 0) | (NBD_CMD_FLAG_NO_HOLE if no_hole else 0)
+        # The maximum block size does not bound a fast zero (spec, "Block size constraints").
+        step = self.max_effect if fast else self.max_request
+        if fast:
+            flags |= NBD_CMD_FLAG_FAST_ZERO
+        await self._all(
+            [
+                self._request(NBD_CMD_WRITE_ZEROES, flags, offset + pos, min(step, length - pos))
+                for pos in range(0, length, step)
+            ]
+        )
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """NBD_CMD_TRIM (needs :attr:`can_trim`)."""
+        step = self.max_effect
+        flags = NBD_CMD_FLAG_FUA if fua else 0
+        await self._all(
+            [
+                self._request(NBD_CMD_TRIM, flags, offset + pos, min(step, length - pos))
+                for pos in range(0, length, step)
+            ]
+        )
+
+    async def flush(self) -> None:
+        """NBD_CMD_FLUSH (needs :attr:`can_flush`)."""
+        await self._request(NBD_CMD_FLUSH, 0, 0, 0)
+
+    async def block_status(self, offset: int, length: int) -> Extents:
+        """The ``base:allocation`` extents from ``offset`` (needs :attr:`can_block_status`).
+
+        One NBD_CMD_BLOCK_STATUS for at most :attr:`max_effect` bytes; the answer may cover less than
+        asked (never nothing) and its last extent may reach further.
+        """
+        if self._alloc_id is None:
+            raise OSError(errno.ENOTSUP, f"{self.name}: the server has no base:allocation context")
+        return await self._request(NBD_CMD_BLOCK_STATUS, 0, offset, min(length, self.max_effect))
+
+    @staticmethod
+    async def _all(coros: list[Coroutine[Any, Any, Extents]]) -> None:
+        """Run the requests of one call together; wait for all; raise the first error.
+
+        Waiting for all (rather than returning at the first error) keeps the caller's buffer untouched
+        once we return, and no error goes unretrieved.
+        """
+        if len(coros) == 1:
+            await coros[0]
+            return
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _request(
+        self,
+        cmd: int,
+        flags: int,
+        offset: int,
+        length: int,
+        *,
+        buf: memoryview | None = None,
+        payload: memoryview | None = None,
+    ) -> Extents:
+        """Send one request and wait for its reply (see the module docstring for the routing)."""
+        self._check_running()
+        async with self._slots_held() as release, self._send_lock:
+            self._check_running()
+            cookie = next(self._cookies)
+            try:
+                header = self._proto.request_bytes(cmd, flags, offset, length, cookie)
+            except ValueError as err:
+                raise OSError(errno.EINVAL, f"{self.name}: {cmd_name(cmd)} refused: {err}") from err
+            pending = _Pending(cmd, offset, length, buf)
+            self._pending[cookie] = pending
+            self._idle.clear()
+            release.disarm()  # the reader (or the failure path) releases the slot from now on
+            self._writer.write(header)
+            if payload is not None:
+                self._writer.write(payload)
+            try:
+                await self._writer.drain()
+            except asyncio.CancelledError:
+                pending.buf = None
+                raise
+            except Exception as err:  # any failure to send breaks the connection
+                self._connection_lost(f"sending failed: {err or type(err).__name__}")
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            pending.buf = None  # the reply still comes; its data is dropped, never written to buf
+            raise
+
+    def _slots_held(self) -> _SlotGuard:
+        return _SlotGuard(self._slots)
+
+    def _check_running(self) -> None:
+        if self._state is ClientRunstate.RUNNING:
+            return
+        if self._state is ClientRunstate.LOST:
+            raise ConnectionLost(self.name, self._lost_reason)
+        raise StateError(f"NBD client for '{self.name}' is {self._state.value}")
+
+    # ------------------------------------------------------------------ replies
+
+    async def _read_replies(self) -> None:
+        """The reader task: parse replies and route them until the connection ends."""
+        reason = "the reader stopped"
+        try:
+            reason = await self._route_replies()
+        except asyncio.CancelledError:
+            reason = "the connection was closed"
+            raise
+        except (OSError, EOFError) as err:
+            reason = f"receiving failed: {err or type(err).__name__}"
+        except Exception as err:
+            self._log.exception("reply routing failed")
+            reason = f"internal error: {type(err).__name__}: {err}"
+        finally:
+            self._connection_lost(reason)
+
+    async def _route_replies(self) -> str:
+        """Route replies until the connection ends; return why it ended."""
+        proto = self._proto
+        eof = False
+        while True:
+            event = proto.next_event()
+            if isinstance(event, NeedData):
+                data = await self._reader.read(READ_SIZE)
+                eof = not data
+                proto.receive_data(data)
+                continue
+            if isinstance(event, ReplyData | OffsetDataChunk):
+                await self._payload(self._pending[event.cookie], event.offset, event.length)
+            elif isinstance(event, OffsetHoleChunk):
+                dest = self._pending[event.cookie].view(event.offset, event.length)
+                if dest is not None:
+                    _zero_fill(dest)
+            elif isinstance(event, BlockStatusChunk):
+                if event.context_id == self._alloc_id:
+                    self._pending[event.cookie].extents = event.extents
+            elif isinstance(event, ErrorChunk):
+                pending = self._pending[event.cookie]
+                if pending.error is None:
+                    pending.error = event.exception()
+            elif isinstance(event, SimpleReply):
+                if event.error:
+                    self._pending[event.cookie].error = RequestError(event.error)
+            elif isinstance(event, NoneChunk):
+                pass
+            elif isinstance(event, ConnectionClosed):
+                return "the server closed the connection"
+            elif isinstance(event, ProtocolError):
+                # At EOF the core says what was cut short ("... with 3 requests in flight").
+                return str(event) if eof else f"NBD protocol error: {event}"
+            else:
+                return f"unexpected {type(event).__name__} from the protocol core"
+            if event.done:
+                self._complete(event.cookie)
+
+    async def _payload(self, pending: _Pending, offset: int, length: int) -> None:
+        """Move ``length`` payload bytes for ``offset`` into the caller's buffer (or drop them)."""
+        dest = pending.view(offset, length)
+        view = self._proto.take_buffered(length)
+        have = len(view)
+        if dest is not None:
+            dest[:have] = view
+        pos = have
+        while pos < length:
+            chunk = await self._reader.read(min(length - pos, READ_SIZE))
+            if not chunk:
+                raise EOFError(f"connection closed with {length - pos} bytes of read data missing")
+            if pending.buf is not None and dest is not None:  # the caller may give up meanwhile
+                dest[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+        self._proto.payload_consumed(length - have)
+
+    def _complete(self, cookie: int) -> None:
+        pending = self._pending.pop(cookie)
+        self._slots.release()
+        if not self._pending:
+            self._idle.set()
+        if pending.future.done():  # the caller was cancelled
+            return
+        if pending.error is not None:
+            self._log.debug(
+                "%s at %d+%d failed: %s",
+                cmd_name(pending.type),
+                pending.offset,
+                pending.length,
+                pending.error,
+            )
+            pending.future.set_exception(pending.error)
+        else:
+            pending.future.set_result(pending.extents)
+
+    def _connection_lost(self, reason: str) -> None:
+        """Fail every request in flight; later requests fail at once.  Safe to call more than once."""
+        if self._state is ClientRunstate.RUNNING:
+            self._state = ClientRunstate.LOST
+            self._lost_reason = reason
+            self._log.warning("connection to %s lost: %s", self.name, reason)
+        elif not self._lost_reason:
+            self._lost_reason = reason
+        failed = list(self._pending.values())
+        self._pending.clear()
+        for pending in failed:
+            self._slots.release()
+            if not pending.future.done():
+                pending.future.set_exception(ConnectionLost(self.name, self._lost_reason))
+        self._idle.set()
+        task = self._reader_task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()  # nothing is left to route replies to
+        if not self._writer.is_closing():
+            self._writer.close()
+
+    # ------------------------------------------------------------------ closing
+
+    async def close(self) -> None:
+        """Wait for the requests in flight, send NBD_CMD_DISC and close the socket.
+
+        New requests are refused from the call on.  Safe to call twice and after the connection broke.
+        """
+        if self._state is ClientRunstate.CLOSED:
+            return
+        if self._state is ClientRunstate.CLOSING:
+            await self._closed.wait()
+            return
+        running = self._state is ClientRunstate.RUNNING
+        self._state = ClientRunstate.CLOSING
+        try:
+            if running:
+                await self._idle.wait()
+                if not self._lost_reason:
+                    await self._disconnect()
+        finally:
+            await self._shutdown()
+            self._state = ClientRunstate.CLOSED
+            self._closed.set()
+
+    async def _disconnect(self) -> None:
+        """Send NBD_CMD_DISC (best effort: the server may be gone already)."""
+        with contextlib.suppress(NBDError, OSError, ValueError):
+            async with self._send_lock:
+                self._writer.write(self._proto.request_bytes(NBD_CMD_DISC, 0, 0, 0, next(self._cookies)))
+                await self._writer.drain()
+
+    async def _shutdown(self) -> None:
+        task = self._reader_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await _abort(self._writer, graceful=True)
+
+
+class _SlotGuard:
+    """Holds one in-flight slot; releases it on exit unless :meth:`disarm` handed it to the reader."""
+
+    __slots__ = ("_armed", "_slots")
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._armed = False
+
+    async def __aenter__(self) -> _SlotGuard:
+        await self._slots.acquire()
+        self._armed = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._armed:
+            self._slots.release()
+
+    def disarm(self) -> None:
+        self._armed = False
+
+
+_CONNECTION_IDS = itertools.count(1)
+
+
+def _align_down(n: int, align: int) -> int:
+    return max(n - n % align, align)
+
+
+def _zero_fill(view: memoryview) -> None:
+    for pos in range(0, len(view), len(_ZEROS)):
+        n = min(len(_ZEROS), len(view) - pos)
+        view[pos : pos + n] = _ZEROS[:n]
+
+
+async def _abort(writer: asyncio.StreamWriter | None, *, graceful: bool = False) -> None:
+    """Close the socket; with ``graceful``, give it (and TLS) :data:`SHUTDOWN_TIMEOUT` to shut down."""
+    if writer is None:
+        return
+    if not graceful:
+        writer.transport.abort()
+    elif not writer.is_closing():
+        writer.close()
+    try:
+        async with asyncio.timeout(SHUTDOWN_TIMEOUT):
+            await writer.wait_closed()
+    except (OSError, TimeoutError, ssl.SSLError):
+        writer.transport.abort()
