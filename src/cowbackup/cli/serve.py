@@ -2,7 +2,8 @@
 
 Prints the NBD URI to connect to (``nbd+unix:///NAME?socket=PATH`` or ``nbd://HOST:PORT/NAME``), so
 ``qemu-io``, ``qemu-img``, ``nbdinfo``, ``nbdcopy`` or the kernel's ``nbd-client`` can use it at once.
-Writable unless ``--read-only``.  ``--tls-creds DIR`` (QEMU's x509 layout) makes TLS mandatory.
+Writable unless ``--read-only``; discards and zero writes that allow it deallocate (``discard=unmap``), so
+the image keeps its holes.  ``--tls-creds DIR`` (QEMU's x509 layout) makes TLS mandatory.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ async def _serve(args: argparse.Namespace) -> int:
                 "driver": "raw",
                 "node-name": "disk",
                 "read-only": args.read_only,
-                "file": {"driver": driver, "filename": args.image},
+                # unmap: TRIM and WRITE_ZEROES without NO_HOLE punch holes, so a sparse image copied
+                # into the export (nbdcopy, qemu-img convert -n) stays sparse on our side too.
+                "file": {"driver": driver, "filename": args.image, "discard": "unmap"},
             }
         )
         server.add_export(args.name, "disk", writable=not args.read_only)

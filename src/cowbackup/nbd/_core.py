@@ -194,6 +194,11 @@ class ProtocolCore(Generic[EventT]):
         """Payload bytes the shell still has to account for."""
         return self._payload
 
+    @property
+    def discard_pending(self) -> int:
+        """Bytes the core still drops as they arrive (e.g. the rest of a failed write's payload)."""
+        return self._discard
+
     def take_buffered(self, n: int) -> memoryview:
         """Consume up to ``n`` of the owed payload bytes the core already holds (maybe none).
 

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 16
 #: How much to read from the socket at a time.
 READ_SIZE = 256 * 1024
+#: Once the connection ends (client gone, NBD_CMD_DISC, server shutdown), how long the replies to the
+#: requests still in flight may take to reach a client that does not read them; then it is cut off, so
+#: such a client holds neither a shutdown nor its connection slot forever.
+FINISH_GRACE = 2.0
 
 
 class ServerConnection:
@@ -70,6 +74,7 @@ class ServerConnection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._closing = False
+        self._tls_failed = False
 
     # ------------------------------------------------------------------ life
 
@@ -80,7 +85,7 @@ class ServerConnection:
             if selected is not None:
                 await self._transmission(selected)
         except TimeoutError:
-            self.log.info("handshake not finished within %.0f s, dropping", self.server.handshake_timeout)
+            self.log.info("handshake not finished within %g s, dropping", self.server.handshake_timeout)
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as err:
             self.log.info("connection lost: %s", err)
         except asyncio.CancelledError:
@@ -90,15 +95,27 @@ class ServerConnection:
 
     async def _finish(self) -> None:
         if self._tasks:
-            await asyncio.wait(list(self._tasks))
+            _, stuck = await asyncio.wait(list(self._tasks), timeout=FINISH_GRACE)
+            if stuck:
+                self.log.info("client does not read its replies, dropping it")
+                self.writer.transport.abort()  # wakes the drains; the requests themselves still finish
+                await asyncio.wait(stuck)
         if self.export is not None:
             self.export.connections.discard(self)
         self._closing = True
-        with contextlib.suppress(OSError, RuntimeError):
-            await self.writer.drain()
+        try:
+            await asyncio.wait_for(self.writer.drain(), FINISH_GRACE)
+        except (OSError, RuntimeError, TimeoutError):
+            self.writer.transport.abort()
         self.writer.close()
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            await self.writer.wait_closed()
+        if self._tls_failed:
+            return  # the socket went to the TLS layer, so the stream's close waiter never fires
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), FINISH_GRACE)
+        except TimeoutError:  # close() waits for the last bytes to go out: a client not reading
+            self.writer.transport.abort()
+        except (OSError, asyncio.CancelledError):
+            pass
 
     async def _fill(self) -> None:
         """Read more bytes from the client into the core (``b""`` at EOF)."""
@@ -114,10 +131,17 @@ class ServerConnection:
                 await self._fill()
             elif isinstance(event, SendData):
                 self.writer.write(event.data)
+                # Flow control: a client that sends options without reading the replies stops being
+                # read from, instead of piling up replies in memory until the handshake times out.
+                await self.writer.drain()
             elif isinstance(event, StartTLS):
                 await self.writer.drain()
                 assert self.server.ssl_context is not None
-                await self.writer.start_tls(self.server.ssl_context)
+                try:
+                    await self.writer.start_tls(self.server.ssl_context)
+                except BaseException:  # failed, or the handshake timeout cancelled it
+                    self._tls_failed = True
+                    raise
                 self.proto.tls_started()
                 self.log.debug("TLS established")
             elif isinstance(event, ExportSelected):
@@ -148,7 +172,12 @@ class ServerConnection:
                 await self._fill()
             elif isinstance(event, Request):
                 if event.error:
-                    self._send(self.proto.replies.error(event, event.error, event.error_message))
+                    reply = self.proto.replies.error(event, event.error, event.error_message)
+                    # Reply only once the failed write's payload is off the wire: a client still
+                    # sending it (libnbd) takes an earlier reply for an unknown cookie and hangs up.
+                    if not await self._drain_discard():
+                        return
+                    self._send(reply)
                     continue
                 payload = await self._payload(event.payload_length) if event.payload_length else None
                 await self._slots.acquire()
@@ -162,6 +191,15 @@ class ServerConnection:
                 return
             else:
                 raise AssertionError(f"unexpected event in transmission: {event!r}")
+
+    async def _drain_discard(self) -> bool:
+        """Read until the core has dropped the payload it discards; False if the client left first."""
+        while self.proto.discard_pending:
+            data = await self.reader.read(READ_SIZE)
+            self.proto.receive_data(data)
+            if not data:
+                return False
+        return True
 
     async def _payload(self, length: int) -> memoryview:
         """The payload of a write: what the core holds, then the rest straight from the stream."""
@@ -178,15 +216,18 @@ class ServerConnection:
 
     async def _serve(self, handler: RequestHandler, req: Request, payload: memoryview | None) -> None:
         try:
-            reply = await handler.handle(req, payload)
-        except Exception:
-            self.log.exception("request %s failed unexpectedly", req)
-            reply = handler.replies.error(req, NBD_EIO)
+            try:
+                reply = await handler.handle(req, payload)
+            except Exception:
+                self.log.exception("request %s failed unexpectedly", req)
+                reply = handler.replies.error(req, NBD_EIO)
+            self._send(reply)
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.writer.drain()
         finally:
+            # The slot is free only once the reply is on its way: a client that does not read its
+            # replies stops the reading of its requests, instead of piling up replies in memory.
             self._slots.release()
-        self._send(reply)
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.drain()
 
     def _send(self, message: list[bytes | memoryview]) -> None:
         if self.writer.is_closing():

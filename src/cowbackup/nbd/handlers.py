@@ -43,6 +43,9 @@ ContextStatus = Callable[[BlockNode, int, int, bool], Awaitable[list[tuple[int, 
 MAX_EXTENTS = 64 * 1024
 #: Holes shorter than this are sent as data: one chunk is cheaper than three.
 MIN_HOLE = 4096
+#: Reads shorter than this are sent as plain data without asking for block status: a hole reply saves
+#: nothing worth a block-status query at this size.
+SPARSE_READ_MIN = 64 * 1024
 
 
 async def base_allocation(node: BlockNode, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
@@ -118,7 +121,7 @@ class RequestHandler:
     async def _read(self, node: BlockNode, req: Request) -> Message:
         if req.length == 0:
             return self.replies.read(req, b"")
-        if not self.replies.structured or req.df:
+        if not self.replies.structured or req.df or req.length < SPARSE_READ_MIN:
             buf = bytearray(req.length)
             await node.read(req.offset, buf)
             return self.replies.read(req, buf)

@@ -422,11 +422,13 @@ class ServerProtocol(ProtocolCore[ServerEvent]):
             allowed &= ~NBD_CMD_FLAG_FAST_ZERO
         if flags & ~allowed:
             return NBD_EINVAL, f"flags {flags & ~allowed:#x} are not valid for {cmd_name(cmd)}"
+        # Read-only before "not advertised": a read-only export advertises no TRIM or WRITE_ZEROES, yet
+        # the spec asks for NBD_EPERM on a write, trim or write zeroes there, as for a WRITE.
+        if cmd in _WRITES and tx.info.read_only:
+            return NBD_EPERM, "the export is read-only"
         needed = COMMAND_NEEDS_FLAG.get(cmd, 0)
         if needed and not tx.flags & needed:
             return NBD_EINVAL, f"{cmd_name(cmd)} is not supported by this export"
-        if cmd in _WRITES and tx.info.read_only:
-            return NBD_EPERM, "the export is read-only"
         size = tx.info.size
         if cmd != NBD_CMD_FLUSH and (offset > size or length > size - offset):
             error = NBD_ENOSPC if cmd in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES) else NBD_EINVAL
