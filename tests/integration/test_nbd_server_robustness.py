@@ -491,7 +491,7 @@ def test_replies_nobody_reads_are_bounded(
         await client.writer.drain()
 
         def buffered() -> int:
-            return conn.writer.transport.get_write_buffer_size()
+            return conn.queued_bytes
 
         try:
             await wait_until(lambda: buffered() >= (MAX_IN_FLIGHT - 2) * MiB, 10, "replies to pile up")

@@ -33,6 +33,7 @@ from cowbackup.nbd.events import (
 )
 from cowbackup.nbd.handlers import RequestHandler
 from cowbackup.nbd.server import ServerProtocol
+from cowbackup.nbd.vector_writer import VectorWriter
 
 if TYPE_CHECKING:
     from cowbackup.nbd.listener import Export, NBDServer
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 #: Requests of one connection served at once (QEMU's NBD server allows 16).
 MAX_IN_FLIGHT = 16
 #: How much to read from the socket at a time.
-READ_SIZE = 256 * 1024
+READ_SIZE = 1024 * 1024
 #: Once the connection ends (client gone, NBD_CMD_DISC, server shutdown), how long the replies to the
 #: requests still in flight may take to reach a client that does not read them; then it is cut off, so
 #: such a client holds neither a shutdown nor its connection slot forever.
@@ -59,6 +60,10 @@ class ServerConnection:
     def __init__(
         self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> None:
+        # The socket's descriptor for writev, while it is plain (TLS goes through the transport).
+        sock = writer.get_extra_info("socket")
+        self._fd: int | None = sock.fileno() if sock is not None else None
+        self._vector: VectorWriter | None = None
         self.server = server
         self.reader = reader
         self.writer = writer
@@ -98,11 +103,17 @@ class ServerConnection:
             _, stuck = await asyncio.wait(list(self._tasks), timeout=FINISH_GRACE)
             if stuck:
                 self.log.info("client does not read its replies, dropping it")
+                if self._vector is not None:
+                    self._vector.abort()
                 self.writer.transport.abort()  # wakes the drains; the requests themselves still finish
                 await asyncio.wait(stuck)
         if self.export is not None:
             self.export.connections.discard(self)
         self._closing = True
+        if self._vector is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._vector.flush(), FINISH_GRACE)
+            self._vector.abort()  # stops watching the socket before the transport closes it
         try:
             await asyncio.wait_for(self.writer.drain(), FINISH_GRACE)
         except (OSError, RuntimeError, TimeoutError):
@@ -137,6 +148,7 @@ class ServerConnection:
             elif isinstance(event, StartTLS):
                 await self.writer.drain()
                 assert self.server.ssl_context is not None
+                self._fd = None
                 try:
                     await self.writer.start_tls(self.server.ssl_context)
                 except BaseException:  # failed, or the handshake timeout cancelled it
@@ -166,6 +178,9 @@ class ServerConnection:
         contexts = {cid: export.context_status(name) for cid, name in selected.meta_contexts}
         handler = RequestHandler(lambda: export.root.node, self.proto.replies, contexts)
         self.log.info("serving export '%s'", export.name)
+        if self._fd is not None:
+            await self.writer.drain()  # the handshake's last bytes go first
+            self._vector = VectorWriter(asyncio.get_running_loop(), self._fd)
         while not self._closing:
             event = self.proto.next_event()
             if isinstance(event, NeedData):
@@ -204,14 +219,16 @@ class ServerConnection:
     async def _payload(self, length: int) -> memoryview:
         """The payload of a write: what the core holds, then the rest straight from the stream."""
         view = self.proto.take_buffered(length)
-        if len(view) == length:
-            return view
-        buf = bytearray(length)
         have = len(view)
-        buf[:have] = view
+        if have == length:
+            return view
         rest = await self.reader.readexactly(length - have)
-        buf[have:] = rest
         self.proto.payload_consumed(length - have)
+        if not have:
+            return memoryview(rest)
+        buf = bytearray(length)
+        buf[:have] = view
+        buf[have:] = rest
         return memoryview(buf)
 
     async def _serve(self, handler: RequestHandler, req: Request, payload: memoryview | None) -> None:
@@ -223,13 +240,28 @@ class ServerConnection:
                 reply = handler.replies.error(req, NBD_EIO)
             self._send(reply)
             with contextlib.suppress(ConnectionError, OSError):
-                await self.writer.drain()
+                await self._drain()
         finally:
             # The slot is free only once the reply is on its way: a client that does not read its
             # replies stops the reading of its requests, instead of piling up replies in memory.
             self._slots.release()
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of replies written but not yet taken by the socket."""
+        if self._vector is not None:
+            return self._vector.queued
+        return self.writer.transport.get_write_buffer_size()
+
     def _send(self, message: list[bytes | memoryview]) -> None:
-        if self.writer.is_closing():
-            return
-        self.writer.writelines(message)
+        """Queue one reply: zero-copy through the VectorWriter on a plain socket, else the transport."""
+        if self._vector is not None:
+            self._vector.send(message)
+        elif not self.writer.is_closing():
+            self.writer.writelines(message)
+
+    async def _drain(self) -> None:
+        if self._vector is not None:
+            await self._vector.drain()
+        else:
+            await self.writer.drain()
