@@ -10,12 +10,17 @@ from __future__ import annotations
 import errno
 import os
 
-from cowbackup.block.node import BlockNode
+from cowbackup.block.node import BlockNode, FilterNode
 from cowbackup.block.threadpool import run_blocking
 
 
 def host_file(node: BlockNode) -> tuple[int, int] | None:
-    """(fd, offset of the node's byte 0 in that file) for a local-file-backed node, else None."""
+    """(fd, offset of the node's byte 0 in that file) for a local-file-backed node, else None.
+
+    Follows raw nodes (adding their offset) and filters whose reads pass unchanged.
+    """
+    if isinstance(node, FilterNode):
+        return host_file(node.child) if node.reads_unchanged else None
     if node.driver_name in ("file", "host_device"):
         fd = getattr(node, "fd", None)
         if isinstance(fd, int) and not getattr(node, "direct", False):

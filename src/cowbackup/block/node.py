@@ -531,9 +531,14 @@ class BlockNode:
 class FilterNode(BlockNode):
     """A node with exactly one child (role ``file``) that never changes data.
 
+    ``reads_unchanged``: reads reach the child as they are, so a reader may go to the child's storage
+    directly (the NBD server's sendfile path); a filter that can fail or delay reads sets it False.
+
     By default every request passes to the child unchanged; filters override what they intercept.
     The child is resolved through the edge at each request, so graph changes take effect at once.
     """
+
+    reads_unchanged: ClassVar[bool] = True
 
     def __init__(self, node_name: str, *, read_only: bool = False) -> None:
         super().__init__(node_name, read_only=read_only)

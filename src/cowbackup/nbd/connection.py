@@ -32,6 +32,7 @@ from cowbackup.nbd.events import (
     StartTLS,
 )
 from cowbackup.nbd.handlers import RequestHandler
+from cowbackup.nbd.replies import FileSegment, Message
 from cowbackup.nbd.server import ServerProtocol
 from cowbackup.nbd.vector_writer import VectorWriter
 
@@ -176,11 +177,13 @@ class ServerConnection:
         self.export = export
         export.connections.add(self)
         contexts = {cid: export.context_status(name) for cid, name in selected.meta_contexts}
-        handler = RequestHandler(lambda: export.root.node, self.proto.replies, contexts)
         self.log.info("serving export '%s'", export.name)
         if self._fd is not None:
             await self.writer.drain()  # the handshake's last bytes go first
             self._vector = VectorWriter(asyncio.get_running_loop(), self._fd)
+        handler = RequestHandler(
+            lambda: export.root.node, self.proto.replies, contexts, sendfile=self._vector is not None
+        )
         while not self._closing:
             event = self.proto.next_event()
             if isinstance(event, NeedData):
@@ -253,12 +256,14 @@ class ServerConnection:
             return self._vector.queued
         return self.writer.transport.get_write_buffer_size()
 
-    def _send(self, message: list[bytes | memoryview]) -> None:
+    def _send(self, message: Message) -> None:
         """Queue one reply: zero-copy through the VectorWriter on a plain socket, else the transport."""
         if self._vector is not None:
             self._vector.send(message)
         elif not self.writer.is_closing():
-            self.writer.writelines(message)
+            # Without a VectorWriter (TLS) the handler never produces file segments.
+            assert not any(isinstance(p, FileSegment) for p in message)
+            self.writer.writelines(message)  # type: ignore[arg-type]
 
     async def _drain(self) -> None:
         if self._vector is not None:

@@ -15,6 +15,7 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable
 
+from cowbackup.block.copy_range import host_file
 from cowbackup.block.node import BlockNode, RequestFlags, Status
 from cowbackup.nbd.constants import (
     NBD_CMD_BLOCK_STATUS,
@@ -29,11 +30,10 @@ from cowbackup.nbd.constants import (
     errno_to_nbd,
 )
 from cowbackup.nbd.events import Request
-from cowbackup.nbd.replies import ReadSegment, ReplyBuilder, split_read
+from cowbackup.nbd.replies import FileSegment, Message, ReadData, ReadSegment, ReplyBuilder, split_read
 
 log = logging.getLogger(__name__)
 
-Message = list[bytes | memoryview]
 
 #: A metadata context's block status: (node, offset, length, only the first extent) -> [(length, flags)].
 ContextStatus = Callable[[BlockNode, int, int, bool], Awaitable[list[tuple[int, int]]]]
@@ -43,6 +43,8 @@ ContextStatus = Callable[[BlockNode, int, int, bool], Awaitable[list[tuple[int, 
 MAX_EXTENTS = 64 * 1024
 #: Holes shorter than this are sent as data: one chunk is cheaper than three.
 MIN_HOLE = 4096
+#: Reads at least this long are sent with sendfile when the shell allows it and the data is in a file.
+SENDFILE_MIN = 64 * 1024
 #: Reads shorter than this are sent as plain data without asking for block status: a hole reply saves
 #: nothing worth a block-status query at this size.
 SPARSE_READ_MIN = 64 * 1024
@@ -75,10 +77,15 @@ class RequestHandler:
         node: Callable[[], BlockNode],
         replies: ReplyBuilder,
         contexts: dict[int, ContextStatus],
+        *,
+        sendfile: bool = False,
     ) -> None:
         self._node = node
         self.replies = replies
         self.contexts = contexts
+        #: The shell can send :class:`FileSegment` data (a plain socket): large reads of a file-backed
+        #: export then leave the data in the page cache and let the kernel copy it to the socket.
+        self.sendfile = sendfile
 
     async def handle(self, req: Request, payload: memoryview | None) -> Message:
         """The reply to ``req`` (``payload``: the data of a WRITE)."""
@@ -132,10 +139,13 @@ class RequestHandler:
             extents.append((ext.length, bool(ext.flags & Status.ZERO)))
             pos = ext.end
         segments = split_read(req.offset, req.length, extents, min_hole=MIN_HOLE)
-        parts: list[tuple[ReadSegment, memoryview | None]] = []
+        host = host_file(node) if self.sendfile and req.length >= SENDFILE_MIN else None
+        parts: list[tuple[ReadSegment, ReadData | None]] = []
         for seg in segments:
             if seg.zero:
                 parts.append((seg, None))
+            elif host is not None:
+                parts.append((seg, FileSegment(host[0], host[1] + seg.offset, seg.length)))
             else:
                 buf = bytearray(seg.length)
                 await node.read(seg.offset, buf)

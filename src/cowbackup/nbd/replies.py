@@ -57,12 +57,38 @@ from cowbackup.nbd.wire import (
     structured_header_with_offset,
 )
 
-__all__ = ["Buffer", "ReadSegment", "ReplyBuilder", "split_read"]
+__all__ = ["Buffer", "FileSegment", "ReadData", "ReadSegment", "ReplyBuilder", "split_read"]
 
 #: What data may be passed as (never copied).
 Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class FileSegment:
+    """Reply data still in a file: ``length`` bytes at ``offset`` of descriptor ``fd``.
+
+    A shell that can (a plain socket) sends it with ``sendfile`` -- from the page cache to the socket
+    with no copy through our memory.  Builders accept it wherever they accept data.
+    """
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+#: Data of a read reply: bytes in memory, or a range of a file.
+ReadData = Buffer | FileSegment
+
+
+def _piece(data: ReadData) -> bytes | memoryview | FileSegment:
+    return data if isinstance(data, FileSegment) else memoryview(data)
+
+
 #: One reply message, ready for ``writelines()``.
-Message = list[bytes | memoryview]
+Message = list[bytes | memoryview | FileSegment]
 
 _ZEROES = bytes(1 << 20)
 _U32_MAX = 0xFFFFFFFF
@@ -181,7 +207,7 @@ class ReplyBuilder:
             reply_type = NBD_REPLY_TYPE_ERROR_OFFSET
         return [self._chunk(req, NBD_REPLY_FLAG_DONE if done else 0, reply_type, payload)]
 
-    def offset_data(self, req: Request, offset: int, data: Buffer, *, done: bool = False) -> Message:
+    def offset_data(self, req: Request, offset: int, data: ReadData, *, done: bool = False) -> Message:
         """NBD_REPLY_TYPE_OFFSET_DATA: ``data`` (at least one byte) read at ``offset``; not copied."""
         self._require_structured()
         self._check_read(req, offset, len(data))
@@ -191,7 +217,7 @@ class ReplyBuilder:
         header = structured_header_with_offset(
             flags, NBD_REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + len(data), offset
         )
-        return [header, memoryview(data)]
+        return [header, _piece(data)]
 
     def offset_hole(self, req: Request, offset: int, length: int, *, done: bool = False) -> Message:
         """NBD_REPLY_TYPE_OFFSET_HOLE: ``length`` (nonzero) bytes at ``offset`` read as zeroes."""
@@ -212,7 +238,7 @@ class ReplyBuilder:
             return self.read_segments(req, [])
         return self.read_segments(req, [(ReadSegment(req.offset, req.length, False), data)])
 
-    def read_segments(self, req: Request, parts: Sequence[tuple[ReadSegment, Buffer | None]]) -> Message:
+    def read_segments(self, req: Request, parts: Sequence[tuple[ReadSegment, ReadData | None]]) -> Message:
         """A complete successful NBD_CMD_READ reply from consecutive segments covering the request.
 
         Data segments carry their bytes; zero segments carry ``None`` (or bytes, which are then sent).
@@ -221,7 +247,7 @@ class ReplyBuilder:
         """
         if req.type != NBD_CMD_READ:
             raise ValueError(f"read reply to {cmd_name(req.type)}")
-        pieces: list[bytes | memoryview] = []
+        pieces: Message = []
         pos = req.offset
         for seg, data in parts:
             if seg.offset != pos or seg.length <= 0:
@@ -234,8 +260,8 @@ class ReplyBuilder:
         if pos != req.offset + req.length:
             raise ValueError(f"segments end at {pos}, the read at {req.offset + req.length}")
 
-        def raw(seg: ReadSegment, data: Buffer | None) -> list[bytes | memoryview]:
-            return _zero_views(seg.length) if data is None else [memoryview(data)]
+        def raw(seg: ReadSegment, data: ReadData | None) -> Message:
+            return list(_zero_views(seg.length)) if data is None else [_piece(data)]
 
         if not self.structured:
             pieces.append(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie))
@@ -274,7 +300,7 @@ class ReplyBuilder:
             raise ValueError(f"block status reply to {cmd_name(req.type)}")
         if set(extents) != set(self.meta_contexts):
             raise ValueError(f"extents for contexts {sorted(extents)}, selected {sorted(self.meta_contexts)}")
-        pieces: list[bytes | memoryview] = []
+        pieces: Message = []
         for i, (context_id, runs) in enumerate(extents.items()):
             descriptors = self._descriptors(req, runs)
             payload = BLOCK_STATUS.pack(context_id) + b"".join(

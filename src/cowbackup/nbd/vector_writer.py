@@ -8,6 +8,8 @@ socket does not take at once into its own buffer -- two copies of every byte of 
     send([header, data])  ->  writev now  ->  all sent: done
                                          \\-> rest queued as views -> loop.add_writer -> writev ... -> empty
 
+Data still in a file (:class:`~cowbackup.nbd.replies.FileSegment`) goes out with ``sendfile``.
+
 It takes over writing on the socket from the transport; the transport keeps reading and closing it.  The
 writer uses its own duplicate of the socket's descriptor (asyncio refuses to watch a descriptor a
 transport owns) and closes it in :meth:`abort`.  Only for plain sockets: a TLS connection writes through
@@ -18,8 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 from collections import deque
+
+from cowbackup.nbd.replies import FileSegment, Message
 
 #: ``writev`` takes at most this many pieces (IOV_MAX on Linux).
 IOV_MAX = 1024
@@ -28,16 +33,18 @@ HIGH_WATER = 64 * 1024
 
 
 class VectorWriter:
-    """Writes messages (lists of buffers) to a non-blocking socket descriptor, in order.
+    """Writes messages (lists of buffers and file ranges) to a non-blocking socket, in order.
 
-    ``_queue`` holds the pieces not yet sent; ``_queued`` their total size.  Event-loop thread only.
+    ``_queue`` holds what is not sent yet: views of buffers, and :class:`FileSegment`\\ s sent with
+    ``sendfile`` (page cache to socket, no copy through our memory).  ``_queued`` is its total size.
+    Event-loop thread only.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         self._loop = loop
         self._fd = os.dup(fd)
         self._closed = False
-        self._queue: deque[memoryview] = deque()
+        self._queue: deque[memoryview | FileSegment] = deque()
         self._queued = 0
         self._writing = False
         self._drained = asyncio.Event()
@@ -48,53 +55,56 @@ class VectorWriter:
     def queued(self) -> int:
         return self._queued
 
-    def send(self, message: list[bytes | memoryview]) -> None:
+    def send(self, message: Message) -> None:
         """Send ``message`` after everything queued; never blocks, never copies the data."""
         if self.error is not None:
             return
-        if not self._queue:
-            sent = self._writev(message)
-            if sent is None:
-                return
-            message = _skip(message, sent)
         for piece in message:
-            view = memoryview(piece).cast("B")
-            if len(view):
-                self._queue.append(view)
-                self._queued += len(view)
-        if self._queue and not self._writing:
-            self._writing = True
-            self._drained.clear()
-            self._loop.add_writer(self._fd, self._on_writable)
+            item = piece if isinstance(piece, FileSegment) else memoryview(piece).cast("B")
+            if len(item):
+                self._queue.append(item)
+                self._queued += len(item)
+        if not self._writing:
+            self._flush()
+            if self._queue and self.error is None:
+                self._writing = True
+                self._drained.clear()
+                self._loop.add_writer(self._fd, self._flush)
 
-    def _writev(self, pieces: list[bytes | memoryview] | list[memoryview]) -> int | None:
-        """Bytes sent (0 if the socket is full), or None after a fatal error (recorded in ``error``)."""
-        try:
-            return os.writev(self._fd, pieces[:IOV_MAX])
-        except (BlockingIOError, InterruptedError):
-            return 0
-        except OSError as err:
-            self._fail(err)
-            return None
-
-    def _on_writable(self) -> None:
+    def _flush(self) -> None:
+        """Send from the head of the queue until it is empty or the socket is full."""
         while self._queue:
-            pieces = [self._queue[i] for i in range(min(len(self._queue), IOV_MAX))]
-            sent = self._writev(pieces)
-            if sent is None:
-                return
-            if not sent:
-                return  # still full; wait for the next writable event
-            self._queued -= sent
-            while sent:
-                head = self._queue[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    self._queue.popleft()
+            head = self._queue[0]
+            try:
+                if isinstance(head, FileSegment):
+                    sent = os.sendfile(self._fd, head.fd, head.offset, head.length)
+                    if sent == 0:
+                        raise OSError(errno.EIO, "sendfile: the file ended before the reply")
                 else:
-                    self._queue[0] = head[sent:]
-                    sent = 0
+                    views = list(itertools.islice(self._queue, IOV_MAX))
+                    cut = next((i for i, v in enumerate(views) if isinstance(v, FileSegment)), len(views))
+                    sent = os.writev(self._fd, views[:cut])  # type: ignore[arg-type]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                self._fail(err)
+                return
+            self._consume(sent)
         self._stop_writing()
+
+    def _consume(self, sent: int) -> None:
+        self._queued -= sent
+        while sent:
+            head = self._queue[0]
+            if sent >= len(head):
+                sent -= len(head)
+                self._queue.popleft()
+            elif isinstance(head, FileSegment):
+                self._queue[0] = FileSegment(head.fd, head.offset + sent, head.length - sent)
+                sent = 0
+            else:
+                self._queue[0] = head[sent:]
+                sent = 0
 
     def _stop_writing(self) -> None:
         if self._writing:
@@ -123,16 +133,3 @@ class VectorWriter:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
-
-
-def _skip(message: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
-    """``message`` without its first ``n`` bytes."""
-    out: list[bytes | memoryview] = []
-    for piece in message:
-        size = len(piece)
-        if n >= size:
-            n -= size
-            continue
-        out.append(memoryview(piece)[n:] if n else piece)
-        n = 0
-    return out

@@ -9,6 +9,7 @@ byte at a time.  Payloads are recorded as :class:`Payload` events right after th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from cowbackup.nbd.constants import (
 from cowbackup.nbd.errors import ProtocolError
 from cowbackup.nbd.events import ConnectionClosed, NeedData, SendData, StartTLS
 from cowbackup.nbd.exports import ExportInfo
+from cowbackup.nbd.replies import FileSegment
 from cowbackup.nbd.server import ServerProtocol, TLSMode
 
 KiB = 1024
@@ -117,8 +119,15 @@ class Wire:
     def client_send(self, data: bytes | Iterable[bytes | memoryview]) -> None:
         self.s.inbox += data if isinstance(data, bytes) else b"".join(data)
 
-    def server_send(self, data: bytes | Iterable[bytes | memoryview]) -> None:
-        self.c.inbox += data if isinstance(data, bytes) else b"".join(data)
+    def server_send(self, data: bytes | Iterable[bytes | memoryview | FileSegment]) -> None:
+        if isinstance(data, bytes):
+            self.c.inbox += data
+            return
+        for piece in data:
+            if isinstance(piece, FileSegment):
+                self.c.inbox += os.pread(piece.fd, piece.length, piece.offset)
+            else:
+                self.c.inbox += piece
 
     def client_close(self) -> None:
         self.s.eof = True

@@ -179,8 +179,9 @@ class FileNode(BlockNode):
         self.inline_all = not direct and not is_block and _memory_backed(fd)
         self.has_rwf_nowait = hasattr(os, "RWF_NOWAIT") and not direct
         # A known data extent [start, end): QEMU's block-status cache.  Only data is cached -- a stale
-        # "data" answer is still correct for reads -- and it is dropped when a zero-write or discard
-        # touches it (those may punch holes).  Writes only ever turn holes into data.
+        # "data" answer is still correct for reads, even if someone changes the file behind our back,
+        # while a stale "hole" would make a backup skip data -- and it is dropped when a zero-write or
+        # discard touches it (those may punch holes).  Writes only ever turn holes into data.
         self._data_extent: tuple[int, int] | None = None
 
     def describe(self) -> dict[str, object]:

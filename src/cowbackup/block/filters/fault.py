@@ -140,6 +140,7 @@ class FaultNode(FilterNode):
     """The ``fault-inject`` filter.  ``rules`` is in order of injection; the filter only reads it."""
 
     driver_name = "fault-inject"
+    reads_unchanged = False
 
     def __init__(self, node_name: str, *, read_only: bool = False) -> None:
         super().__init__(node_name, read_only=read_only)
