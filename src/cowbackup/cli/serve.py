@@ -85,14 +85,16 @@ async def _serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
+        # The file node itself: a raw image needs no format layer, and every layer costs per request.
+        # discard=unmap: TRIM and WRITE_ZEROES without NO_HOLE punch holes, so a sparse image copied into
+        # the export (nbdcopy, qemu-img convert -n) stays sparse on our side too.
         await daemon.blockdev_add(
             {
-                "driver": "raw",
+                "driver": driver,
                 "node-name": "disk",
+                "filename": args.image,
                 "read-only": args.read_only,
-                # unmap: TRIM and WRITE_ZEROES without NO_HOLE punch holes, so a sparse image copied
-                # into the export (nbdcopy, qemu-img convert -n) stays sparse on our side too.
-                "file": {"driver": driver, "filename": args.image, "discard": "unmap"},
+                "discard": "unmap",
             }
         )
         server.add_export(args.name, "disk", writable=not args.read_only)

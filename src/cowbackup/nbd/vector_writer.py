@@ -47,6 +47,7 @@ class VectorWriter:
         self._queue: deque[memoryview | FileSegment] = deque()
         self._queued = 0
         self._writing = False
+        self._scheduled = False
         self._drained = asyncio.Event()
         self._drained.set()
         self.error: OSError | None = None
@@ -56,20 +57,36 @@ class VectorWriter:
         return self._queued
 
     def send(self, message: Message) -> None:
-        """Send ``message`` after everything queued; never blocks, never copies the data."""
+        """Send ``message`` after everything queued; never blocks, never copies the data.
+
+        A reply that finds the queue idle is written at once (latency); one that comes while another is
+        pending waits for the end of this turn of the event loop, so replies completing together leave
+        in one ``writev`` (throughput).
+        """
         if self.error is not None:
             return
+        idle = not self._queue and not self._writing and not self._scheduled
         for piece in message:
             item = piece if isinstance(piece, FileSegment) else memoryview(piece).cast("B")
             if len(item):
                 self._queue.append(item)
                 self._queued += len(item)
-        if not self._writing:
-            self._flush()
-            if self._queue and self.error is None:
-                self._writing = True
-                self._drained.clear()
-                self._loop.add_writer(self._fd, self._flush)
+        if idle:
+            self._drained.clear()
+            self._send_now()
+        elif not self._writing and not self._scheduled:
+            self._scheduled = True
+            self._drained.clear()
+            self._loop.call_soon(self._send_now)
+
+    def _send_now(self) -> None:
+        self._scheduled = False
+        if self.error is not None or self._writing:
+            return
+        self._flush()
+        if self._queue and self.error is None:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._flush)
 
     def _flush(self) -> None:
         """Send from the head of the queue until it is empty or the socket is full."""
