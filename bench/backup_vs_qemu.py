@@ -42,6 +42,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.protocol import ConnectError
 
 from cowbackup.block.options import parse_size
+from cowbackup.cli.argtypes import positive_int
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -528,26 +529,16 @@ def _image_size(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Compare cowbackup's backup engine with QEMU's on one source image (sync=full)."
     )
     p.add_argument("--size", type=_image_size, default=1 << 30, help="source size (default 1G)")
-    p.add_argument("--rounds", type=_positive, default=5, help="backups per system (default 5)")
+    p.add_argument("--rounds", type=positive_int, default=5, help="backups per system (default 5)")
     p.add_argument("--dir", default="/dev/shm", help="where the images go (default /dev/shm)")
     p.add_argument("--warmup", type=int, default=1, help="uncounted rounds first (default 1)")
     p.add_argument("--seed", type=int, default=1, help="seed of the source layout and data (default 1)")
-    p.add_argument("--workers", type=_positive, default=0, help="parallel copy tasks (x-perf max-workers)")
+    p.add_argument("--workers", type=positive_int, default=0, help="parallel copy tasks (x-perf max-workers)")
     p.add_argument("--max-chunk", type=_size, default=0, help="largest copy (x-perf max-chunk), e.g. 1M")
     p.add_argument("--only", choices=("ours", "qemu"), help="run only one system")
     p.add_argument("--with-cli", action="store_true", help="also time the 'cowbackup backup' CLI path")

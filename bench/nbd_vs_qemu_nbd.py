@@ -52,6 +52,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cowbackup.block.options import parse_size
+from cowbackup.cli.argtypes import positive_int
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -585,16 +586,6 @@ def _size(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def _tests(text: str) -> tuple[str, ...]:
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     unknown = [t for t in names if t not in TESTS]
@@ -608,14 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare 'cowbackup serve' with qemu-nbd: nbdcopy throughput, fio 4 KiB IOPS/latency."
     )
     p.add_argument("--size", type=_size, default=1 << 30, help="size of each image (default 1G)")
-    p.add_argument("--rounds", type=_positive, default=5, help="counted rounds (default 5)")
+    p.add_argument("--rounds", type=positive_int, default=5, help="counted rounds (default 5)")
     p.add_argument("--dir", default="/dev/shm", help="where the images go (default /dev/shm)")
     p.add_argument("--warmup", type=int, default=1, help="uncounted rounds first (default 1)")
     p.add_argument("--seed", type=int, default=1, help="seed of the images' data and layout (default 1)")
-    p.add_argument("--runtime", type=_positive, default=5, help="seconds per fio job (default 5)")
+    p.add_argument("--runtime", type=positive_int, default=5, help="seconds per fio job (default 5)")
     p.add_argument(
         "--connections",
-        type=_positive,
+        type=positive_int,
         default=1,
         help="nbdcopy --connections; above 1 also qemu-nbd --shared (default 1)",
     )

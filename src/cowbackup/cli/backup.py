@@ -25,7 +25,7 @@ from typing import Any
 
 from cowbackup.block.drivers.nbd import nbd_options_from_uri
 from cowbackup.block.errors import BlockError
-from cowbackup.block.options import parse_size
+from cowbackup.cli import argtypes
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 from cowbackup.cli.progress import JsonReporter, Reporter, make_reporter
 from cowbackup.daemon import Daemon
@@ -36,23 +36,6 @@ from cowbackup.nbd.uri import is_nbd_uri
 
 #: How often the progress display is refreshed.
 PROGRESS_INTERVAL = 0.2
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size '{text}' (examples: 65536, 64K, 100M, 1G)") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -71,10 +54,16 @@ def add_parser(sub: Any) -> None:
         "target", metavar="TARGET", help="target image (created sparse if absent) or NBD URI (must exist)"
     )
     p.add_argument("--sync", choices=("full", "top"), default="full", help="what to copy (default: full)")
-    p.add_argument("--speed", type=_size, default=0, help="limit in bytes per second, e.g. 100M (0: none)")
-    p.add_argument("--cluster-size", type=_size, default=0, help="copy unit, a power of two >= 64K")
-    p.add_argument("--workers", type=_positive_int, default=64, help="parallel copy tasks (default 64)")
-    p.add_argument("--max-chunk", type=_size, default=0, help="largest single copy (default: engine's)")
+    p.add_argument(
+        "--speed", type=argtypes.size, default=0, help="limit in bytes per second, e.g. 100M (0: none)"
+    )
+    p.add_argument("--cluster-size", type=argtypes.size, default=0, help="copy unit, a power of two >= 64K")
+    p.add_argument(
+        "--workers", type=argtypes.positive_int, default=64, help="parallel copy tasks (default 64)"
+    )
+    p.add_argument(
+        "--max-chunk", type=argtypes.size, default=0, help="largest single copy (default: engine's)"
+    )
     p.add_argument("--copy-range", action="store_true", help="copy with copy_file_range (local files)")
     p.add_argument(
         "--force", action="store_true", help="overwrite a non-empty TARGET file (not needed for NBD targets)"

@@ -30,7 +30,7 @@ from rich.table import Table
 from cowbackup.block.drivers.file import create_file
 from cowbackup.block.graph import Root
 from cowbackup.block.node import BlockNode
-from cowbackup.cli.backup import _size
+from cowbackup.cli import argtypes
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_OK
 from cowbackup.daemon import Daemon
 from cowbackup.jobs.backup import BackupParams
@@ -41,8 +41,10 @@ STRIPE = MiB
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="live backup of a disk under writes, verified")
-    p.add_argument("--size", type=_size, default=256 * MiB, help="disk size (default 256M)")
-    p.add_argument("--speed", type=_size, default=128 * MiB, help="backup speed limit (default 128M/s)")
+    p.add_argument("--size", type=argtypes.size, default=256 * MiB, help="disk size (default 256M)")
+    p.add_argument(
+        "--speed", type=argtypes.size, default=128 * MiB, help="backup speed limit (default 128M/s)"
+    )
     p.add_argument("--writers", type=int, default=4, help="concurrent writers (default 4)")
     p.add_argument("--dir", default=None, help="where to put the images (default: a temp dir in /dev/shm)")
     p.add_argument("--keep", action="store_true", help="keep the images")
