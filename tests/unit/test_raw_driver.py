@@ -131,7 +131,7 @@ def test_missing_file_and_unknown_child() -> None:
         graph = BlockGraph()
         with pytest.raises(BlockError, match="Parameter 'file' is missing"):
             await open_node(graph, {"driver": "raw", "node-name": "raw"})
-        with pytest.raises(BlockError, match="Cannot find device=nope nor node-name=nope"):
+        with pytest.raises(BlockError, match="Cannot find device='nope' nor node-name='nope'"):
             await open_raw(graph, "nope")
 
     run(main)

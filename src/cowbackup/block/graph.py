@@ -83,7 +83,7 @@ class BlockGraph:
         """The node called ``name``, or BlockError with QEMU's message."""
         node = self.nodes.get(name)
         if node is None:
-            raise BlockError(f"Cannot find device={name} nor node-name={name}")
+            raise BlockError(f"Cannot find device='{name}' nor node-name='{name}'")
         return node
 
     def find(self, name: str) -> BlockNode | None:

@@ -16,7 +16,6 @@ from cowbackup.jobs.job import Job
 from cowbackup.jobs.states import BlockdevOnError
 from cowbackup.qmp.commands import (
     QMPContext,
-    QMPError,
     arg_bool,
     arg_enum,
     arg_int,
@@ -112,12 +111,7 @@ def backup_params(args: dict[str, Any]) -> BackupParams:
 
 @command("blockdev-backup")
 async def blockdev_backup(ctx: QMPContext, args: dict[str, Any]) -> Any:
-    params = backup_params(args)
-    graph = ctx.daemon.graph
-    for name in (params.device, params.target):
-        if graph.find(name) is None:
-            raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
-    ctx.daemon.blockdev_backup(params)
+    ctx.daemon.blockdev_backup(backup_params(args))
     return {}
 
 
