@@ -53,7 +53,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "target", metavar="TARGET", help="target image (created sparse if absent) or NBD URI (must exist)"
     )
-    p.add_argument("--sync", choices=("full", "top"), default="full", help="what to copy (default: full)")
+    p.add_argument(
+        "--sync",
+        choices=("full", "top", "none"),
+        default="full",
+        help="what to copy (default: full; none: only with --qmp, runs until Ctrl-C)",
+    )
     p.add_argument(
         "--speed", type=argtypes.size, default=0, help="limit in bytes per second, e.g. 100M (0: none)"
     )
@@ -69,7 +74,17 @@ def add_parser(sub: Any) -> None:
         "--force", action="store_true", help="overwrite a non-empty TARGET file (not needed for NBD targets)"
     )
     p.add_argument("--json", action="store_true", help="print progress and events as JSON lines")
-    p.set_defaults(func=run)
+    live = p.add_argument_group(
+        "live backup",
+        "With --qmp, a running daemon (cowbackup daemon/serve, qemu-storage-daemon) backs up its node "
+        "SOURCE into TARGET while it is in use.",
+    )
+    live.add_argument("--qmp", metavar="SOCKET", help="the daemon's QMP monitor socket; SOURCE: a node name")
+    live.add_argument("--job-id", metavar="ID", help="the job's id (default: backup-NODE)")
+    live.add_argument(
+        "--target-format", choices=("raw",), default="raw", help="TARGET's format (raw: the only one yet)"
+    )
+    p.set_defaults(func=run, backup_parser=p)
 
 
 def _target_options(path: str, size: int, force: bool) -> dict[str, Any]:
@@ -109,6 +124,17 @@ def _source_options(path: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.qmp is not None:
+        from cowbackup.cli import live  # here: live imports this module
+
+        return live.run_backup(args)
+    if args.job_id is not None:
+        raise UsageError("--job-id needs --qmp")
+    if args.sync == "none":
+        # As argparse words a bad choice: for the one-shot backup, 'none' is not one.
+        args.backup_parser.error(
+            "argument --sync: invalid choice: 'none' (choose from 'full', 'top'; 'none' needs --qmp)"
+        )
     if args.cluster_size and (args.cluster_size < 65536 or args.cluster_size & (args.cluster_size - 1)):
         raise UsageError(f"--cluster-size must be a power of two of at least 64K, not {args.cluster_size}")
     if args.max_chunk and args.max_chunk < max(args.cluster_size, 65536):

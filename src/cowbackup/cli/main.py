@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cowbackup import __version__
 from cowbackup.block.errors import BlockError
-from cowbackup.cli import backup, daemon_cmd, demo, serve
+from cowbackup.cli import backup, daemon_cmd, demo, live, serve
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from cowbackup.jobs.job import JobError
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_parser(sub)
     daemon_cmd.add_parser(sub)
     demo.add_parser(sub)
+    live.add_parsers(sub)
     serve.add_parser(sub)
     return parser
 

@@ -4,6 +4,8 @@ Prints the NBD URI to connect to (``nbd+unix:///NAME?socket=PATH`` or ``nbd://HO
 ``qemu-io``, ``qemu-img``, ``nbdinfo``, ``nbdcopy`` or the kernel's ``nbd-client`` can use it at once.
 Writable unless ``--read-only``; discards and zero writes that allow it deallocate (``discard=unmap``), so
 the image keeps its holes.  ``--tls-creds DIR`` (QEMU's x509 layout) makes TLS mandatory.
+``--qmp PATH`` also opens a QMP monitor on PATH, where the disk is the node ``disk``: back it up while it is
+served with ``cowbackup backup --qmp PATH disk TARGET``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from cowbackup.daemon import Daemon
 from cowbackup.nbd.listener import NBDServer
 from cowbackup.nbd.tls import TLSError, server_context
 from cowbackup.nbd.uri import NBD_DEFAULT_PORT, NBDAddress
+from cowbackup.qmp.server import QMPServer
 
 
 def add_parser(sub: Any) -> None:
@@ -36,6 +39,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tls-creds", metavar="DIR", help="x509 credentials directory; TLS becomes mandatory")
     p.add_argument(
         "--no-verify-peer", action="store_true", help="with TLS, do not require client certificates"
+    )
+    p.add_argument(
+        "--qmp", metavar="PATH", help="also serve a QMP monitor on this Unix socket (the node is 'disk')"
     )
     p.set_defaults(func=run)
 
@@ -67,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"image '{args.image}' does not exist")
     if args.socket:
         args.socket = os.path.abspath(args.socket)
+    if args.qmp:
+        args.qmp = os.path.abspath(args.qmp)
     return asyncio.run(_serve(args))
 
 
@@ -81,6 +89,7 @@ async def _serve(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     server = NBDServer(daemon.graph, tls_creds=ssl_ctx)
     stop = asyncio.Event()
+    qmp = QMPServer(daemon, on_quit=stop.set) if args.qmp else None
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
@@ -105,12 +114,19 @@ async def _serve(args: argparse.Namespace) -> int:
             host, port = _parse_bind(args.bind or f"localhost:{NBD_DEFAULT_PORT}")
             host, port = await server.listen_tcp(host, port)
             address = NBDAddress(export=args.name, host=host, port=port, tls=ssl_ctx is not None)
+        if qmp is not None:
+            await qmp.listen_unix(args.qmp)
+            sys.stderr.write(f"cowbackup: QMP monitor on '{args.qmp}'; the disk is node 'disk'\n")
         print(address.to_uri(), flush=True)
         sys.stderr.write(
             f"cowbackup: serving '{args.image}'{' read-only' if args.read_only else ''}; Ctrl-C stops\n"
         )
         await stop.wait()
     finally:
-        await server.close()
-        await daemon.close()
+        try:
+            if qmp is not None:
+                await qmp.close()
+        finally:
+            await server.close()
+            await daemon.close()
     return EXIT_OK
