@@ -34,6 +34,7 @@ Errors from the peer are returned, never raised: ``next_event()`` returns a
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections import deque
 from typing import Generic, TypeVar
@@ -117,7 +118,7 @@ class ByteQueue:
         return n
 
 
-class ProtocolCore(Generic[EventT]):
+class ProtocolCore(abc.ABC, Generic[EventT]):
     """Buffering, event queue, payload contract and sticky errors for a sans-I/O NBD core.
 
     Subclasses implement ``_parse()`` (parse at most one message from ``self._buffer``, queue its events
@@ -228,11 +229,13 @@ class ProtocolCore(Generic[EventT]):
 
     # -- for subclasses ----------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _parse(self) -> bool:
-        raise NotImplementedError
+        """Parse one message from the buffer into events; False if more bytes are needed."""
 
+    @abc.abstractmethod
     def _on_eof(self) -> EventT | ProtocolError:
-        raise NotImplementedError
+        """The event for end-of-file in the current state."""
 
     def _check_receive(self) -> None:
         """Raise StateError if bytes may not be received now (e.g. during a TLS handshake)."""
