@@ -244,6 +244,11 @@ def backup_job_create(
         raise BlockError("Source and target cannot be the same")
     if params.compress:
         raise BlockError(f"Compression is not supported for this drive {params.target}")
+    # QEMU's op blockers: a running backup's target is the job's alone -- neither the source nor the
+    # target of another backup (two snapshots would interleave in it, or a half-written one be read).
+    for name, node in ((params.device, source), (params.target, target)):
+        if any(isinstance(e.parent, CopyBeforeWriteNode) and e.role == "target" for e in node.parents):
+            raise BlockError(f"Node '{name}' is busy: block device is in use by block job: backup")
     perf = params.perf
     if not 1 <= perf.max_workers <= INT_MAX:
         raise BlockError(f"max-workers must be between 1 and {INT_MAX}")

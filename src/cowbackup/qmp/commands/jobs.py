@@ -51,12 +51,19 @@ _BACKUP_KEYS = (
 )
 
 
-def _perf(args: dict[str, Any]) -> BackupPerf:
-    perf = arg_obj(args, "x-perf", None)
+def _enum(args: dict[str, Any], key: str, choices: tuple[str, ...], prefix: str, *default: Any) -> Any:
+    """An enum member: missing or not a string is reported with its path (``prefix``), a bad value
+    with the bare member name, as QEMU's input visitor does."""
+    arg_str(args, key, *default, prefix=prefix)
+    return arg_enum(args, key, choices, *default)
+
+
+def _perf(args: dict[str, Any], prefix: str) -> BackupPerf:
+    perf = arg_obj(args, "x-perf", None, prefix=prefix)
     if perf is None:
         return BackupPerf()
     default = BackupPerf()
-    p = "x-perf"
+    p = f"{prefix}.x-perf" if prefix else "x-perf"
     result = BackupPerf(
         use_copy_range=arg_bool(perf, "use-copy-range", default.use_copy_range, prefix=p),
         max_workers=arg_int(perf, "max-workers", default.max_workers, prefix=p),
@@ -67,28 +74,32 @@ def _perf(args: dict[str, Any]) -> BackupPerf:
     return result
 
 
-def backup_params(args: dict[str, Any]) -> BackupParams:
+def backup_params(args: dict[str, Any], prefix: str = "") -> BackupParams:
     """Check ``blockdev-backup`` arguments (types, enums, unknown members) into BackupParams.
 
-    Semantic checks (bitmap rules, speed < 0, same node...) are the job layer's, in QEMU's order.
+    ``prefix`` names the object in messages when it is nested (``transaction``'s
+    ``actions[0].data``): "Invalid parameter type for 'actions[0].data.speed', ...". QEMU's enum
+    errors name the bare member ("Parameter 'sync' does not accept value 'x'") at any depth, so the
+    enums are read without it. Semantic checks (bitmap rules, speed < 0, same node...) are the job
+    layer's, in QEMU's order.
     """
-    job_id = arg_str(args, "job-id", None)
-    device = arg_str(args, "device")
-    sync = arg_enum(args, "sync", _SYNC_MODES)
-    speed = arg_int(args, "speed", 0)
-    bitmap = arg_str(args, "bitmap", None)
-    bitmap_mode = arg_enum(args, "bitmap-mode", _BITMAP_MODES, None)
-    compress = arg_bool(args, "compress", False)
-    on_source_error = arg_enum(args, "on-source-error", _ON_ERROR, "report")
-    on_target_error = arg_enum(args, "on-target-error", _ON_ERROR, "report")
-    auto_finalize = arg_bool(args, "auto-finalize", True)
-    auto_dismiss = arg_bool(args, "auto-dismiss", True)
-    filter_node_name = arg_str(args, "filter-node-name", None)
-    discard_source = arg_bool(args, "discard-source", False)
-    perf = _perf(args)
-    on_cbw_error = arg_enum(args, "on-cbw-error", _ON_CBW_ERROR, "break-guest-write")
-    target = arg_str(args, "target")
-    no_extra(args, _BACKUP_KEYS)
+    job_id = arg_str(args, "job-id", None, prefix=prefix)
+    device = arg_str(args, "device", prefix=prefix)
+    sync = _enum(args, "sync", _SYNC_MODES, prefix)
+    speed = arg_int(args, "speed", 0, prefix=prefix)
+    bitmap = arg_str(args, "bitmap", None, prefix=prefix)
+    bitmap_mode = _enum(args, "bitmap-mode", _BITMAP_MODES, prefix, None)
+    compress = arg_bool(args, "compress", False, prefix=prefix)
+    on_source_error = _enum(args, "on-source-error", _ON_ERROR, prefix, "report")
+    on_target_error = _enum(args, "on-target-error", _ON_ERROR, prefix, "report")
+    auto_finalize = arg_bool(args, "auto-finalize", True, prefix=prefix)
+    auto_dismiss = arg_bool(args, "auto-dismiss", True, prefix=prefix)
+    filter_node_name = arg_str(args, "filter-node-name", None, prefix=prefix)
+    discard_source = arg_bool(args, "discard-source", False, prefix=prefix)
+    perf = _perf(args, prefix)
+    on_cbw_error = _enum(args, "on-cbw-error", _ON_CBW_ERROR, prefix, "break-guest-write")
+    target = arg_str(args, "target", prefix=prefix)
+    no_extra(args, _BACKUP_KEYS, prefix=prefix)
     return BackupParams(
         device=device,
         target=target,
