@@ -308,6 +308,22 @@ REQUEST = struct.Struct(">IHHQQI")
 SIMPLE_REPLY = struct.Struct(">IIQ")
 
 
+class _ReaderKeepingReceived(asyncio.StreamReader):
+    """A StreamReader that, when the connection breaks, still hands out what it received, then EOF.
+
+    asyncio's own raises the transport's error as soon as it is set, discarding the bytes it holds: when
+    the server closes while the client is still writing (its next write fails with EPIPE, or the read
+    with ECONNRESET, as the server leaves unread requests behind), the replies the server sent just
+    before the close would be lost although they arrived.  A blocking socket reads them first, too.
+    """
+
+    def set_exception(self, exc: Exception) -> None:
+        if isinstance(exc, ConnectionError):
+            self.feed_eof()
+        else:
+            super().set_exception(exc)
+
+
 class RawClient:
     """A hand-written NBD client: exactly the bytes a test wants on the wire, nothing more.
 
@@ -322,10 +338,15 @@ class RawClient:
 
     @classmethod
     async def connect(cls, socket: Path) -> RawClient:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(socket)), SERVER_REACTION_TIMEOUT
+        """Connect to ``socket``.  Every byte the server sent can be read, even after the connection
+        broke (see :class:`_ReaderKeepingReceived`); a write to a broken connection still fails."""
+        loop = asyncio.get_running_loop()
+        reader = _ReaderKeepingReceived(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await asyncio.wait_for(
+            loop.create_unix_connection(lambda: protocol, str(socket)), SERVER_REACTION_TIMEOUT
         )
-        return cls(reader, writer)
+        return cls(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def read_greeting(self) -> None:
         data = await asyncio.wait_for(self.reader.readexactly(GREETING.size), SERVER_REACTION_TIMEOUT)

@@ -28,21 +28,28 @@ import pytest
 from cowbackup.nbd.connection import FINISH_GRACE, MAX_IN_FLIGHT
 from cowbackup.nbd.constants import (
     IHAVEOPT,
+    NBD_CMD_DISC,
     NBD_CMD_READ,
     NBD_CMD_WRITE,
     NBD_FLAG_C_FIXED_NEWSTYLE,
     NBD_FLAG_C_NO_ZEROES,
+    NBD_OPT_EXPORT_NAME,
     NBD_OPT_GO,
     NBD_OPT_LIST,
     NBD_OPT_STARTTLS,
     NBD_REP_ACK,
+    NBD_REP_MAGIC,
+    NBD_REP_SERVER,
     NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
 )
 from cowbackup.nbd.listener import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 
 from .conftest import MiB, assert_same_content, random_file
 from .nbd_server_fixtures import (
+    EXPORT_INFO,
     OPTION,
+    SIMPLE_REPLY,
     ExportSpec,
     InProcess,
     RawClient,
@@ -473,6 +480,34 @@ def test_sigint_with_a_client_not_reading_its_replies(workdir: Path) -> None:
     assert elapsed < FINISH_GRACE + 4, f"took {elapsed:.1f} s to exit"
 
 
+def test_shutdown_lets_a_finishing_connection_finish(
+    image: Path, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Server shutdown while a connection is already finishing (its client sent NBD_CMD_DISC and does not
+    read the replies in flight): the finish is not cut short -- the replies get their grace, then the
+    connection is closed, and nothing fails -- instead of the socket being left open."""
+
+    async def main() -> None:
+        async with in_process_server(workdir / "nbd.sock", [ExportSpec("", image)]) as srv:
+            client = await RawClient.connect(srv.socket)
+            try:
+                await client.handshake()
+                (conn,) = srv.server.exports[""].connections
+                for cookie in range(MAX_IN_FLIGHT):  # 16 MiB of replies: more than the socket holds
+                    client.request(NBD_CMD_READ, cookie=cookie, offset=cookie * MiB // 2, length=MiB)
+                client.request(NBD_CMD_DISC, cookie=99, offset=0, length=0)
+                await client.writer.drain()
+                await wait_until(lambda: conn._finishing, 10, "the connection to finish")
+                await asyncio.wait_for(srv.server.close(), FINISH_GRACE + 10)
+                assert srv.server.connection_count == 0
+                await client.wait_closed_by_server()
+            finally:
+                await client.close()
+
+    asyncio.run(main())
+    assert_no_errors_logged(caplog)
+
+
 def test_replies_nobody_reads_are_bounded(
     image: Path, workdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -544,6 +579,48 @@ def test_option_replies_nobody_reads_are_bounded(
             client.writer.transport.abort()
         await srv.wait_connections(0)
         await normal_client_reads(srv, data)
+
+    run_in_process(image, workdir, scenario)
+    assert_no_errors_logged(caplog)
+
+
+def test_option_replies_not_yet_read_go_before_transmission_replies(
+    image: Path, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Options, NBD_OPT_EXPORT_NAME and a READ sent before reading anything: the option replies still
+    queued when transmission starts (more than the socket holds) reach the client first, then the export
+    information, then the READ's reply -- in the order of the requests, however slowly the client reads."""
+    data = image.read_bytes()
+    lists = 9000  # 44 bytes of answer each (NBD_REP_SERVER for the one export, NBD_REP_ACK): ~400 KB
+    option_replies = (
+        struct.pack(">QIIII", NBD_REP_MAGIC, NBD_OPT_LIST, NBD_REP_SERVER, 4, 0)
+        + struct.pack(">QIII", NBD_REP_MAGIC, NBD_OPT_LIST, NBD_REP_ACK, 0)
+    ) * lists
+    reply = SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, 9) + data[:512]
+    total = len(option_replies) + EXPORT_INFO.size + len(reply)
+
+    async def scenario(srv: InProcess) -> None:
+        client = await RawClient.connect(srv.socket)
+        try:
+            await client.read_greeting()
+            client.writer.write(CLIENT_FLAGS + OPTION.pack(IHAVEOPT, NBD_OPT_LIST, 0) * lists)
+            client.writer.write(OPTION.pack(IHAVEOPT, NBD_OPT_EXPORT_NAME, 0))
+            client.request(NBD_CMD_READ, cookie=9, offset=0, length=512)
+            await client.writer.drain()
+            received = bytearray()
+            async with asyncio.timeout(20):
+                while len(received) < total:
+                    chunk = await client.reader.read(4096)  # slowly: replies are ready meanwhile
+                    assert chunk, f"the server closed after {len(received)} of {total} bytes"
+                    received += chunk
+                    await asyncio.sleep(0)
+            assert len(received) == total
+            assert received[: len(option_replies)] == option_replies
+            size, _flags = EXPORT_INFO.unpack_from(received, len(option_replies))
+            assert size == SIZE
+            assert received[-len(reply) :] == reply
+        finally:
+            await client.close()
 
     run_in_process(image, workdir, scenario)
     assert_no_errors_logged(caplog)

@@ -80,6 +80,7 @@ class ServerConnection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._closing = False
+        self._finishing = False
         self._tls_failed = False
 
     # ------------------------------------------------------------------ life
@@ -97,7 +98,17 @@ class ServerConnection:
         except asyncio.CancelledError:
             pass  # server shutdown: fall through to finish in-flight requests
         finally:
+            self._finishing = True
             await self._finish()
+
+    def stop(self) -> bool:
+        """Server shutdown: take no more requests.  True if the task running :meth:`run` is to be
+        cancelled (it may be waiting for the client); False once it is finishing, which it must be left
+        to do (a cancel would drop the replies in flight and leave the socket open; it is bounded by
+        FINISH_GRACE anyway).  The flag also ends transmission should the cancel be lost (3.11's
+        ``wait_for`` drops a cancel that comes as the handshake completes)."""
+        self._closing = True
+        return not self._finishing
 
     async def _finish(self) -> None:
         if self._tasks:
@@ -179,7 +190,7 @@ class ServerConnection:
         contexts = {cid: export.context_status(name) for cid, name in selected.meta_contexts}
         self.log.info("serving export '%s'", export.name)
         if self._fd is not None:
-            await self.writer.drain()  # the handshake's last bytes go first
+            await self._flush_transport()  # the handshake's last bytes go first
             self._vector = VectorWriter(asyncio.get_running_loop(), self._fd)
         handler = RequestHandler(
             lambda: export.root.node, self.proto.replies, contexts, sendfile=self._vector is not None
@@ -209,6 +220,19 @@ class ServerConnection:
                 return
             else:
                 raise AssertionError(f"unexpected event in transmission: {event!r}")
+
+    async def _flush_transport(self) -> None:
+        """Wait until the transport has sent everything written to it (``drain()`` alone only waits
+        while it holds more than its high-water mark): the VectorWriter writes to the socket directly,
+        so handshake replies left in the transport's buffer would go out after transmission replies."""
+        transport = self.writer.transport
+        if not transport.get_write_buffer_size():
+            return
+        transport.set_write_buffer_limits(high=0)  # paused until the buffer is empty
+        try:
+            await self.writer.drain()
+        finally:
+            transport.set_write_buffer_limits()
 
     async def _drain_discard(self) -> bool:
         """Read until the core has dropped the payload it discards; False if the client left first."""

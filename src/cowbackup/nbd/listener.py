@@ -213,9 +213,13 @@ class NBDServer:
         return len(self._connections)
 
     async def _stop_connections(self, conns: list[ServerConnection]) -> None:
-        tasks = [self._connections[c] for c in conns if c in self._connections]
-        for task in tasks:
-            task.cancel()
+        tasks = []
+        for conn in conns:
+            task = self._connections.get(conn)
+            if task is not None:
+                tasks.append(task)
+                if conn.stop():
+                    task.cancel()
         if tasks:
             await asyncio.wait(tasks)
 
