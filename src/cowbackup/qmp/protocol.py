@@ -107,7 +107,7 @@ class _LexState(enum.Enum):
     START = enum.auto()
     STRING = enum.auto()  # inside a string; _quote says which
     ESCAPE = enum.auto()  # after a backslash in a string
-    UNICODE = enum.auto()  # inside a \\u escape (four hex digits)
+    UNICODE = enum.auto()  # inside a backslash-u escape (four hex digits)
     WORD = enum.auto()  # a number or a keyword; ends at the first char that cannot continue it
     RECOVERY = enum.auto()  # after a stray char: skip to a resynchronisation point (_resyncs)
 
