@@ -56,8 +56,9 @@ def server_context(directory: str, *, verify_peer: bool = True) -> ssl.SSLContex
 def client_context(directory: str, *, hostname_check: bool = False) -> ssl.SSLContext:
     """An SSL context for connecting to an NBD server that presents a certificate signed by our CA.
 
-    QEMU checks the certificate chain but, for unix sockets and bare IPs, not the host name; we do the
-    same unless ``hostname_check`` is set.
+    The chain is always checked.  The host name is checked when ``hostname_check`` is set: the NBD
+    client sets it for TCP addresses (QEMU checks the host or IP against the certificate there) and
+    for an explicit ``tls-hostname``, not for Unix sockets, which have no host name.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
