@@ -18,22 +18,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from cowbackup.nbd.constants import NBD_EIO
 from cowbackup.nbd.errors import ProtocolError
 from cowbackup.nbd.events import (
     ConnectionClosed,
     Disconnect,
     ExportSelected,
     NeedData,
-    Request,
     SendData,
     StartTLS,
 )
 from cowbackup.nbd.handlers import RequestHandler
 from cowbackup.nbd.replies import FileSegment, Message
 from cowbackup.nbd.server import ServerProtocol
+from cowbackup.nbd.transmission import Transmission
 from cowbackup.nbd.vector_writer import VectorWriter
 
 if TYPE_CHECKING:
@@ -43,8 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Requests of one connection served at once (QEMU's NBD server allows 16).
 MAX_IN_FLIGHT = 16
-#: How much to read from the socket at a time.
-READ_SIZE = 1024 * 1024
+#: How much to read from the socket at a time during the handshake.
+READ_SIZE = 64 * 1024
 #: Once the connection ends (client gone, NBD_CMD_DISC, server shutdown), how long the replies to the
 #: requests still in flight may take to reach a client that does not read them; then it is cut off, so
 #: such a client holds neither a shutdown nor its connection slot forever.
@@ -54,8 +53,8 @@ FINISH_GRACE = 2.0
 class ServerConnection:
     """Serves one client.  Created by :class:`~cowbackup.nbd.listener.NBDServer` for each accepted socket.
 
-    ``_tasks`` are the requests in flight; ``_reader`` the task reading requests.  Touched only from the
-    event loop.
+    ``_requests`` runs the transmission phase (and knows the requests in flight) once the handshake is
+    over.  Touched only from the event loop.
     """
 
     def __init__(
@@ -77,8 +76,7 @@ class ServerConnection:
             tls=server.tls_mode,
             logger=self.log,
         )
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._requests: Transmission | None = None
         self._closing = False
         self._finishing = False
         self._tls_failed = False
@@ -108,11 +106,16 @@ class ServerConnection:
         FINISH_GRACE anyway).  The flag also ends transmission should the cancel be lost (3.11's
         ``wait_for`` drops a cancel that comes as the handshake completes)."""
         self._closing = True
+        if self._requests is not None:
+            self._requests.stop()
         return not self._finishing
 
     async def _finish(self) -> None:
-        if self._tasks:
-            _, stuck = await asyncio.wait(list(self._tasks), timeout=FINISH_GRACE)
+        tasks = self._requests.tasks if self._requests is not None else set()
+        if self._requests is not None:
+            self._requests.stop()
+        if tasks:
+            _, stuck = await asyncio.wait(list(tasks), timeout=FINISH_GRACE)
             if stuck:
                 self.log.info("client does not read its replies, dropping it")
                 if self._vector is not None:
@@ -183,7 +186,7 @@ class ServerConnection:
 
     async def _transmission(self, selected: ExportSelected) -> None:
         export = self.server.exports.get(selected.info.name)
-        if export is None:  # removed between lookup and now
+        if export is None or self._closing:  # removed between lookup and now, or the server is stopping
             return
         self.export = export
         export.connections.add(self)
@@ -195,31 +198,25 @@ class ServerConnection:
         handler = RequestHandler(
             lambda: export.root.node, self.proto.replies, contexts, sendfile=self._vector is not None
         )
-        while not self._closing:
-            event = self.proto.next_event()
-            if isinstance(event, NeedData):
-                await self._fill()
-            elif isinstance(event, Request):
-                if event.error:
-                    reply = self.proto.replies.error(event, event.error, event.error_message)
-                    # Reply only once the failed write's payload is off the wire: a client still
-                    # sending it (libnbd) takes an earlier reply for an unknown cookie and hangs up.
-                    if not await self._drain_discard():
-                        return
-                    self._send(reply)
-                    continue
-                payload = await self._payload(event.payload_length) if event.payload_length else None
-                await self._slots.acquire()
-                task = asyncio.ensure_future(self._serve(handler, event, payload))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            elif isinstance(event, Disconnect | ConnectionClosed):
-                return
-            elif isinstance(event, ProtocolError):
-                self.log.info("protocol error: %s", event)
-                return
-            else:
-                raise AssertionError(f"unexpected event in transmission: {event!r}")
+        # A stream's transport reads as well as writes (typeshed types it as the write half only).
+        transport = cast(asyncio.Transport, self.writer.transport)
+        self._requests = Transmission(
+            self.proto,
+            handler,
+            send=self._send,
+            drain=self._drain,
+            hold=self._hold,
+            stream_protocol=transport.get_protocol(),
+            max_in_flight=MAX_IN_FLIGHT,
+            log=self.log,
+        )
+        # What the stream read ahead of the handshake's end belongs to the first requests.  asyncio has
+        # no public call that takes it without waiting, hence the private buffer.
+        ahead: bytearray = getattr(self.reader, "_buffer", bytearray())
+        leftover = bytes(ahead)
+        ahead.clear()
+        self._requests.start(transport, leftover, eof=bool(getattr(self.reader, "_eof", False)))
+        await self._requests.done
 
     async def _flush_transport(self) -> None:
         """Wait until the transport has sent everything written to it (``drain()`` alone only waits
@@ -234,51 +231,16 @@ class ServerConnection:
         finally:
             transport.set_write_buffer_limits()
 
-    async def _drain_discard(self) -> bool:
-        """Read until the core has dropped the payload it discards; False if the client left first."""
-        while self.proto.discard_pending:
-            data = await self.reader.read(READ_SIZE)
-            self.proto.receive_data(data)
-            if not data:
-                return False
-        return True
-
-    async def _payload(self, length: int) -> memoryview:
-        """The payload of a write: what the core holds, then the rest straight from the stream."""
-        view = self.proto.take_buffered(length)
-        have = len(view)
-        if have == length:
-            return view
-        rest = await self.reader.readexactly(length - have)
-        self.proto.payload_consumed(length - have)
-        if not have:
-            return memoryview(rest)
-        buf = bytearray(length)
-        buf[:have] = view
-        buf[have:] = rest
-        return memoryview(buf)
-
-    async def _serve(self, handler: RequestHandler, req: Request, payload: memoryview | None) -> None:
-        try:
-            try:
-                reply = await handler.handle(req, payload)
-            except Exception:
-                self.log.exception("request %s failed unexpectedly", req)
-                reply = handler.replies.error(req, NBD_EIO)
-            self._send(reply)
-            with contextlib.suppress(ConnectionError, OSError):
-                await self._drain()
-        finally:
-            # The slot is free only once the reply is on its way: a client that does not read its
-            # replies stops the reading of its requests, instead of piling up replies in memory.
-            self._slots.release()
-
     @property
     def queued_bytes(self) -> int:
         """Bytes of replies written but not yet taken by the socket."""
         if self._vector is not None:
             return self._vector.queued
         return self.writer.transport.get_write_buffer_size()
+
+    def _hold(self, held: bool) -> None:
+        if self._vector is not None:
+            self._vector.hold(held)
 
     def _send(self, message: Message) -> None:
         """Queue one reply: zero-copy through the VectorWriter on a plain socket, else the transport."""

@@ -48,6 +48,7 @@ class VectorWriter:
         self._queued = 0
         self._writing = False
         self._scheduled = False
+        self._held = False
         self._drained = asyncio.Event()
         self._drained.set()
         self.error: OSError | None = None
@@ -71,13 +72,26 @@ class VectorWriter:
             if len(item):
                 self._queue.append(item)
                 self._queued += len(item)
+        if not self._queue:
+            return
+        self._drained.clear()
+        if self._held or self._writing or self._scheduled:
+            return  # goes out with what is pending
         if idle:
-            self._drained.clear()
             self._send_now()
-        elif not self._writing and not self._scheduled:
+        else:
             self._scheduled = True
-            self._drained.clear()
             self._loop.call_soon(self._send_now)
+
+    def hold(self, held: bool) -> None:
+        """While held, :meth:`send` only queues; letting go sends the batch, in one ``writev`` if it fits.
+
+        The connection holds while it starts the requests received together, so their replies leave
+        together.
+        """
+        self._held = held
+        if not held and self._queue and not self._writing and not self._scheduled and self.error is None:
+            self._send_now()
 
     def _send_now(self) -> None:
         self._scheduled = False

@@ -1,0 +1,250 @@
+"""The transmission phase of a server connection, as an asyncio buffered protocol.
+
+Once the handshake is over the connection swaps its stream protocol for a :class:`Transmission`: the
+socket is read straight into our buffers and each request starts in the callback that received it,
+eagerly (:func:`~cowbackup.eager.start_eager`), so a request the page cache can answer is read, served and
+replied to in one turn of the event loop::
+
+    recv_into(header buffer) -> core.receive_data -> Request ----------------> start_eager(serve)
+                                                  \\-> WRITE with payload -> recv_into(payload buffer)
+                                                                               -> start_eager(serve)
+
+A WRITE payload is received straight into its own buffer (STYLE #12); only bytes that arrived together
+with headers pass through the core.  At most ``max_in_flight`` requests run at once: at the limit the
+transport stops reading and the requests already received wait in the core.  A request's slot is freed
+once its reply is handed to the socket, so a client that does not read its replies stops being read.
+
+Flow control and end of connection events are passed on to the stream protocol that ran the handshake,
+so the connection's ``StreamWriter`` (``drain()``, ``wait_closed()``) keeps working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from cowbackup.eager import start_eager
+from cowbackup.nbd.constants import NBD_EIO
+from cowbackup.nbd.errors import ProtocolError
+from cowbackup.nbd.events import ConnectionClosed, Disconnect, NeedData, Request
+from cowbackup.nbd.handlers import RequestHandler
+from cowbackup.nbd.replies import Message
+from cowbackup.nbd.server import ServerProtocol
+
+#: Size of the buffer requests are received into (payloads that do not fit go to their own buffer).
+RECEIVE_SIZE = 256 * 1024
+
+
+class Transmission(asyncio.BufferedProtocol):
+    """Receives and starts the requests of one connection (event-loop thread only).
+
+    ``tasks`` are the requests that had to wait (those served at once never become tasks);
+    ``in_flight`` counts every request started and not yet replied to; ``done`` resolves when no more
+    requests will be taken (client gone, NBD_CMD_DISC, protocol error, :meth:`stop`).
+    """
+
+    def __init__(
+        self,
+        proto: ServerProtocol,
+        handler: RequestHandler,
+        *,
+        send: Callable[[Message], None],
+        drain: Callable[[], Coroutine[Any, Any, None]],
+        hold: Callable[[bool], None],
+        stream_protocol: asyncio.BaseProtocol,
+        max_in_flight: int,
+        log: logging.Logger,
+    ) -> None:
+        self._proto = proto
+        self._handler = handler
+        self._send = send
+        self._drain = drain
+        self._hold = hold
+        self._stream_protocol = stream_protocol
+        self._max_in_flight = max_in_flight
+        self._log = log
+        self._transport: asyncio.Transport | None = None
+        self._inbuf = memoryview(bytearray(RECEIVE_SIZE))
+        # The WRITE whose payload is being received into its own buffer, and how much of it is in.
+        self._payload_req: Request | None = None
+        self._payload_buf = memoryview(b"")
+        self._payload_have = 0
+        # An error reply held back until the core has dropped the failed write's payload.
+        self._held_error: Message | None = None
+        # A request received while ``max_in_flight`` others ran: it starts when one of them ends.
+        self._blocked: tuple[Request, memoryview | None] | None = None
+        self._reading = True
+        self._pumping = False
+        self.in_flight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # ------------------------------------------------------------------ start and stop
+
+    def start(self, transport: asyncio.Transport, leftover: bytes, eof: bool) -> None:
+        """Take over ``transport`` from the stream; ``leftover`` is what the stream had read ahead."""
+        self._transport = transport
+        transport.set_protocol(self)
+        if leftover:
+            self._receive(leftover)
+        if eof:
+            self.eof_received()
+        elif not transport.is_reading() and not self.done.done():
+            transport.resume_reading()  # the stream may have paused it (its buffer was full)
+        self._pump()
+
+    def stop(self) -> None:
+        """Take no more requests (those in flight go on); resolves :attr:`done`."""
+        if self._reading and self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+        self._reading = False
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # ------------------------------------------------------------------ asyncio.BufferedProtocol
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload_req is not None:
+            return self._payload_buf[self._payload_have :]
+        return self._inbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.done.done():
+            return
+        if self._payload_req is None:
+            self._receive(self._inbuf[:nbytes])
+        else:
+            self._payload_have += nbytes
+            self._proto.payload_consumed(nbytes)
+            if self._payload_have < len(self._payload_buf):
+                return
+            req, payload = self._payload_req, self._payload_buf
+            self._payload_req, self._payload_buf = None, memoryview(b"")
+            self._start(req, payload)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            # A write cut off in its payload is never applied (the core reports the truncation), and
+            # an error reply held back for the rest of a payload has nobody left to wait for.
+            self._payload_req, self._payload_buf, self._held_error = None, memoryview(b""), None
+            self._receive(b"")
+            self._pump()
+        # Keep a plain socket open for the replies still in flight (a half-closed client may read them).
+        return self._transport is not None and self._transport.get_extra_info("sslcontext") is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop()
+        self._stream_protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._stream_protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._stream_protocol.resume_writing()
+
+    # ------------------------------------------------------------------ requests
+
+    def _receive(self, data: bytes | memoryview) -> None:
+        self._proto.receive_data(data)
+        if self._held_error is not None and not self._proto.discard_pending:
+            reply, self._held_error = self._held_error, None
+            self._send(reply)
+
+    def _pump(self) -> None:
+        """Start the requests the core has parsed, up to the in-flight limit."""
+        if self._pumping:
+            return  # a request finishing inside the loop below: the loop goes on by itself
+        self._pumping = True
+        self._hold(True)  # replies of requests received together leave in one write
+        try:
+            self._pump_events()
+        finally:
+            self._hold(False)
+            self._pumping = False
+
+    def _pump_events(self) -> None:
+        while (
+            not self.done.done()
+            and self._payload_req is None
+            and self._held_error is None
+            and self._blocked is None
+        ):
+            event = self._proto.next_event()
+            if isinstance(event, NeedData):
+                return
+            if isinstance(event, Request):
+                self._take(event)
+            elif isinstance(event, Disconnect | ConnectionClosed):
+                self.stop()
+            elif isinstance(event, ProtocolError):
+                self._log.info("protocol error: %s", event)
+                self.stop()
+            else:
+                raise AssertionError(f"unexpected event in transmission: {event!r}")
+
+    def _take(self, req: Request) -> None:
+        if req.error:
+            reply = self._proto.replies.error(req, req.error, req.error_message)
+            # Reply only once the failed write's payload is off the wire: a client still sending it
+            # (libnbd) takes an earlier reply for an unknown cookie and hangs up.
+            if self._proto.discard_pending:
+                self._held_error = reply
+            else:
+                self._send(reply)
+            return
+        if not req.payload_length:
+            self._start(req, None)
+            return
+        view = self._proto.take_buffered(req.payload_length)
+        if len(view) == req.payload_length:
+            self._start(req, view)
+            return
+        buf = memoryview(bytearray(req.payload_length))
+        buf[: len(view)] = view
+        self._payload_req, self._payload_buf, self._payload_have = req, buf, len(view)
+
+    def _start(self, req: Request, payload: memoryview | None) -> None:
+        if self.in_flight >= self._max_in_flight:
+            # Parsed (with its payload) but not started: reading stops until a slot is free.
+            self._blocked = (req, payload)
+            self._pause_reading()
+            return
+        self.in_flight += 1
+        task = start_eager(self._serve(req, payload))
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, req: Request, payload: memoryview | None) -> None:
+        try:
+            try:
+                reply = await self._handler.handle(req, payload)
+            except Exception:
+                self._log.exception("request %s failed unexpectedly", req)
+                reply = self._handler.replies.error(req, NBD_EIO)
+            self._send(reply)
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._drain()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        if self.done.done() or self.in_flight >= self._max_in_flight:
+            return
+        if self._blocked is not None:
+            blocked, self._blocked = self._blocked, None
+            self._start(*blocked)
+        if not self._reading and self._transport is not None and not self._transport.is_closing():
+            self._reading = True
+            self._transport.resume_reading()
+        self._pump()
+
+    def _pause_reading(self) -> None:
+        if self._reading and self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+            self._reading = False
