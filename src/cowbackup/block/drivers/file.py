@@ -45,6 +45,7 @@ import stat
 from collections.abc import Callable
 
 from cowbackup.block.errors import BlockError, RequestError
+from cowbackup.block.extent_cache import DataExtentCache
 from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode, Extent, RequestFlags, Status
 from cowbackup.block.options import Options
@@ -178,11 +179,11 @@ class FileNode(BlockNode):
         # block: always on tmpfs/ramfs; reads elsewhere when RWF_NOWAIT finds the data in the page cache.
         self.inline_all = not direct and not is_block and _memory_backed(fd)
         self.has_rwf_nowait = hasattr(os, "RWF_NOWAIT") and not direct
-        # A known data extent [start, end): QEMU's block-status cache.  Only data is cached -- a stale
+        # Ranges known to hold data (QEMU keeps one; we keep several, see extent_cache).  Only data -- a stale
         # "data" answer is still correct for reads, even if someone changes the file behind our back,
         # while a stale "hole" would make a backup skip data -- and it is dropped when a zero-write or
         # discard touches it (those may punch holes).  Writes only ever turn holes into data.
-        self._data_extent: tuple[int, int] | None = None
+        self._data_extents = DataExtentCache()
 
     def describe(self) -> dict[str, object]:
         return {"file": self.filename}
@@ -290,9 +291,7 @@ class FileNode(BlockNode):
         return True
 
     def _forget_extent(self, offset: int, length: int) -> None:
-        cached = self._data_extent
-        if cached is not None and offset < cached[1] and cached[0] < offset + length:
-            self._data_extent = None
+        self._data_extents.forget(offset, offset + length)
 
     async def _do_write_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         self._forget_extent(offset, length)
@@ -350,14 +349,14 @@ class FileNode(BlockNode):
     async def _do_block_status(self, offset: int, length: int) -> Extent:
         if not self.has_seek_data:
             return Extent(offset, length, Status.DATA | Status.ALLOCATED)
-        cached = self._data_extent
-        if cached is not None and cached[0] <= offset < cached[1]:
-            return Extent(offset, min(cached[1] - offset, length), Status.DATA | Status.ALLOCATED)
+        cached_end = self._data_extents.lookup(offset)
+        if cached_end is not None:
+            return Extent(offset, min(cached_end - offset, length), Status.DATA | Status.ALLOCATED)
         # SEEK_HOLE can take milliseconds on a large tmpfs file (it walks the page cache): ask for the
         # whole rest of the file once and keep the answer.
         ext = await run_blocking(self._find_allocation, offset, self._size - offset)
         if ext.flags & Status.DATA:
-            self._data_extent = (ext.offset, ext.end)
+            self._data_extents.add(ext.offset, ext.end)
         return Extent(offset, min(ext.length, length), ext.flags)
 
     async def _do_close(self) -> None:
