@@ -104,6 +104,8 @@ class Refcounts:
             if entry:
                 if entry % self.cluster_size or entry + self.cluster_size > file_size:
                     raise InvalidImage(f"qcow2: refcount block {i} at {entry:#x} is invalid or beyond EOF")
+                if i * self.per_block > (file_size >> self.cluster_bits) + self.per_block:
+                    raise InvalidImage(f"qcow2: refcount block {i} covers clusters far beyond the file's end")
                 if entry in seen:
                     raise InvalidImage(f"qcow2: refcount block {i} at {entry:#x} is used twice")
                 seen.add(entry)
