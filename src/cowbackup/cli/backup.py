@@ -81,21 +81,35 @@ def add_parser(sub: Any) -> None:
     )
     live.add_argument("--qmp", metavar="SOCKET", help="the daemon's QMP monitor socket; SOURCE: a node name")
     live.add_argument("--job-id", metavar="ID", help="the job's id (default: backup-NODE)")
-    live.add_argument(
-        "--target-format", choices=("raw",), default="raw", help="TARGET's format (raw: the only one yet)"
+    p.add_argument(
+        "--target-format",
+        choices=("raw", "qcow2"),
+        default="raw",
+        help="format of TARGET (default raw); qcow2 creates a qcow2 image with the source's size",
+    )
+    p.add_argument(
+        "--source-format",
+        choices=("raw", "qcow2"),
+        default=None,
+        help="format of SOURCE (default: probed -- qcow2 if it starts with the qcow2 magic, else raw)",
     )
     p.set_defaults(func=run, backup_parser=p)
 
 
-def _target_options(path: str, size: int, force: bool) -> dict[str, Any]:
+def _target_options(path: str, size: int, force: bool, fmt: str = "raw") -> dict[str, Any]:
     """Prepare TARGET: create it sparse, or check and truncate an existing one.
 
     An NBD URI is only turned into options: the export exists already (its size is checked once open).
+    With ``fmt`` qcow2 a regular-file TARGET is (re)created as an empty qcow2 image of ``size`` bytes.
     """
     from cowbackup.block.drivers.file import create_file
 
     if is_nbd_uri(path):
+        if fmt != "raw":
+            raise UsageError("--target-format qcow2 needs a file TARGET, not an NBD URI")
         return nbd_options_from_uri(path)
+    if fmt == "qcow2":
+        return _qcow2_target(path, size, force)
 
     try:
         st = os.stat(path)
@@ -114,13 +128,46 @@ def _target_options(path: str, size: int, force: bool) -> dict[str, Any]:
     return {"driver": "file", "filename": path}
 
 
-def _source_options(path: str) -> dict[str, Any]:
+def _qcow2_target(path: str, size: int, force: bool) -> dict[str, Any]:
+    from cowbackup.block.drivers.qcow2 import create_image
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"target '{path}' must be a regular file for --target-format qcow2")
+        if st.st_size > 0 and not force:
+            raise UsageError(f"target '{path}' exists and is not empty; use --force to overwrite it")
+    create_image(path, size)
+    return {"driver": "qcow2", "file": {"driver": "file", "filename": path}}
+
+
+def _probe_format(path: str) -> str:
+    """qemu-img's probe, reduced to what we read: the qcow2 magic, else raw."""
+    from cowbackup.block.drivers.qcow2.format import QCOW_MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise UsageError(f"cannot read source '{path}': {err.strerror}") from None
+    return "qcow2" if len(magic) == 4 and int.from_bytes(magic, "big") == QCOW_MAGIC else "raw"
+
+
+def _source_options(path: str, fmt: str | None = None) -> dict[str, Any]:
+    """Options of SOURCE; ``fmt`` None probes the file (never done when the user says raw)."""
     if is_nbd_uri(path):
+        if fmt == "qcow2":
+            raise UsageError("--source-format qcow2 needs a file SOURCE, not an NBD URI")
         return {**nbd_options_from_uri(path), "read-only": True}
     if not os.path.exists(path):
         raise UsageError(f"source '{path}' does not exist")
     driver = "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
-    return {"driver": "raw", "read-only": True, "file": {"driver": driver, "filename": path}}
+    if fmt is None:
+        fmt = _probe_format(path)
+    return {"driver": fmt, "read-only": True, "file": {"driver": driver, "filename": path}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,8 +198,9 @@ async def _backup(args: argparse.Namespace) -> int:
     reporter = make_reporter(args.json)
     daemon = Daemon()
     try:
-        source = await daemon.blockdev_add({**_source_options(args.source), "node-name": "source"})
-        target_opts = _target_options(args.target, source.size, args.force)
+        source_opts = _source_options(args.source, args.source_format)
+        source = await daemon.blockdev_add({**source_opts, "node-name": "source"})
+        target_opts = _target_options(args.target, source.size, args.force, args.target_format)
         target = await daemon.blockdev_add({**target_opts, "node-name": "target"})
         if is_nbd_uri(args.target):
             _check_nbd_target(args.target, target.size, source.size, target.read_only)

@@ -24,6 +24,7 @@ DRIVER_MODULES: dict[str, str] = {
     "file": "cowbackup.block.drivers.file",
     "host_device": "cowbackup.block.drivers.file",
     "raw": "cowbackup.block.drivers.raw",
+    "qcow2": "cowbackup.block.drivers.qcow2",
     "null-co": "cowbackup.block.drivers.null",
     "memory": "cowbackup.block.drivers.memory",
     "nbd": "cowbackup.block.drivers.nbd",
