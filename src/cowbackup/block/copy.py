@@ -37,6 +37,7 @@ from cowbackup.block.align import align_down, align_up
 from cowbackup.block.bitmap import DirtyBitmap
 from cowbackup.block.buffers import BufferPool
 from cowbackup.block.errors import RequestError
+from cowbackup.block.extent_cache import ExtentCache
 from cowbackup.block.graph import Child
 from cowbackup.block.node import BlockNode, Extent, RequestFlags, Status
 from cowbackup.block.zero import is_zero, zero_runs
@@ -54,6 +55,9 @@ COPY_RANGE_CHUNK = 16 * 1024 * 1024
 DEFAULT_WORKERS = 64
 #: Bytes of buffers in flight across all calls (QEMU: 128 MiB).
 MEMORY_BUDGET = 128 * 1024 * 1024
+#: Source block-status answers kept (about 100 KiB): enough for the extents of a fragmented disk that
+#: guest writes hit at random.
+STATUS_CACHE_EXTENTS = 4096
 
 
 class CopyMethod(enum.Enum):
@@ -151,9 +155,10 @@ class BlockCopyState:
         self._in_flight_bytes = 0
         self._buffers = BufferPool(memory_budget)
         self._calls: set[CopyCall] = set()
-        # Last block status answer from the source.  Valid for still-dirty clusters: they cannot have been
-        # written since the backup started (every write copies its dirty clusters first).
-        self._status: Extent | None = None
+        # The source's block status answers.  Valid for still-dirty clusters, the only ones asked about:
+        # those cannot have been written since the backup started (every write copies its dirty clusters
+        # first), so a guest writing all over the disk does not send every copy back to block status.
+        self._status: ExtentCache[Status] = ExtentCache(capacity=STATUS_CACHE_EXTENTS)
         #: Set when the target reads as zeros everywhere not yet written (a fresh sparse file): zero
         #: clusters then need no write.  ``known_zero_init`` only says what a file was when it was opened
         #: (a node reused for a second backup has data since), so it is confirmed against the target's
@@ -311,14 +316,17 @@ class BlockCopyState:
         A task is cut to the first block-status extent (rounded down to clusters), so one task is all data,
         all zero or all unallocated.
         """
-        ext = self._status
-        if ext is None or not ext.offset <= task.offset < ext.end:
+        cached = self._status.lookup(task.offset)
+        if cached is not None:
+            ext = Extent(task.offset, cached[0] - task.offset, cached[1])
+        else:
             try:
-                ext = await self.source.node.block_status(task.offset, task.length)
+                # Ask about the rest of the disk, not just the task: the whole extent goes in the cache.
+                ext = await self.source.node.block_status(task.offset, self.size - task.offset)
+                self._status.add(ext.offset, ext.end, ext.flags)
             except OSError:
                 # Unknown status: treat one task as data; the read will report a real error.
                 ext = Extent(task.offset, task.length, Status.DATA | Status.ALLOCATED)
-            self._status = ext
         usable = min(ext.end, task.end) - task.offset
         if ext.end < self.size:
             usable = align_down(usable, self.cluster_size)

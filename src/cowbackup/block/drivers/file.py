@@ -45,7 +45,7 @@ import stat
 from collections.abc import Callable
 
 from cowbackup.block.errors import BlockError, RequestError
-from cowbackup.block.extent_cache import DataExtentCache
+from cowbackup.block.extent_cache import ExtentCache
 from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode, Extent, RequestFlags, Status
 from cowbackup.block.options import Options
@@ -183,7 +183,7 @@ class FileNode(BlockNode):
         # "data" answer is still correct for reads, even if someone changes the file behind our back,
         # while a stale "hole" would make a backup skip data -- and it is dropped when a zero-write or
         # discard touches it (those may punch holes).  Writes only ever turn holes into data.
-        self._data_extents = DataExtentCache()
+        self._data_extents: ExtentCache[bool] = ExtentCache()
 
     def describe(self) -> dict[str, object]:
         return {"file": self.filename}
@@ -349,14 +349,14 @@ class FileNode(BlockNode):
     async def _do_block_status(self, offset: int, length: int) -> Extent:
         if not self.has_seek_data:
             return Extent(offset, length, Status.DATA | Status.ALLOCATED)
-        cached_end = self._data_extents.lookup(offset)
-        if cached_end is not None:
-            return Extent(offset, min(cached_end - offset, length), Status.DATA | Status.ALLOCATED)
+        cached = self._data_extents.lookup(offset)
+        if cached is not None:
+            return Extent(offset, min(cached[0] - offset, length), Status.DATA | Status.ALLOCATED)
         # SEEK_HOLE can take milliseconds on a large tmpfs file (it walks the page cache): ask for the
         # whole rest of the file once and keep the answer.
         ext = await run_blocking(self._find_allocation, offset, self._size - offset)
         if ext.flags & Status.DATA:
-            self._data_extents.add(ext.offset, ext.end)
+            self._data_extents.add(ext.offset, ext.end, True)
         return Extent(offset, min(ext.length, length), ext.flags)
 
     async def _do_close(self) -> None:
