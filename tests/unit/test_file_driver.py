@@ -317,3 +317,36 @@ def test_create_file(tmp_path: Path) -> None:
     assert path.stat().st_blocks == 0
     with pytest.raises(BlockError, match="Could not create"):
         create_file(str(tmp_path / "no" / "such"), 4096)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_block_status_in_memory_and_through_the_pool_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
+) -> None:
+    """On tmpfs the seeks run on the loop; a slow SEEK_HOLE sends the next ones to the pool.  Both give
+    the same map (the whole-file answers are cached, so each case opens the file anew)."""
+    path = Path("/dev/shm") / f"cowbackup-seek-{os.getpid()}-{tmp_path.name}"
+    create_file(str(path), 4 * MiB)
+    try:
+
+        async def main() -> None:
+            node = await open_file(path)
+            assert node.inline_all  # /dev/shm is tmpfs
+            if not inline:
+                monkeypatch.setattr(file_mod, "SEEK_INLINE_BUDGET_NS", -1)  # every SEEK_HOLE is "slow"
+            for i in range(0, 4 * MiB, 512 * KiB):
+                await node.write(i, pattern(64 * KiB, i))
+            node._data_extents.clear()
+            got = await extents(node)
+            assert got == [
+                (i + off, length, is_data)
+                for i in range(0, 4 * MiB, 512 * KiB)
+                for off, length, is_data in ((0, 64 * KiB, True), (64 * KiB, 448 * KiB, False))
+            ]
+            # The first SEEK_HOLE ran inline; when it counted as slow, the later ones went to the pool.
+            assert node._slow_seeks == (0 if inline else file_mod.SEEK_SLOW_STREAK - 7)
+            await node.close()
+
+        run(main)
+    finally:
+        path.unlink()

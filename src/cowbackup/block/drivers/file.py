@@ -42,6 +42,7 @@ import logging
 import mmap
 import os
 import stat
+import time
 from collections.abc import Callable
 
 from cowbackup.block.errors import BlockError, RequestError
@@ -96,6 +97,9 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 _MEMORY_FS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
 #: Requests up to this size may run on the event loop thread instead of the pool (see FileNode).
 INLINE_MAX = 64 * 1024
+#: A SEEK_HOLE on a file in memory slower than this sends the next SEEK_SLOW_STREAK to the thread pool.
+SEEK_INLINE_BUDGET_NS = 200_000
+SEEK_SLOW_STREAK = 64
 
 
 def _memory_backed(fd: int) -> bool:
@@ -184,6 +188,7 @@ class FileNode(BlockNode):
         # while a stale "hole" would make a backup skip data -- and it is dropped when a zero-write or
         # discard touches it (those may punch holes).  Writes only ever turn holes into data.
         self._data_extents: ExtentCache[bool] = ExtentCache()
+        self._slow_seeks = 0  # SEEK_HOLEs still to send to the pool (see _seek_in_memory)
 
     def describe(self) -> dict[str, object]:
         return {"file": self.filename}
@@ -325,6 +330,10 @@ class FileNode(BlockNode):
 
         File systems without SEEK_DATA (EINVAL, ENOTSUP) report everything as data from then on.
         """
+        return self._seek_data(offset, length) or self._seek_hole(offset, length)
+
+    def _seek_data(self, offset: int, length: int) -> Extent | None:
+        """The first half of :meth:`_find_allocation`: None when ``offset`` is in data."""
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as err:
@@ -336,6 +345,10 @@ class FileNode(BlockNode):
             raise
         if data > offset:
             return Extent(offset, min(data - offset, length), Status.ZERO)
+        return None
+
+    def _seek_hole(self, offset: int, length: int) -> Extent:
+        """The second half of :meth:`_find_allocation`, for an ``offset`` in data."""
         try:
             hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
         except OSError as err:
@@ -346,15 +359,37 @@ class FileNode(BlockNode):
             hole = offset + length  # changed between the two seeks: data is the safe answer
         return Extent(offset, min(hole - offset, length), Status.DATA | Status.ALLOCATED)
 
+    async def _seek_in_memory(self, offset: int, length: int) -> Extent:
+        """:meth:`_find_allocation` for a file in memory, on the event loop where it is cheap.
+
+        On tmpfs SEEK_DATA costs microseconds wherever it starts, but SEEK_HOLE walks every page of the
+        data it crosses (~15 ms for 1 GiB).  Short data runs (a disk that guest writes have fragmented)
+        are asked inline; once a SEEK_HOLE takes longer than SEEK_INLINE_BUDGET_NS, the next
+        SEEK_SLOW_STREAK ones go to the thread pool, then inline is tried again.
+        """
+        ext = self._seek_data(offset, length)
+        if ext is not None:
+            return ext
+        if self._slow_seeks:
+            self._slow_seeks -= 1
+            return await run_blocking(self._seek_hole, offset, length)
+        started = time.perf_counter_ns()
+        ext = self._seek_hole(offset, length)
+        if time.perf_counter_ns() - started > SEEK_INLINE_BUDGET_NS:
+            self._slow_seeks = SEEK_SLOW_STREAK
+        return ext
+
     async def _do_block_status(self, offset: int, length: int) -> Extent:
         if not self.has_seek_data:
             return Extent(offset, length, Status.DATA | Status.ALLOCATED)
         cached = self._data_extents.lookup(offset)
         if cached is not None:
             return Extent(offset, min(cached[0] - offset, length), Status.DATA | Status.ALLOCATED)
-        # SEEK_HOLE can take milliseconds on a large tmpfs file (it walks the page cache): ask for the
-        # whole rest of the file once and keep the answer.
-        ext = await run_blocking(self._find_allocation, offset, self._size - offset)
+        # Ask about the whole rest of the file once and keep the answer (a long SEEK_HOLE is costly).
+        if self.inline_all:
+            ext = await self._seek_in_memory(offset, self._size - offset)
+        else:
+            ext = await run_blocking(self._find_allocation, offset, self._size - offset)
         if ext.flags & Status.DATA:
             self._data_extents.add(ext.offset, ext.end, True)
         return Extent(offset, min(ext.length, length), ext.flags)
