@@ -98,8 +98,10 @@ _MEMORY_FS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
 #: Requests up to this size may run on the event loop thread instead of the pool (see FileNode).
 INLINE_MAX = 64 * 1024
 #: A SEEK_HOLE on a file in memory slower than this sends the next SEEK_SLOW_STREAK to the thread pool.
-SEEK_INLINE_BUDGET_NS = 200_000
-SEEK_SLOW_STREAK = 64
+#: 2 ms is ~500 MiB of data crossed; a hop to the pool costs 50-150 us of GIL hand-over under load, and
+#: each extent is asked once (then cached), so a budget well above the hop's cost pays.
+SEEK_INLINE_BUDGET_NS = 2_000_000
+SEEK_SLOW_STREAK = 16
 
 
 def _memory_backed(fd: int) -> bool:
