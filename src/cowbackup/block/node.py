@@ -168,6 +168,9 @@ class BlockNode:
 
     #: The QEMU driver name (``file``, ``raw``, ``null-co``, ...).
     driver_name: ClassVar[str] = ""
+    #: A format that can have a backing file (qcow2).  Its unallocated ranges stay unallocated even
+    #: without one, as in QEMU: they read as zeros but belong to no layer (qemu:allocation-depth 0).
+    supports_backing: ClassVar[bool] = False
 
     def __init__(self, node_name: str, *, read_only: bool = False) -> None:
         self.node_name = node_name
@@ -496,8 +499,8 @@ class BlockNode:
         if ext.offset != offset or not ext.length > 0:
             raise RequestError(errno.EIO, f"driver {self.driver_name} returned a bad extent {ext}")
         flags = ext.flags
-        if "backing" not in self.children and flags & (Status.DATA | Status.ZERO):
-            # Without a backing file every byte belongs to this layer: a hole is allocated zeros
+        if not self.supports_backing and flags & (Status.DATA | Status.ZERO):
+            # A node that cannot have a backing file owns every byte: a hole is allocated zeros
             # (QEMU's rule; sync=top must not skip holes of a raw disk).
             flags |= Status.ALLOCATED
         if ext.length > length or flags != ext.flags:

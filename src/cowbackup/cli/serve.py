@@ -20,6 +20,7 @@ from typing import Any
 
 from cowbackup.cli.errors import EXIT_OK, UsageError
 from cowbackup.daemon import Daemon
+from cowbackup.nbd.contexts import ALLOCATION_DEPTH, allocation_depth
 from cowbackup.nbd.listener import NBDServer
 from cowbackup.nbd.tls import TLSError, server_context
 from cowbackup.nbd.uri import NBD_DEFAULT_PORT, NBDAddress
@@ -42,6 +43,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--qmp", metavar="PATH", help="also serve a QMP monitor on this Unix socket (the node is 'disk')"
+    )
+    p.add_argument(
+        "-A",
+        "--allocation-depth",
+        action="store_true",
+        help="also offer the qemu:allocation-depth metadata context (as qemu-nbd -A)",
     )
     p.set_defaults(func=run)
 
@@ -106,7 +113,8 @@ async def _serve(args: argparse.Namespace) -> int:
                 "discard": "unmap",
             }
         )
-        server.add_export(args.name, "disk", writable=not args.read_only)
+        contexts = {ALLOCATION_DEPTH: allocation_depth} if args.allocation_depth else {}
+        server.add_export(args.name, "disk", writable=not args.read_only, contexts=contexts)
         if args.socket:
             await server.listen_unix(args.socket)
             address = NBDAddress(export=args.name, socket=args.socket, tls=ssl_ctx is not None)

@@ -21,6 +21,7 @@ import logging
 import os
 import ssl
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cowbackup.block.errors import BlockError
@@ -134,9 +135,19 @@ class NBDServer:
     # ------------------------------------------------------------------ exports
 
     def add_export(
-        self, name: str, node_name: str, *, writable: bool = False, description: str = ""
+        self,
+        name: str,
+        node_name: str,
+        *,
+        writable: bool = False,
+        description: str = "",
+        contexts: Mapping[str, ContextStatus] | None = None,
     ) -> Export:
-        """Export node ``node_name`` as ``name``.  BlockError if the name is taken or the node unknown."""
+        """Export node ``node_name`` as ``name``.  BlockError if the name is taken or the node unknown.
+
+        ``contexts``: metadata contexts offered next to ``base:allocation`` (see
+        :mod:`cowbackup.nbd.contexts`), by name.
+        """
         if name in self.exports:
             raise BlockError(f"Block export id '{name}' is already in use")
         node = self.graph.get(node_name)
@@ -144,7 +155,7 @@ class NBDServer:
             raise BlockError(f"Cannot export node '{node_name}' writable: it is read-only")
         root = Root(f"export '{name}'")
         self.graph.attach(root, "root", node)
-        export = Export(name, root, writable=writable, description=description)
+        export = Export(name, root, writable=writable, description=description, contexts=dict(contexts or {}))
         try:
             export.info()  # validates name and description as NBD strings
         except ValueError as err:

@@ -47,6 +47,7 @@ class Qcow2Node(BlockNode):
     """An open qcow2 image over its ``file`` child, with an optional ``backing`` child."""
 
     driver_name = "qcow2"
+    supports_backing = True
 
     def __init__(
         self, node_name: str, hdr: Header, meta: Metadata, *, read_only: bool, compress: bool
