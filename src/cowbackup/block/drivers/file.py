@@ -359,6 +359,26 @@ class FileNode(BlockNode):
             self._data_extents.add(ext.offset, ext.end)
         return Extent(offset, min(ext.length, length), ext.flags)
 
+    async def grow(self, size: int) -> None:
+        """Make the file at least ``size`` bytes long; the new bytes are a hole (read as zeros).
+
+        Never shrinks (a smaller ``size`` is a no-op), so requests in flight always stay in range.  Only
+        regular files grow: a block device, or a node opened read-only, fails with ``ENOSPC`` / ``EPERM``
+        (a format driver that needs room then fails the allocating request cleanly).
+        """
+        if size <= self._size:
+            return
+        self._check_open()
+        if self.read_only:
+            raise RequestError(errno.EPERM, f"Cannot grow read-only node '{self.node_name}'")
+        if self.is_block:
+            raise RequestError(
+                errno.ENOSPC, f"Block device '{self.filename}' cannot grow to {size} bytes ({self._size})"
+            )
+        await run_blocking(os.ftruncate, self.fd, size)
+        # Raise the size only once the file is that long: a concurrent read in range never sees EOF.
+        self._size = max(self._size, size)
+
     async def _do_close(self) -> None:
         await self.drain()  # worker threads may still use the fd number
         os.close(self.fd)

@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 from array import array
 from collections.abc import Awaitable, Callable
 
+from cowbackup.block.drivers.file import FileNode
 from cowbackup.block.drivers.qcow2.format import (
     AUTOCLEAR_KNOWN,
     AUTOCLEAR_OFFSET,
@@ -35,12 +35,12 @@ from cowbackup.block.drivers.qcow2.format import (
     REFTABLE_FIELDS_OFFSET,
     Header,
     InvalidImage,
+    build_header_cluster,
 )
 from cowbackup.block.drivers.qcow2.l2cache import L2Cache, L2Table, decode_table, encode_table
 from cowbackup.block.drivers.qcow2.refcount import Refcounts
 from cowbackup.block.errors import RequestError
 from cowbackup.block.node import BlockNode
-from cowbackup.block.threadpool import run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,9 @@ async def grow_file(node: BlockNode, size: int) -> None:
     can grow; anything else fails with ENOSPC when it is too short."""
     if size <= node.size:
         return
-    fd = getattr(node, "fd", None)
-    if node.driver_name != "file" or getattr(node, "is_block", True) or not isinstance(fd, int):
+    if not isinstance(node, FileNode):
         raise RequestError(errno.ENOSPC, f"qcow2: image file '{node.node_name}' cannot grow to {size} bytes")
-    await run_blocking(os.ftruncate, fd, size)
-    node._size = size  # the file node keeps its size; only growing is ever done here
+    await node.grow(size)
 
 
 class Metadata:
@@ -120,6 +118,12 @@ class Metadata:
                 raise InvalidImage(f"qcow2: L1 entry {i} has reserved bits set")
             if off % self.cluster_size or (off + self.cluster_size > size and off):
                 raise InvalidImage(f"qcow2: L2 table {i} at {off:#x} is misaligned or beyond the end of file")
+        # The fixed metadata (also known read-only: bitmaps are checked against it).
+        meta = self.meta_clusters
+        meta.add(0)
+        meta.update(self.clusters(hdr.l1_table_offset, hdr.l1_size * 8))
+        meta.update(self.clusters(hdr.refcount_table_offset, hdr.refcount_table_clusters * self.cluster_size))
+        meta.update((e & OFFSET_MASK) >> self.cluster_bits for e in self.l1 if e & OFFSET_MASK)
 
     async def load_refcounts(self) -> None:
         """Load the refcount table and every block; note which clusters hold metadata."""
@@ -136,12 +140,7 @@ class Metadata:
                 self.meta_clusters.add(off >> self.cluster_bits)
         rc.loaded()
         self.refcounts = rc
-        meta = self.meta_clusters
-        meta.add(0)
-        meta.update(self._clusters(hdr.l1_table_offset, hdr.l1_size * 8))
-        meta.update(self._clusters(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs))
-        meta.update((e & OFFSET_MASK) >> self.cluster_bits for e in self.l1 if e & OFFSET_MASK)
-        for c in meta:
+        for c in self.meta_clusters:
             if rc.get(c) == 0:
                 raise InvalidImage(f"qcow2: metadata cluster {c} has refcount 0")
 
@@ -159,7 +158,28 @@ class Metadata:
         if self.on_first_write is not None:
             await self.on_first_write()
 
-    def _clusters(self, offset: int, length: int) -> range:
+    @property
+    def written(self) -> bool:
+        """The image may have changed since it was opened (a write request got past its plan step)."""
+        return self._written
+
+    def header_bytes(self) -> bytes:
+        """The header cluster for :attr:`hdr`, trimmed to the used part in whole 512-byte sectors.
+
+        Raises InvalidImage when the header and its extensions do not fit in one cluster.
+        """
+        data = build_header_cluster(self.hdr, self.cluster_size)
+        used = len(data.rstrip(b"\0"))
+        return data[: min(len(data), -(-used // 512) * 512)]
+
+    async def write_header(self, data: bytes) -> None:
+        """Rewrite the header with ``data`` (from :meth:`header_bytes`) in one write, then flush.
+        Under ``lock``."""
+        await self.file.write(0, data)
+        await self.file.flush()
+
+    def clusters(self, offset: int, length: int) -> range:
+        """Host clusters touched by ``length`` bytes at ``offset``."""
         return range(
             offset >> self.cluster_bits, (offset + length + self.cluster_size - 1) >> self.cluster_bits
         )
@@ -284,9 +304,9 @@ class Metadata:
             )
             rc.table_moved()
             if old is not None:
-                for c in self._clusters(old[0], old[1] * self.cluster_size):
+                for c in self.clusters(old[0], old[1] * self.cluster_size):
                     self.meta_clusters.discard(c)
-        self.meta_clusters.update(self._clusters(rc.table_offset, rc.table_clusters * self.cluster_size))
+        self.meta_clusters.update(self.clusters(rc.table_offset, rc.table_clusters * self.cluster_size))
         self.meta_clusters.update(off >> self.cluster_bits for off in rc.table if off)
 
     async def _write_l1(self) -> None:

@@ -20,6 +20,8 @@ import errno
 from typing import TYPE_CHECKING
 
 from cowbackup.block.drivers.qcow2 import compress as codec
+from cowbackup.block.drivers.qcow2.bitmaps import StoredBitmap
+from cowbackup.block.drivers.qcow2.bitmapstore import BitmapStore
 from cowbackup.block.drivers.qcow2.format import (
     L2E_COMPRESSED,
     L2E_COPIED,
@@ -34,7 +36,7 @@ from cowbackup.block.drivers.qcow2.l2cache import (
     compressed_host_clusters,
 )
 from cowbackup.block.drivers.qcow2.metadata import CorruptImage, Metadata
-from cowbackup.block.errors import RequestError, invalid
+from cowbackup.block.errors import BlockError, RequestError, invalid
 from cowbackup.block.node import BlockNode, Extent, Limits, RequestFlags, Status
 
 if TYPE_CHECKING:
@@ -65,6 +67,9 @@ class Qcow2Node(BlockNode):
         #: Where the next compressed cluster may go inside a partly used host cluster (0: none).
         self._ctail = 0
         meta.on_freed = self._check_ctail
+        self.bitmap_store = BitmapStore(meta, hdr.size, read_only)
+        meta.on_first_write = self.bitmap_store.mark_in_use
+        self.write_observers.append(self._track_bitmaps)
 
     @property
     def file(self) -> BlockNode:
@@ -80,6 +85,58 @@ class Qcow2Node(BlockNode):
         if self.backing is not None:
             out["backing_file"] = self.backing.describe().get("file", self.backing.node_name)
         return out
+
+    # ------------------------------------------------------------------ persistent bitmaps
+
+    @property
+    def can_store_bitmaps(self) -> bool:
+        """Bitmaps can be stored in this image (version 3, opened read-write, not found corrupt)."""
+        return self.bitmap_store.writable and self.meta.broken is None
+
+    def stored_bitmaps(self) -> list[StoredBitmap]:
+        """The image's persistent bitmaps: read at open, or as last stored.
+
+        The objects are live: while the image is open the node marks the bitmap of every enabled,
+        consistent entry on each write, write-zeroes and discard that reaches it, and a clean close
+        stores them (so a registry that shares these ``DirtyBitmap`` objects need not mark them itself;
+        marking twice is harmless).  Other changes (clear, merge, enable, ...) reach the image only
+        through :meth:`store_bitmaps`.  Inconsistent bitmaps (``in_use`` at open) have no bits.
+        """
+        return list(self.bitmap_store.bitmaps)
+
+    async def store_bitmaps(self, bitmaps: list[StoredBitmap]) -> None:
+        """Replace the image's stored bitmaps by ``bitmaps``, now (crash-safe, see ``bitmapstore``).
+
+        Entries with extra data we may not use are kept.  If the image was written since it was opened,
+        the bitmaps are stored with ``in_use`` set (a clean close clears it).  Raises BlockError when
+        bitmaps cannot be stored here or the set is invalid (bad name, granularity, size, duplicate),
+        with nothing written; OSError from the file.
+        """
+        if not self.can_store_bitmaps:
+            raise BlockError(f"Cannot store bitmaps in qcow2 node '{self.node_name}' (read-only or v2)")
+        async with self.meta.lock:
+            await self.bitmap_store.store(bitmaps, clean=not self.meta.written)
+
+    async def remove_stored_bitmap(self, name: str) -> None:
+        """Remove the stored bitmap ``name`` (any entry, also an inconsistent or unusable one), now.
+
+        Raises BlockError if there is no such bitmap or bitmaps cannot be stored here.
+        """
+        if not self.can_store_bitmaps:
+            raise BlockError(f"Cannot remove bitmaps from qcow2 node '{self.node_name}' (read-only or v2)")
+        async with self.meta.lock:
+            try:
+                await self.bitmap_store.remove(name)
+            except KeyError:
+                raise BlockError(f"Bitmap '{name}' is not stored in node '{self.node_name}'") from None
+
+    def _track_bitmaps(self, offset: int, length: int) -> None:
+        for sb in self.bitmap_store.bitmaps:
+            if sb.enabled and not sb.inconsistent:
+                sb.bitmap.set(offset, length)
+                # Even a request that changed nothing on disk (zeroing a hole) is marked, as QEMU does:
+                # the close must then store the bits.
+                self.bitmap_store.marked = True
 
     # ------------------------------------------------------------------ lookup
 
@@ -509,6 +566,11 @@ class Qcow2Node(BlockNode):
 
     async def _do_close(self) -> None:
         await self.drain()
+        store = self.bitmap_store
+        if (store.in_use_by_us or store.marked) and store.writable and self.meta.broken is None:
+            # Every write has completed and marked the bitmaps: store them with in_use cleared.
+            async with self.meta.lock:
+                await store.store(store.bitmaps, clean=True)
         if self.meta.refcounts is not None and self.meta.broken is None and self.meta.dirty:
             try:
                 await self._do_flush()
