@@ -49,6 +49,8 @@ class Qcow2Node(BlockNode):
     """An open qcow2 image over its ``file`` child, with an optional ``backing`` child."""
 
     driver_name = "qcow2"
+    #: Honours ``RequestFlags.WRITE_COMPRESSED`` (the backup job checks this for ``compress=true``).
+    supports_compressed_writes = True
 
     def __init__(
         self, node_name: str, hdr: Header, meta: Metadata, *, read_only: bool, compress: bool
@@ -295,7 +297,7 @@ class Qcow2Node(BlockNode):
     async def _do_write(self, offset: int, data: memoryview, flags: RequestFlags) -> None:
         self._check_usable()
         cs = self.cluster_size
-        if self.compress_writes:
+        if self.compress_writes or flags & RequestFlags.WRITE_COMPRESSED:
             start = -(-offset // cs) * cs
             end = offset + len(data) if offset + len(data) == self._size else (offset + len(data)) // cs * cs
             if start < end:
