@@ -63,6 +63,11 @@ async def grow_file(node: BlockNode, size: int) -> None:
     await node.grow(size)
 
 
+#: Bounds of the room grown ahead of allocation (see :meth:`Metadata.grow_to`).
+GROW_MIN = 32 << 20
+GROW_MAX = 256 << 20
+
+
 class Metadata:
     """State of one open image shared by all its requests.  Every field is touched under ``lock``."""
 
@@ -72,6 +77,10 @@ class Metadata:
         self.cluster_size = hdr.cluster_size
         self._file = file
         self.lock = asyncio.Lock()
+        #: Serialises :meth:`grow_to` (never held while waiting for ``lock``).
+        self._grow_lock = asyncio.Lock()
+        #: Length of the image file when its refcounts were loaded (``trim`` never cuts below it).
+        self._size_at_open = 0
         self.l1: array[int] = array("Q")
         self.l1_dirty: set[int] = set()
         self.l2 = L2Cache(l2_cache_tables)
@@ -132,6 +141,7 @@ class Metadata:
         rc = Refcounts(
             hdr.cluster_bits, hdr.refcount_order, hdr.refcount_table_offset, hdr.refcount_table_clusters
         )
+        self._size_at_open = self.file.size
         table = await self.read_bytes(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
         rc.load_table(table, self.file.size)
         for index, off in enumerate(rc.table):
@@ -232,7 +242,38 @@ class Metadata:
         return self.refcounts
 
     async def grow_to(self, clusters: int) -> None:
-        await grow_file(self.file, clusters << self.cluster_bits)
+        """Make the image file cover ``clusters`` clusters (those allocated so far, ``refcounts.high``).
+
+        Callers need not hold ``lock`` (a data write then does not hold the metadata lock across a file
+        system call).  It grows past the allocation high mark, which covers the clusters of every write
+        allocated so far.
+        """
+        if clusters << self.cluster_bits <= self.file.size:
+            return
+        async with self._grow_lock:
+            # Concurrent growers queue here; most find the room made by the one before them.
+            if clusters << self.cluster_bits <= self.file.size:
+                return
+            await self._grow(clusters)
+
+    async def _grow(self, clusters: int) -> None:
+        rc = self.refcounts
+        need = max(clusters, rc.high if rc is not None else 0) << self.cluster_bits
+        # Grow ahead (a quarter of the need, 32 to 256 MiB of hole): a backup into an empty image then
+        # grows the file a few times per GiB instead of once per chunk (each ftruncate waits for the
+        # writes in flight on the file).  :meth:`trim` gives the rest back at close.
+        ahead = min(max(need // 4, GROW_MIN), GROW_MAX)
+        await grow_file(self.file, -(-(need + ahead) >> self.cluster_bits) << self.cluster_bits)
+
+    async def trim(self) -> None:
+        """Cut the room :meth:`grow_to` added past the last allocated cluster (never below the size the
+        file had at open).  Called at close, after the final write-back."""
+        file, rc = self.file, self.refcounts
+        if rc is None or not isinstance(file, FileNode) or file.is_block:
+            return
+        end = max(rc.high << self.cluster_bits, self._size_at_open)
+        if file.size > end:
+            await file.truncate(end)
 
     def check_data_cluster(self, host: int) -> None:
         """Refuse to write data to ``host`` unless it is a data cluster of ours (refcount 1, no metadata)."""

@@ -9,14 +9,15 @@ writes that allocate) takes the lock again to point the L2 entries at the new cl
                        cluster is completed from its old contents (backing file, zeros, compressed data)
     commit (locked)    set the L2 entries; the old host clusters are freed at the next write-back
 
-While a guest cluster is being allocated it is listed in ``_allocating``; any other request that would
-change its L2 entry waits for it, so two writes never allocate the same guest cluster twice.
+While guest clusters are being allocated their range is listed in ``_allocating``; any other request that
+would change their L2 entries waits for it, so two writes never allocate the same guest cluster twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+from array import array
 from typing import TYPE_CHECKING
 
 from cowbackup.block.drivers.qcow2 import compress as codec
@@ -51,6 +52,9 @@ class Qcow2Node(BlockNode):
     driver_name = "qcow2"
     #: Honours ``RequestFlags.WRITE_COMPRESSED`` (the backup job checks this for ``compress=true``).
     supports_compressed_writes = True
+    #: May read as zeros everywhere (QEMU's bdrv_has_zero_init for qcow2): the copy engine confirms it
+    #: with one block-status call before relying on it, which a backing file or any data fails.
+    known_zero_init = True
 
     def __init__(
         self, node_name: str, hdr: Header, meta: Metadata, *, read_only: bool, compress: bool
@@ -65,7 +69,10 @@ class Qcow2Node(BlockNode):
         self.compress_writes = compress
         self._size = hdr.size
         self.limits = Limits(request_alignment=1, cluster_size=hdr.cluster_size)
-        self._allocating: dict[int, asyncio.Event] = {}
+        #: Guest cluster ranges ``[first, end)`` being allocated, with the event set when they are done.
+        #: A short list (one entry per allocating request in flight), scanned rather than indexed per
+        #: cluster so that a large write costs the same as a small one.
+        self._allocating: list[tuple[int, int, asyncio.Event]] = []
         #: Where the next compressed cluster may go inside a partly used host cluster (0: none).
         self._ctail = 0
         meta.on_freed = self._check_ctail
@@ -153,7 +160,14 @@ class Qcow2Node(BlockNode):
         table = await self.meta.l2_table(l1i, create=False)
         limit = min(offset + length, (l1i + 1) * self.l2_entries * cs)
         if table is None:
-            return UNALLOCATED, limit - offset
+            # Whole L2 ranges without a table are unallocated too: one answer for all of them (a fresh
+            # image is one extent, so the copy engine can tell it reads as zeros).
+            l1 = self.meta.l1
+            span = self.l2_entries * cs
+            nxt = l1i + 1
+            while nxt < len(l1) and nxt * span < offset + length and not l1[nxt] & OFFSET_MASK:
+                nxt += 1
+            return UNALLOCATED, min(offset + length, nxt * span) - offset
         entries = table.entries
         first = self._classify(entries[l2i])
         end = (gc + 1) * cs
@@ -256,9 +270,8 @@ class Qcow2Node(BlockNode):
         lock = self.meta.lock
         while True:
             await lock.acquire()
-            event = next(
-                (self._allocating[c] for c in range(first, first + count) if c in self._allocating), None
-            )
+            end = first + count
+            event = next((ev for a, b, ev in self._allocating if a < end and first < b), None)
             if event is None:
                 return
             lock.release()
@@ -332,40 +345,50 @@ class Qcow2Node(BlockNode):
             self._check_usable()
             await meta.before_first_write()
             table = await meta.l2_table(l1i, create=False)
-            olds = [self._classify(table.entries[l2i + k]) if table else UNALLOCATED for k in range(count)]
-            hosts = [0] * count
-            need = []
-            for k, m in enumerate(olds):
-                if m.kind is Kind.DATA and m.copied:
-                    meta.check_data_cluster(m.host)
-                    hosts[k] = m.host
-                else:
-                    need.append(k)
+            # Fast path: every cluster unallocated (a backup into a fresh image) -- no per-cluster lookup.
+            fresh = table is None or not any(table.entries[l2i : l2i + count])
+            if fresh:
+                olds = [UNALLOCATED] * count
+                need = list(range(count))
+            else:
+                assert table is not None
+                olds = [self._classify(e) for e in table.entries[l2i : l2i + count]]
+                need = [k for k, m in enumerate(olds) if not (m.kind is Kind.DATA and m.copied)]
+                for m in olds:
+                    if m.kind is Kind.DATA and m.copied:
+                        meta.check_data_cluster(m.host)  # written in place: must be ours alone
+            hosts = [m.host for m in olds]
             event = asyncio.Event()
+            runs: list[tuple[int, int]] = []
             if need:
-                rc = meta.require_refcounts()
-                runs = rc.allocate(len(need))
+                runs = meta.require_refcounts().allocate(len(need))
                 it = iter(need)
                 for start, n in runs:
                     for c in range(start, start + n):
                         hosts[next(it)] = c << cb
-                for k in need:
-                    self._allocating[first + k] = event
+                claim = (first, first + count, event)
+                self._allocating.append(claim)
         finally:
             meta.lock.release()
         committed = False
         try:
             if need:
-                async with meta.lock:
-                    await meta.grow_to(meta.require_refcounts().high)
-            await self._write_data(offset, data, hosts, olds, set(need))
+                await meta.grow_to(max(start + n for start, n in runs))
+            await self._write_data(offset, data, hosts, olds, set(need), contiguous=fresh and len(runs) == 1)
             if need:
                 async with meta.lock:
                     table = await meta.l2_table(l1i, create=True)
                     assert table is not None
-                    for k in need:
-                        self._free_mapping(self._classify(table.entries[l2i + k]))
-                        table.entries[l2i + k] = hosts[k] | L2E_COPIED
+                    entries = table.entries
+                    if fresh and len(runs) == 1:
+                        # Nothing to free (the clusters were unallocated, and stayed so: other changes to
+                        # them wait for this claim); one slice for the whole run.
+                        base = hosts[0] | L2E_COPIED
+                        entries[l2i : l2i + count] = array("Q", range(base, base + (count << cb), 1 << cb))
+                    else:
+                        for k in need:
+                            self._free_mapping(self._classify(entries[l2i + k]))
+                            entries[l2i + k] = hosts[k] | L2E_COPIED
                     table.dirty = True
                 committed = True
         finally:
@@ -373,20 +396,29 @@ class Qcow2Node(BlockNode):
                 if not committed:
                     for k in need:
                         meta.require_refcounts().defer_free(hosts[k] >> cb)
-                for k in need:
-                    del self._allocating[first + k]
+                self._allocating.remove(claim)
                 event.set()
 
     async def _write_data(
-        self, offset: int, data: memoryview, hosts: list[int], olds: list[Mapping], new: set[int]
+        self,
+        offset: int,
+        data: memoryview,
+        hosts: list[int],
+        olds: list[Mapping],
+        new: set[int],
+        *,
+        contiguous: bool = False,
     ) -> None:
         """Write the data to its host clusters: contiguous host runs in one write each; partial new
-        clusters completed from their old contents."""
+        clusters completed from their old contents.  ``contiguous``: ``hosts`` follow each other."""
         cs, cb = self.cluster_size, self.cluster_bits
         first = offset >> cb
         end = offset + len(data)
-        run_host = run_pos = run_len = 0
         file = self.file
+        if contiguous and not offset & (cs - 1) and (not end & (cs - 1) or end == self._size):
+            await file.write(hosts[0], data)  # whole clusters in one run: nothing to complete
+            return
+        run_host = run_pos = run_len = 0
 
         async def flush_run() -> None:
             if run_len:
@@ -447,7 +479,8 @@ class Qcow2Node(BlockNode):
                 await meta.grow_to(rc.high)
             self._ctail = (host + len(comp)) if (host + len(comp)) & (cs - 1) else 0
             event = asyncio.Event()
-            self._allocating[gc] = event
+            claim = (gc, gc + 1, event)
+            self._allocating.append(claim)
         finally:
             meta.lock.release()
         committed = False
@@ -465,7 +498,7 @@ class Qcow2Node(BlockNode):
         finally:
             if not committed:
                 meta.require_refcounts().defer_free(host >> cb)
-            del self._allocating[gc]
+            self._allocating.remove(claim)
             event.set()
 
     def _check_ctail(self) -> None:
@@ -578,3 +611,5 @@ class Qcow2Node(BlockNode):
                 await self._do_flush()
             except OSError as err:
                 raise RequestError(err.errno or errno.EIO, f"qcow2: flush at close failed: {err}") from err
+        if self.meta.refcounts is not None and self.meta.broken is None:
+            await self.meta.trim()
