@@ -148,6 +148,8 @@ class BlockCopyState:
         #: Discard each source range once copied (blockdev-backup's discard-source).
         self.discard_source = False
         self.use_copy_range = use_copy_range
+        #: Flags of data writes to the target (``WRITE_COMPRESSED`` for ``compress=true``).
+        self.write_flags = RequestFlags(0)
         self.ratelimit = RateLimit(0)
         self.on_progress: Callable[[int], None] = lambda n: None
         self.on_remaining: Callable[[int], None] = lambda n: None
@@ -400,7 +402,7 @@ class BlockCopyState:
                 if zero:
                     await self._write_zeroes(offset + run, n)
                 else:
-                    await _target_io(target.write(offset + run, buf[run : run + n]))
+                    await _target_io(target.write(offset + run, buf[run : run + n], self.write_flags))
         finally:
             await self._buffers.put(buf)
 

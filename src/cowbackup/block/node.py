@@ -84,6 +84,9 @@ class RequestFlags(enum.IntFlag):
     NO_FALLBACK = 4
     #: The write does not change the data (copy-before-write need not save the old contents).
     WRITE_UNCHANGED = 8
+    #: Store whole clusters compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED).  Only for nodes whose
+    #: ``supports_compressed_writes`` is true; others ignore the flag and write normally.
+    WRITE_COMPRESSED = 16
 
 
 #: The default of every ``flags`` argument.

@@ -38,6 +38,7 @@ from cowbackup.block.copy import (
 from cowbackup.block.errors import BlockError
 from cowbackup.block.filters.cbw import CopyBeforeWriteNode, cbw_append, cbw_detach, cbw_drop
 from cowbackup.block.graph import BlockGraph
+from cowbackup.block.node import BlockNode, RequestFlags
 from cowbackup.jobs.job import BlockdevOnError, ErrorAction, Job, JobError, JobManager, JobTxn
 
 SYNC_MODES = ("top", "full", "none", "incremental", "bitmap")
@@ -210,6 +211,13 @@ class BackupJob(Job):
                 await self.pause_point()  # "stop" paused the job; "ignore" retries at once
 
 
+def _supports_compressed_writes(node: BlockNode) -> bool:
+    """QEMU's bdrv_supports_compressed_writes: the node, or the node under its filters, can compress."""
+    while node.is_filter and "file" in node.children:
+        node = node.children["file"].node
+    return bool(getattr(node, "supports_compressed_writes", False))
+
+
 def _check_bitmap_args(params: BackupParams) -> None:
     """QEMU's do_backup_common checks on bitmap arguments, in its order and words."""
     sync = params.sync
@@ -242,7 +250,7 @@ def backup_job_create(
     _check_bitmap_args(params)
     if source is target:
         raise BlockError("Source and target cannot be the same")
-    if params.compress:
+    if params.compress and not _supports_compressed_writes(target):
         raise BlockError(f"Compression is not supported for this drive {params.target}")
     # QEMU's op blockers: a running backup's target is the job's alone -- neither the source nor the
     # target of another backup (two snapshots would interleave in it, or a half-written one be read).
@@ -278,9 +286,11 @@ def backup_job_create(
         filter_node_name=params.filter_node_name,
         cluster_size=cluster,
         on_cbw_error=params.on_cbw_error,
-        use_copy_range=perf.use_copy_range,
+        use_copy_range=perf.use_copy_range and not params.compress,
     )
     bcs.discard_source = params.discard_source
+    if params.compress:
+        bcs.write_flags = RequestFlags.WRITE_COMPRESSED
     # The snapshot instant: from here on every write passes through the filter.
     bcs.bitmap.set_all()
     try:

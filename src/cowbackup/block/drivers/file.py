@@ -33,6 +33,7 @@ zeros past the end of the file, and a write into it is followed by an ``ftruncat
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import errno
@@ -191,6 +192,7 @@ class FileNode(BlockNode):
         # discard touches it (those may punch holes).  Writes only ever turn holes into data.
         self._data_extents: ExtentCache[bool] = ExtentCache()
         self._slow_seeks = 0  # SEEK_HOLEs still to send to the pool (see _seek_in_memory)
+        self._grow_lock = asyncio.Lock()
 
     def describe(self) -> dict[str, object]:
         return {"file": self.filename}
@@ -395,6 +397,48 @@ class FileNode(BlockNode):
         if ext.flags & Status.DATA:
             self._data_extents.add(ext.offset, ext.end, True)
         return Extent(offset, min(ext.length, length), ext.flags)
+
+    async def grow(self, size: int) -> None:
+        """Make the file at least ``size`` bytes long; the new bytes are a hole (read as zeros).
+
+        Never shrinks (a smaller ``size`` is a no-op), so requests in flight always stay in range.  Only
+        regular files grow: a block device, or a node opened read-only, fails with ``ENOSPC`` / ``EPERM``
+        (a format driver that needs room then fails the allocating request cleanly).
+        """
+        if size <= self._size:
+            return
+        self._check_open()
+        if self.read_only:
+            raise RequestError(errno.EPERM, f"Cannot grow read-only node '{self.node_name}'")
+        if self.is_block:
+            raise RequestError(
+                errno.ENOSPC, f"Block device '{self.filename}' cannot grow to {size} bytes ({self._size})"
+            )
+        # One ftruncate at a time: a smaller one finishing last would shrink the file.  Never inline,
+        # even on tmpfs: it waits for the inode lock that a large write in flight holds.
+        async with self._grow_lock:
+            if size <= self._size:
+                return
+            await run_blocking(os.ftruncate, self.fd, size)
+            # Raise the size only once the file is that long: a concurrent read in range never sees EOF.
+            self._size = size
+
+    async def truncate(self, size: int) -> None:
+        """Set the file's length to exactly ``size`` (growing with a hole, or shrinking).
+
+        The caller guarantees that nothing past ``size`` is in use (a format driver trimming the room it
+        grew ahead, at close).  Regular files only: ENOTSUP on a block device, EPERM read-only.
+        """
+        self._check_open()
+        if self.read_only:
+            raise RequestError(errno.EPERM, f"Cannot truncate read-only node '{self.node_name}'")
+        if self.is_block:
+            raise RequestError(errno.ENOTSUP, f"Cannot truncate block device '{self.filename}'")
+        async with self._grow_lock:
+            await run_blocking(os.ftruncate, self.fd, size)
+            if size < self._size:
+                self._forget_extent(size, self._size - size)
+            self._size = size
 
     async def _do_close(self) -> None:
         await self.drain()  # worker threads may still use the fd number

@@ -29,6 +29,7 @@ import contextvars
 import os
 
 from cowbackup.block.drivers import open_node as open_any
+from cowbackup.block.drivers.qcow2.bitmaps import StoredBitmap
 from cowbackup.block.drivers.qcow2.create import create, create_image
 from cowbackup.block.drivers.qcow2.format import (
     HEADER_V2,
@@ -47,7 +48,16 @@ from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode
 from cowbackup.block.options import Options
 
-__all__ = ["CorruptImage", "InvalidImage", "Qcow2Node", "create", "create_image", "open_node", "probe_format"]
+__all__ = [
+    "CorruptImage",
+    "InvalidImage",
+    "Qcow2Node",
+    "StoredBitmap",
+    "create",
+    "create_image",
+    "open_node",
+    "probe_format",
+]
 
 DEFAULT_L2_CACHE = 32 * 1024 * 1024
 #: Longest backing chain opened from headers (a loop of backing files would never end otherwise).
@@ -154,6 +164,7 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
         await meta.load_l1()
         if not read_only:
             await meta.load_refcounts()
+        await node.bitmap_store.load()
         backing: BlockNode | None = None
         if has_backing:
             if isinstance(backing_ref, str):

@@ -120,6 +120,8 @@ class Header:
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     #: The bitmaps extension: (nb_bitmaps, directory_size, directory_offset), when present.
     bitmaps_ext: tuple[int, int, int] | None = None
+    #: Extensions we do not know, (type, data) in file order: written back unchanged with the header.
+    unknown_exts: list[tuple[int, bytes]] = field(default_factory=list)
 
     @property
     def cluster_size(self) -> int:
@@ -296,6 +298,8 @@ def _parse_extensions(buf: bytes, hdr: Header) -> None:
                 ftype, bit, name = FEATURE_ENTRY.unpack_from(data, i * FEATURE_ENTRY.size)
                 hdr.feature_names[(ftype, bit)] = name.rstrip(b"\0").decode(errors="replace")
         elif ext_type == EXT_BITMAPS:
+            if hdr.version < 3:
+                continue  # v2 has no autoclear bit to vouch for it: the extension is stale by definition
             if length != BITMAPS_EXT.size:
                 raise _fail(f"bitmaps extension has {length} bytes, not {BITMAPS_EXT.size}")
             nb, reserved, dsize, doff = BITMAPS_EXT.unpack(data)
@@ -306,7 +310,9 @@ def _parse_extensions(buf: bytes, hdr: Header) -> None:
             raise _fail("images with an external data file are not supported")
         elif ext_type == EXT_CRYPTO:
             raise _fail("encrypted images are not supported")
-        # Unknown extensions are skipped, as the spec allows.
+        else:
+            # Unknown extensions are kept, so that rewriting the header preserves them (as the spec asks).
+            hdr.unknown_exts.append((ext_type, data))
 
 
 def build_header_cluster(hdr: Header, cluster_size: int) -> bytes:
@@ -317,17 +323,26 @@ def build_header_cluster(hdr: Header, cluster_size: int) -> bytes:
     """
     exts = b""
     if hdr.version == 3:
-        if hdr.backing_format:
-            exts += pack_extension(EXT_BACKING_FORMAT, hdr.backing_format.encode())
-        exts += pack_extension(EXT_FEATURE_TABLE, _FEATURE_TABLE)
+        # The bitmaps extension goes first, right after the fixed header: it is what changes when bitmaps
+        # are stored, and there it stays inside the first 512-byte sector and nothing else moves while it
+        # exists (QEMU puts it after the feature table; the order is free).
         if hdr.bitmaps_ext is not None:
             nb, dsize, doff = hdr.bitmaps_ext
             exts += pack_extension(EXT_BITMAPS, BITMAPS_EXT.pack(nb, 0, dsize, doff))
-    exts += EXT_HEADER.pack(EXT_END, 0)
+        if hdr.backing_format:
+            exts += pack_extension(EXT_BACKING_FORMAT, hdr.backing_format.encode())
+    for ext_type, data in hdr.unknown_exts:
+        exts += pack_extension(ext_type, data)
     name = hdr.backing_file.encode() if hdr.backing_file else b""
     fixed_len = hdr.header_length if hdr.version == 3 else HEADER_V2.size
     if len(name) > MAX_BACKING_NAME:
         raise _fail("backing file name is too long")
+    table = pack_extension(EXT_FEATURE_TABLE, _FEATURE_TABLE)
+    # The feature name table only helps error messages: it is left out where it does not fit (512-byte
+    # clusters with bitmaps or a backing file).
+    if hdr.version == 3 and fixed_len + len(exts) + len(table) + EXT_HEADER.size + len(name) <= cluster_size:
+        exts += table
+    exts += EXT_HEADER.pack(EXT_END, 0)
     hdr.backing_file_offset = fixed_len + len(exts) if name else 0
     hdr.backing_file_size = len(name)
     out = hdr.pack() + exts + name

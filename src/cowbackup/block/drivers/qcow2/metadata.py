@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 from array import array
 from collections.abc import Awaitable, Callable
 
+from cowbackup.block.drivers.file import FileNode
 from cowbackup.block.drivers.qcow2.format import (
     AUTOCLEAR_KNOWN,
     AUTOCLEAR_OFFSET,
@@ -35,12 +35,12 @@ from cowbackup.block.drivers.qcow2.format import (
     REFTABLE_FIELDS_OFFSET,
     Header,
     InvalidImage,
+    build_header_cluster,
 )
 from cowbackup.block.drivers.qcow2.l2cache import L2Cache, L2Table, decode_table, encode_table
 from cowbackup.block.drivers.qcow2.refcount import Refcounts
 from cowbackup.block.errors import RequestError
 from cowbackup.block.node import BlockNode
-from cowbackup.block.threadpool import run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,14 @@ async def grow_file(node: BlockNode, size: int) -> None:
     can grow; anything else fails with ENOSPC when it is too short."""
     if size <= node.size:
         return
-    fd = getattr(node, "fd", None)
-    if node.driver_name != "file" or getattr(node, "is_block", True) or not isinstance(fd, int):
+    if not isinstance(node, FileNode):
         raise RequestError(errno.ENOSPC, f"qcow2: image file '{node.node_name}' cannot grow to {size} bytes")
-    await run_blocking(os.ftruncate, fd, size)
-    node._size = size  # the file node keeps its size; only growing is ever done here
+    await node.grow(size)
+
+
+#: Bounds of the room grown ahead of allocation (see :meth:`Metadata.grow_to`).
+GROW_MIN = 32 << 20
+GROW_MAX = 256 << 20
 
 
 class Metadata:
@@ -74,6 +77,10 @@ class Metadata:
         self.cluster_size = hdr.cluster_size
         self._file = file
         self.lock = asyncio.Lock()
+        #: Serialises :meth:`grow_to` (never held while waiting for ``lock``).
+        self._grow_lock = asyncio.Lock()
+        #: Length of the image file when its refcounts were loaded (``trim`` never cuts below it).
+        self._size_at_open = 0
         self.l1: array[int] = array("Q")
         self.l1_dirty: set[int] = set()
         self.l2 = L2Cache(l2_cache_tables)
@@ -120,6 +127,12 @@ class Metadata:
                 raise InvalidImage(f"qcow2: L1 entry {i} has reserved bits set")
             if off % self.cluster_size or (off + self.cluster_size > size and off):
                 raise InvalidImage(f"qcow2: L2 table {i} at {off:#x} is misaligned or beyond the end of file")
+        # The fixed metadata (also known read-only: bitmaps are checked against it).
+        meta = self.meta_clusters
+        meta.add(0)
+        meta.update(self.clusters(hdr.l1_table_offset, hdr.l1_size * 8))
+        meta.update(self.clusters(hdr.refcount_table_offset, hdr.refcount_table_clusters * self.cluster_size))
+        meta.update((e & OFFSET_MASK) >> self.cluster_bits for e in self.l1 if e & OFFSET_MASK)
 
     async def load_refcounts(self) -> None:
         """Load the refcount table and every block; note which clusters hold metadata."""
@@ -128,6 +141,7 @@ class Metadata:
         rc = Refcounts(
             hdr.cluster_bits, hdr.refcount_order, hdr.refcount_table_offset, hdr.refcount_table_clusters
         )
+        self._size_at_open = self.file.size
         table = await self.read_bytes(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
         rc.load_table(table, self.file.size)
         for index, off in enumerate(rc.table):
@@ -136,12 +150,7 @@ class Metadata:
                 self.meta_clusters.add(off >> self.cluster_bits)
         rc.loaded()
         self.refcounts = rc
-        meta = self.meta_clusters
-        meta.add(0)
-        meta.update(self._clusters(hdr.l1_table_offset, hdr.l1_size * 8))
-        meta.update(self._clusters(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs))
-        meta.update((e & OFFSET_MASK) >> self.cluster_bits for e in self.l1 if e & OFFSET_MASK)
-        for c in meta:
+        for c in self.meta_clusters:
             if rc.get(c) == 0:
                 raise InvalidImage(f"qcow2: metadata cluster {c} has refcount 0")
 
@@ -159,7 +168,28 @@ class Metadata:
         if self.on_first_write is not None:
             await self.on_first_write()
 
-    def _clusters(self, offset: int, length: int) -> range:
+    @property
+    def written(self) -> bool:
+        """The image may have changed since it was opened (a write request got past its plan step)."""
+        return self._written
+
+    def header_bytes(self) -> bytes:
+        """The header cluster for :attr:`hdr`, trimmed to the used part in whole 512-byte sectors.
+
+        Raises InvalidImage when the header and its extensions do not fit in one cluster.
+        """
+        data = build_header_cluster(self.hdr, self.cluster_size)
+        used = len(data.rstrip(b"\0"))
+        return data[: min(len(data), -(-used // 512) * 512)]
+
+    async def write_header(self, data: bytes) -> None:
+        """Rewrite the header with ``data`` (from :meth:`header_bytes`) in one write, then flush.
+        Under ``lock``."""
+        await self.file.write(0, data)
+        await self.file.flush()
+
+    def clusters(self, offset: int, length: int) -> range:
+        """Host clusters touched by ``length`` bytes at ``offset``."""
         return range(
             offset >> self.cluster_bits, (offset + length + self.cluster_size - 1) >> self.cluster_bits
         )
@@ -212,7 +242,38 @@ class Metadata:
         return self.refcounts
 
     async def grow_to(self, clusters: int) -> None:
-        await grow_file(self.file, clusters << self.cluster_bits)
+        """Make the image file cover ``clusters`` clusters (those allocated so far, ``refcounts.high``).
+
+        Callers need not hold ``lock`` (a data write then does not hold the metadata lock across a file
+        system call).  It grows past the allocation high mark, which covers the clusters of every write
+        allocated so far.
+        """
+        if clusters << self.cluster_bits <= self.file.size:
+            return
+        async with self._grow_lock:
+            # Concurrent growers queue here; most find the room made by the one before them.
+            if clusters << self.cluster_bits <= self.file.size:
+                return
+            await self._grow(clusters)
+
+    async def _grow(self, clusters: int) -> None:
+        rc = self.refcounts
+        need = max(clusters, rc.high if rc is not None else 0) << self.cluster_bits
+        # Grow ahead (a quarter of the need, 32 to 256 MiB of hole): a backup into an empty image then
+        # grows the file a few times per GiB instead of once per chunk (each ftruncate waits for the
+        # writes in flight on the file).  :meth:`trim` gives the rest back at close.
+        ahead = min(max(need // 4, GROW_MIN), GROW_MAX)
+        await grow_file(self.file, -(-(need + ahead) >> self.cluster_bits) << self.cluster_bits)
+
+    async def trim(self) -> None:
+        """Cut the room :meth:`grow_to` added past the last allocated cluster (never below the size the
+        file had at open).  Called at close, after the final write-back."""
+        file, rc = self.file, self.refcounts
+        if rc is None or not isinstance(file, FileNode) or file.is_block:
+            return
+        end = max(rc.high << self.cluster_bits, self._size_at_open)
+        if file.size > end:
+            await file.truncate(end)
 
     def check_data_cluster(self, host: int) -> None:
         """Refuse to write data to ``host`` unless it is a data cluster of ours (refcount 1, no metadata)."""
@@ -284,9 +345,9 @@ class Metadata:
             )
             rc.table_moved()
             if old is not None:
-                for c in self._clusters(old[0], old[1] * self.cluster_size):
+                for c in self.clusters(old[0], old[1] * self.cluster_size):
                     self.meta_clusters.discard(c)
-        self.meta_clusters.update(self._clusters(rc.table_offset, rc.table_clusters * self.cluster_size))
+        self.meta_clusters.update(self.clusters(rc.table_offset, rc.table_clusters * self.cluster_size))
         self.meta_clusters.update(off >> self.cluster_bits for off in rc.table if off)
 
     async def _write_l1(self) -> None:

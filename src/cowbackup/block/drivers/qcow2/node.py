@@ -9,17 +9,20 @@ writes that allocate) takes the lock again to point the L2 entries at the new cl
                        cluster is completed from its old contents (backing file, zeros, compressed data)
     commit (locked)    set the L2 entries; the old host clusters are freed at the next write-back
 
-While a guest cluster is being allocated it is listed in ``_allocating``; any other request that would
-change its L2 entry waits for it, so two writes never allocate the same guest cluster twice.
+While guest clusters are being allocated their range is listed in ``_allocating``; any other request that
+would change their L2 entries waits for it, so two writes never allocate the same guest cluster twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+from array import array
 from typing import TYPE_CHECKING
 
 from cowbackup.block.drivers.qcow2 import compress as codec
+from cowbackup.block.drivers.qcow2.bitmaps import StoredBitmap
+from cowbackup.block.drivers.qcow2.bitmapstore import BitmapStore
 from cowbackup.block.drivers.qcow2.format import (
     L2E_COMPRESSED,
     L2E_COPIED,
@@ -34,7 +37,7 @@ from cowbackup.block.drivers.qcow2.l2cache import (
     compressed_host_clusters,
 )
 from cowbackup.block.drivers.qcow2.metadata import CorruptImage, Metadata
-from cowbackup.block.errors import RequestError, invalid
+from cowbackup.block.errors import BlockError, RequestError, invalid
 from cowbackup.block.node import BlockNode, Extent, Limits, RequestFlags, Status
 
 if TYPE_CHECKING:
@@ -48,6 +51,11 @@ class Qcow2Node(BlockNode):
 
     driver_name = "qcow2"
     supports_backing = True
+    #: Honours ``RequestFlags.WRITE_COMPRESSED`` (the backup job checks this for ``compress=true``).
+    supports_compressed_writes = True
+    #: May read as zeros everywhere (QEMU's bdrv_has_zero_init for qcow2): the copy engine confirms it
+    #: with one block-status call before relying on it, which a backing file or any data fails.
+    known_zero_init = True
 
     def __init__(
         self, node_name: str, hdr: Header, meta: Metadata, *, read_only: bool, compress: bool
@@ -62,10 +70,16 @@ class Qcow2Node(BlockNode):
         self.compress_writes = compress
         self._size = hdr.size
         self.limits = Limits(request_alignment=1, cluster_size=hdr.cluster_size)
-        self._allocating: dict[int, asyncio.Event] = {}
+        #: Guest cluster ranges ``[first, end)`` being allocated, with the event set when they are done.
+        #: A short list (one entry per allocating request in flight), scanned rather than indexed per
+        #: cluster so that a large write costs the same as a small one.
+        self._allocating: list[tuple[int, int, asyncio.Event]] = []
         #: Where the next compressed cluster may go inside a partly used host cluster (0: none).
         self._ctail = 0
         meta.on_freed = self._check_ctail
+        self.bitmap_store = BitmapStore(meta, hdr.size, read_only)
+        meta.on_first_write = self.bitmap_store.mark_in_use
+        self.write_observers.append(self._track_bitmaps)
 
     @property
     def file(self) -> BlockNode:
@@ -82,6 +96,58 @@ class Qcow2Node(BlockNode):
             out["backing_file"] = self.backing.describe().get("file", self.backing.node_name)
         return out
 
+    # ------------------------------------------------------------------ persistent bitmaps
+
+    @property
+    def can_store_bitmaps(self) -> bool:
+        """Bitmaps can be stored in this image (version 3, opened read-write, not found corrupt)."""
+        return self.bitmap_store.writable and self.meta.broken is None
+
+    def stored_bitmaps(self) -> list[StoredBitmap]:
+        """The image's persistent bitmaps: read at open, or as last stored.
+
+        The objects are live: while the image is open the node marks the bitmap of every enabled,
+        consistent entry on each write, write-zeroes and discard that reaches it, and a clean close
+        stores them (so a registry that shares these ``DirtyBitmap`` objects need not mark them itself;
+        marking twice is harmless).  Other changes (clear, merge, enable, ...) reach the image only
+        through :meth:`store_bitmaps`.  Inconsistent bitmaps (``in_use`` at open) have no bits.
+        """
+        return list(self.bitmap_store.bitmaps)
+
+    async def store_bitmaps(self, bitmaps: list[StoredBitmap]) -> None:
+        """Replace the image's stored bitmaps by ``bitmaps``, now (crash-safe, see ``bitmapstore``).
+
+        Entries with extra data we may not use are kept.  If the image was written since it was opened,
+        the bitmaps are stored with ``in_use`` set (a clean close clears it).  Raises BlockError when
+        bitmaps cannot be stored here or the set is invalid (bad name, granularity, size, duplicate),
+        with nothing written; OSError from the file.
+        """
+        if not self.can_store_bitmaps:
+            raise BlockError(f"Cannot store bitmaps in qcow2 node '{self.node_name}' (read-only or v2)")
+        async with self.meta.lock:
+            await self.bitmap_store.store(bitmaps, clean=not self.meta.written)
+
+    async def remove_stored_bitmap(self, name: str) -> None:
+        """Remove the stored bitmap ``name`` (any entry, also an inconsistent or unusable one), now.
+
+        Raises BlockError if there is no such bitmap or bitmaps cannot be stored here.
+        """
+        if not self.can_store_bitmaps:
+            raise BlockError(f"Cannot remove bitmaps from qcow2 node '{self.node_name}' (read-only or v2)")
+        async with self.meta.lock:
+            try:
+                await self.bitmap_store.remove(name)
+            except KeyError:
+                raise BlockError(f"Bitmap '{name}' is not stored in node '{self.node_name}'") from None
+
+    def _track_bitmaps(self, offset: int, length: int) -> None:
+        for sb in self.bitmap_store.bitmaps:
+            if sb.enabled and not sb.inconsistent:
+                sb.bitmap.set(offset, length)
+                # Even a request that changed nothing on disk (zeroing a hole) is marked, as QEMU does:
+                # the close must then store the bits.
+                self.bitmap_store.marked = True
+
     # ------------------------------------------------------------------ lookup
 
     async def _lookup(self, offset: int, length: int) -> tuple[Mapping, int]:
@@ -95,7 +161,14 @@ class Qcow2Node(BlockNode):
         table = await self.meta.l2_table(l1i, create=False)
         limit = min(offset + length, (l1i + 1) * self.l2_entries * cs)
         if table is None:
-            return UNALLOCATED, limit - offset
+            # Whole L2 ranges without a table are unallocated too: one answer for all of them (a fresh
+            # image is one extent, so the copy engine can tell it reads as zeros).
+            l1 = self.meta.l1
+            span = self.l2_entries * cs
+            nxt = l1i + 1
+            while nxt < len(l1) and nxt * span < offset + length and not l1[nxt] & OFFSET_MASK:
+                nxt += 1
+            return UNALLOCATED, min(offset + length, nxt * span) - offset
         entries = table.entries
         first = self._classify(entries[l2i])
         end = (gc + 1) * cs
@@ -198,9 +271,8 @@ class Qcow2Node(BlockNode):
         lock = self.meta.lock
         while True:
             await lock.acquire()
-            event = next(
-                (self._allocating[c] for c in range(first, first + count) if c in self._allocating), None
-            )
+            end = first + count
+            event = next((ev for a, b, ev in self._allocating if a < end and first < b), None)
             if event is None:
                 return
             lock.release()
@@ -239,7 +311,7 @@ class Qcow2Node(BlockNode):
     async def _do_write(self, offset: int, data: memoryview, flags: RequestFlags) -> None:
         self._check_usable()
         cs = self.cluster_size
-        if self.compress_writes:
+        if self.compress_writes or flags & RequestFlags.WRITE_COMPRESSED:
             start = -(-offset // cs) * cs
             end = offset + len(data) if offset + len(data) == self._size else (offset + len(data)) // cs * cs
             if start < end:
@@ -274,40 +346,50 @@ class Qcow2Node(BlockNode):
             self._check_usable()
             await meta.before_first_write()
             table = await meta.l2_table(l1i, create=False)
-            olds = [self._classify(table.entries[l2i + k]) if table else UNALLOCATED for k in range(count)]
-            hosts = [0] * count
-            need = []
-            for k, m in enumerate(olds):
-                if m.kind is Kind.DATA and m.copied:
-                    meta.check_data_cluster(m.host)
-                    hosts[k] = m.host
-                else:
-                    need.append(k)
+            # Fast path: every cluster unallocated (a backup into a fresh image) -- no per-cluster lookup.
+            fresh = table is None or not any(table.entries[l2i : l2i + count])
+            if fresh:
+                olds = [UNALLOCATED] * count
+                need = list(range(count))
+            else:
+                assert table is not None
+                olds = [self._classify(e) for e in table.entries[l2i : l2i + count]]
+                need = [k for k, m in enumerate(olds) if not (m.kind is Kind.DATA and m.copied)]
+                for m in olds:
+                    if m.kind is Kind.DATA and m.copied:
+                        meta.check_data_cluster(m.host)  # written in place: must be ours alone
+            hosts = [m.host for m in olds]
             event = asyncio.Event()
+            runs: list[tuple[int, int]] = []
             if need:
-                rc = meta.require_refcounts()
-                runs = rc.allocate(len(need))
+                runs = meta.require_refcounts().allocate(len(need))
                 it = iter(need)
                 for start, n in runs:
                     for c in range(start, start + n):
                         hosts[next(it)] = c << cb
-                for k in need:
-                    self._allocating[first + k] = event
+                claim = (first, first + count, event)
+                self._allocating.append(claim)
         finally:
             meta.lock.release()
         committed = False
         try:
             if need:
-                async with meta.lock:
-                    await meta.grow_to(meta.require_refcounts().high)
-            await self._write_data(offset, data, hosts, olds, set(need))
+                await meta.grow_to(max(start + n for start, n in runs))
+            await self._write_data(offset, data, hosts, olds, set(need), contiguous=fresh and len(runs) == 1)
             if need:
                 async with meta.lock:
                     table = await meta.l2_table(l1i, create=True)
                     assert table is not None
-                    for k in need:
-                        self._free_mapping(self._classify(table.entries[l2i + k]))
-                        table.entries[l2i + k] = hosts[k] | L2E_COPIED
+                    entries = table.entries
+                    if fresh and len(runs) == 1:
+                        # Nothing to free (the clusters were unallocated, and stayed so: other changes to
+                        # them wait for this claim); one slice for the whole run.
+                        base = hosts[0] | L2E_COPIED
+                        entries[l2i : l2i + count] = array("Q", range(base, base + (count << cb), 1 << cb))
+                    else:
+                        for k in need:
+                            self._free_mapping(self._classify(entries[l2i + k]))
+                            entries[l2i + k] = hosts[k] | L2E_COPIED
                     table.dirty = True
                 committed = True
         finally:
@@ -315,20 +397,29 @@ class Qcow2Node(BlockNode):
                 if not committed:
                     for k in need:
                         meta.require_refcounts().defer_free(hosts[k] >> cb)
-                for k in need:
-                    del self._allocating[first + k]
+                self._allocating.remove(claim)
                 event.set()
 
     async def _write_data(
-        self, offset: int, data: memoryview, hosts: list[int], olds: list[Mapping], new: set[int]
+        self,
+        offset: int,
+        data: memoryview,
+        hosts: list[int],
+        olds: list[Mapping],
+        new: set[int],
+        *,
+        contiguous: bool = False,
     ) -> None:
         """Write the data to its host clusters: contiguous host runs in one write each; partial new
-        clusters completed from their old contents."""
+        clusters completed from their old contents.  ``contiguous``: ``hosts`` follow each other."""
         cs, cb = self.cluster_size, self.cluster_bits
         first = offset >> cb
         end = offset + len(data)
-        run_host = run_pos = run_len = 0
         file = self.file
+        if contiguous and not offset & (cs - 1) and (not end & (cs - 1) or end == self._size):
+            await file.write(hosts[0], data)  # whole clusters in one run: nothing to complete
+            return
+        run_host = run_pos = run_len = 0
 
         async def flush_run() -> None:
             if run_len:
@@ -389,7 +480,8 @@ class Qcow2Node(BlockNode):
                 await meta.grow_to(rc.high)
             self._ctail = (host + len(comp)) if (host + len(comp)) & (cs - 1) else 0
             event = asyncio.Event()
-            self._allocating[gc] = event
+            claim = (gc, gc + 1, event)
+            self._allocating.append(claim)
         finally:
             meta.lock.release()
         committed = False
@@ -407,7 +499,7 @@ class Qcow2Node(BlockNode):
         finally:
             if not committed:
                 meta.require_refcounts().defer_free(host >> cb)
-            del self._allocating[gc]
+            self._allocating.remove(claim)
             event.set()
 
     def _check_ctail(self) -> None:
@@ -510,8 +602,15 @@ class Qcow2Node(BlockNode):
 
     async def _do_close(self) -> None:
         await self.drain()
+        store = self.bitmap_store
+        if (store.in_use_by_us or store.marked) and store.writable and self.meta.broken is None:
+            # Every write has completed and marked the bitmaps: store them with in_use cleared.
+            async with self.meta.lock:
+                await store.store(store.bitmaps, clean=True)
         if self.meta.refcounts is not None and self.meta.broken is None and self.meta.dirty:
             try:
                 await self._do_flush()
             except OSError as err:
                 raise RequestError(err.errno or errno.EIO, f"qcow2: flush at close failed: {err}") from err
+        if self.meta.refcounts is not None and self.meta.broken is None:
+            await self.meta.trim()

@@ -16,10 +16,12 @@ never make two tables share one.
 
 from __future__ import annotations
 
+import errno
 import sys
 from array import array
 
 from cowbackup.block.drivers.qcow2.format import REFT_RESERVED, InvalidImage
+from cowbackup.block.errors import RequestError
 
 #: Array type code able to hold one refcount of ``1 << order`` bits (sub-byte orders use bytes).
 _TYPECODES = {0: "B", 1: "B", 2: "B", 3: "B", 4: "H", 5: "I", 6: "Q"}
@@ -187,6 +189,34 @@ class Refcounts:
                 runs.append((start, end - start))
             count -= end - start
         return runs
+
+    def allocate_contiguous(self, count: int) -> int:
+        """Allocate ``count`` clusters in one run (a table that must be contiguous); its first cluster.
+
+        Free space below the end of the image is tried first; when it is fragmented, or a new refcount
+        block lands in the middle, the clusters are given back and the search moves to the end of the
+        image, where everything is free.  Raises RequestError (ENOSPC) if no run is found.
+        """
+        low = self.hint
+        try:
+            for _ in range(64):
+                runs = self.allocate(count)
+                if len(runs) == 1:
+                    return runs[0][0]
+                for start, n in runs:
+                    self.release(start, n)
+                    low = min(low, start)
+                self.hint = self.high
+        finally:
+            self.hint = min(self.hint, low)
+        raise RequestError(errno.ENOSPC, f"qcow2: no room for {count} contiguous clusters")
+
+    def release(self, start: int, count: int) -> None:
+        """Give back clusters just allocated and never referenced (not even by anything on disk)."""
+        for c in range(start, start + count):
+            self.refs[c] = 0
+            self.dirty.add(c // self.per_block)
+        self.hint = min(self.hint, start)
 
     def allocate_one(self) -> int:
         """Allocate a single cluster; its index."""
