@@ -20,7 +20,8 @@ request path, which guarantees drivers a narrow, simple contract:
   ``max_discard`` for those operations).
 * **tracked** -- every request in flight is counted, so :meth:`BlockNode.drain` can wait for quiescence.
 * **observed** -- after each write, write-zeroes or discard completes (successfully or not, as QEMU marks
-  dirty bitmaps), every registered write observer is told the byte range.  Dirty bitmaps hook in here.
+  dirty bitmaps), the node's enabled dirty bitmaps (:mod:`cowbackup.block.dirty_bitmaps`) record the byte
+  range and every registered write observer is told it.  Filters do the same for what passes through.
 
 Block status is clamped: it returns one extent that starts at the asked offset and is at most as long
 as asked and never reaches past the end of the node.
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from cowbackup.block.align import align_down, align_up
+from cowbackup.block.dirty_bitmaps import NodeBitmaps
 from cowbackup.block.errors import RequestError, invalid
 from cowbackup.block.zero import is_zero
 
@@ -176,6 +178,8 @@ class BlockNode:
         self.children: dict[str, Child] = {}
         self.parents: list[Child] = []
         self.write_observers: list[WriteObserver] = []
+        #: The node's dirty bitmaps; every completed write, write-zeroes and discard marks them.
+        self.dirty_bitmaps = NodeBitmaps(self)
         self._size = 0
         self._in_flight = 0
         self._quiescent: asyncio.Event | None = None
@@ -314,6 +318,7 @@ class BlockNode:
         req.done.set()
 
     def _notify_write(self, offset: int, length: int) -> None:
+        self.dirty_bitmaps.mark(offset, length)
         for observer in self.write_observers:
             observer(offset, length)
 
@@ -589,6 +594,9 @@ class FilterNode(BlockNode):
             return await call()
         finally:
             self._end()
+            if op in _WRITE_OPS and offset is not None:
+                # A filter's own bitmaps see what passed through it, as on any node.
+                self._notify_write(offset, length)
 
     async def read(self, offset: int, buf: Buffer) -> None:
         length = memoryview(buf).nbytes
