@@ -34,7 +34,6 @@ from cowbackup.qmp.commands import (
     QMPContext,
     QMPError,
     arg_bool,
-    arg_int,
     arg_list,
     arg_str,
     command,
@@ -87,14 +86,25 @@ class BitmapMergeArgs:
     bitmaps: tuple[BitmapRef, ...]
 
 
+def _arg_uint32(args: dict[str, Any], key: str, prefix: str) -> int | None:
+    """An optional uint32 member, with QEMU's words: a non-number "expects uint64" (QEMU reads a
+    uint64, then narrows it), a number outside 0..2**32-1 -- negative ones too -- "expects uint32_t"."""
+    if key not in args:
+        return None
+    value = args[key]
+    name = f"{prefix}.{key}" if prefix else key
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise QMPError(f"Parameter '{name}' expects uint64")
+    if not 0 <= value <= UINT32_MAX:
+        raise QMPError(f"Parameter '{name}' expects uint32_t")
+    return value
+
+
 def parse_add(args: dict[str, Any], prefix: str = "") -> BitmapAddArgs:
     """Check block-dirty-bitmap-add's arguments (members in schema order, then unknown ones)."""
     node = arg_str(args, "node", prefix=prefix)
     name = arg_str(args, "name", prefix=prefix)
-    granularity = arg_int(args, "granularity", None, prefix=prefix)
-    if granularity is not None and not 0 <= granularity <= UINT32_MAX:
-        key = f"{prefix}.granularity" if prefix else "granularity"
-        raise QMPError(f"Parameter '{key}' expects uint32_t")
+    granularity = _arg_uint32(args, "granularity", prefix)
     persistent = arg_bool(args, "persistent", False, prefix=prefix)
     disabled = arg_bool(args, "disabled", False, prefix=prefix)
     no_extra(args, ("node", "name", "granularity", "persistent", "disabled"), prefix=prefix)
