@@ -50,6 +50,7 @@ __all__ = ["source"]  # the fixture, shared with test_qmp_differential
 C = CLUSTER
 BEFORE = [0, 1, 4, 8, 32, 63]
 DURING = [0, 1, 32, 40, 41, 50, 62]
+MODES = ("never", "on-success", "always")
 HOLD_ONE = {"speed": 1, "x-perf": {"max-chunk": C, "max-workers": 1}}
 
 
@@ -270,6 +271,13 @@ async def transaction_script(b: Backend) -> Obs:
         )
     )
     obs.append(await bitmaps(c))
+    # A backup with a bitmap, rolled back before it ran: the bitmap is reclaimed -- or, with "always",
+    # abdicated with everything marked dirty, as QEMU's never-initialised copy bitmap is all set.
+    for mode in MODES:
+        job = {"job-id": "r", "device": "src", "target": "tgt0", "sync": "bitmap", "bitmap": "a"}
+        rollback = [action("blockdev-backup", **job, **{"bitmap-mode": mode}), action("abort")]
+        obs.append(await refusal(c, "transaction", {"actions": rollback}))
+        obs.append(await bitmaps(c))
     return obs
 
 
@@ -278,8 +286,10 @@ def test_transactions_with_bitmap_actions_match(workdir: Path, source: Path) -> 
     seen = differential(workdir, source, transaction_script)
     for q, o in zip(seen["qemu"], seen["ours"], strict=True):
         assert o == q
-    final = seen["ours"][-1]["src"]
-    assert [(e["name"], clusters_of(e["count"])) for e in final] == [("d", 1), ("a", 2)]
+    before_rollbacks = seen["ours"][-7]["src"]
+    assert [(e["name"], clusters_of(e["count"])) for e in before_rollbacks] == [("d", 1), ("a", 2)]
+    assert [(e["name"], clusters_of(e["count"])) for e in seen["ours"][-3]["src"]] == [("d", 1), ("a", 2)]
+    assert [(e["name"], clusters_of(e["count"])) for e in seen["ours"][-1]["src"]] == [("a", 64), ("d", 1)]
 
 
 def test_grouped_transactions_refuse_bitmap_actions(workdir: Path, source: Path) -> None:
@@ -300,7 +310,6 @@ def test_grouped_transactions_refuse_bitmap_actions(workdir: Path, source: Path)
 
 # ---------------------------------------------------------------------------------------------- the matrix
 
-MODES = ("never", "on-success", "always")
 OUTCOMES = ("success", "failure", "cancel", "cancel-pending")
 #: Dirty clusters afterwards (QEMU's backup_cleanup_sync_bitmap): 10 = before + during, 7 = during;
 #: a failed or cancelled "always" keeps what was not copied: 4, 8 (given back) and 63.
@@ -325,7 +334,7 @@ def failing_target(kind: str) -> dict[str, Any]:
     return {"driver": "fault-inject", "node-name": "tgtf", "file": "tgt1", "rules": [rule]}
 
 
-async def matrix_script(b: Backend, mode: str, outcome: str) -> Obs:
+async def matrix_script(b: Backend, mode: str, outcome: str, sync: str = "bitmap") -> Obs:
     c = b.client
     await export_src(b)
     await c.execute("blockdev-add", failing_target(b.kind))
@@ -335,7 +344,7 @@ async def matrix_script(b: Backend, mode: str, outcome: str) -> Obs:
         "job-id": "j",
         "device": "src",
         "target": "tgtf" if outcome == "failure" else "tgt0",
-        "sync": "bitmap",
+        "sync": sync,
         "bitmap": "b0",
         "bitmap-mode": mode,
         "auto-finalize": outcome != "cancel-pending",
@@ -376,3 +385,26 @@ def test_bitmap_mode_matrix_matches(workdir: Path, source: Path, mode: str, outc
     # A failure is reported as one, the rest are not.
     completed = [data for name, data in seen["ours"][-4] if name == "BLOCK_JOB_COMPLETED"]
     assert bool(completed and "error" in completed[0]) == (outcome == "failure")
+
+
+@pytest.mark.parametrize("outcome", ["success", "failure", "cancel"])
+@pytest.mark.parametrize("mode", ["on-success", "always"])
+def test_full_backup_with_a_bitmap_matches(workdir: Path, source: Path, mode: str, outcome: str) -> None:
+    """sync=full with a bitmap: the bitmap only receives the outcome (with "always" after a failure:
+    everything the job did not copy, which is most of the disk)."""
+    require("qemu-io")
+
+    async def script(b: Backend) -> Obs:
+        return await matrix_script(b, mode, outcome, sync="full")
+
+    seen = differential(workdir, source, script)
+    for q, o in zip(seen["qemu"], seen["ours"], strict=True):
+        assert o == q
+    (entry,) = seen["ours"][-2]["src"]
+    dirty = clusters_of(entry["count"])
+    if outcome == "success":
+        assert dirty == len(DURING)
+    elif mode == "on-success":
+        assert dirty == len(set(BEFORE) | set(DURING))
+    else:
+        assert dirty > len(set(BEFORE) | set(DURING))

@@ -179,8 +179,13 @@ class BackupJob(Job):
         sync = (success or mode == "always") and mode != "never"
         bm = bm.abdicate() if sync else bm.reclaim()
         if not success and mode == "always":
-            # What the job did not copy is still different from the target: keep it dirty.
-            bm.merge_from(self.bcs.bitmap)
+            # What the job did not copy is still different from the target: keep it dirty. A job
+            # rolled back before it ran copied nothing: QEMU's copy bitmap is still all set then (it
+            # takes the sync bitmap's bits only when the job starts), so the whole disk stays dirty.
+            if self._started:
+                bm.merge_from(self.bcs.bitmap)
+            else:
+                bm.bits.set_all()
 
     # ------------------------------------------------------------------ run
 
