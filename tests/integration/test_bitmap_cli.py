@@ -48,10 +48,14 @@ def test_bitmap_commands_and_an_incremental_backup(
         run_cli("bitmap", "add", "--qmp", q, "disk", "b0"),
         "cowbackup: GenericError: Bitmap already exists: b0",
     )
-    one_line_error(
-        run_cli("bitmap", "add", "--qmp", q, "disk", "p", "--persistent"),
-        "cowbackup: GenericError: Can't store persistent bitmaps to disk: Operation not supported",
-    )
+    persistent = run_cli("bitmap", "add", "--qmp", q, "disk", "p", "--persistent")
+    if daemon.kind == "qemu-storage-daemon":  # only qcow2 images store bitmaps there
+        message = "cowbackup: GenericError: Can't store persistent bitmaps to disk: Operation not supported"
+        one_line_error(persistent, message)
+    else:  # ours: a sidecar next to the raw image
+        ok(persistent)
+        ok(run_cli("bitmap", "remove", "--qmp", q, "disk", "p"))
+        assert not (workdir / "disk.img.cowbackup-bitmaps").exists()
     one_line_error(
         run_cli("bitmap", "clear", "--qmp", q, "disk", "nope"),
         "cowbackup: GenericError: Dirty bitmap 'nope' not found",
@@ -114,3 +118,17 @@ def test_incremental_usage_errors(run_cli: RunCli, workdir: Path, extra: list[st
     assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
     proc = run_cli("backup", str(workdir / "a.img"), str(workdir / "t.img"), "--bitmap", "b")
     assert proc.returncode == 2 and "need --qmp" in proc.stderr, proc.stderr
+
+
+def test_fallback_full_creates_a_missing_bitmap_with_a_full_backup(
+    run_cli: RunCli, daemon: DaemonProcess, workdir: Path
+) -> None:
+    q, target = str(daemon.qmp), workdir / "full.img"
+    args = ("backup", "--qmp", q, "disk", str(target), "--incremental", "--bitmap", "nb")
+    one_line_error(run_cli(*args), "cowbackup: GenericError: Bitmap 'nb' could not be found")
+    proc = run_cli(*args, "--fallback-full", "--force")
+    assert proc.returncode == 0 and "bitmap 'nb' is missing: taking a full backup instead" in proc.stderr
+    assert target.read_bytes() == (workdir / "disk.img").read_bytes()
+    assert [(r["name"], r["count"], r["recording"]) for r in bitmap_rows(run_cli, daemon, "disk")] == [
+        ("nb", 0, True)
+    ]

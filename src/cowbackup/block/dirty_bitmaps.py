@@ -272,6 +272,10 @@ class BitmapStore(Protocol):
     def remove(self, name: str) -> None:
         """Forget the stored bitmap ``name`` (block-dirty-bitmap-remove of a persistent bitmap)."""
 
+    def save(self, in_use: bool) -> None:
+        """Store the node's persistent bitmaps now; ``in_use``: the node stays open (a crash from now
+        on must make them load as inconsistent)."""
+
 
 #: Store factories by driver name: given a node of that driver, its store, or None when this node
 #: cannot store bitmaps (a read-only image, a qcow2 v2 image...).
@@ -292,6 +296,9 @@ class NodeBitmaps:
     def __init__(self, node: BlockNode) -> None:
         self.node = node
         self._list: list[NodeDirtyBitmap] = []
+        #: True once the node's stored bitmaps were loaded (or there was nothing to load): from then on
+        #: the store may be written.
+        self.store_opened = False
 
     def __iter__(self) -> Iterator[NodeDirtyBitmap]:
         return iter(list(self._list))

@@ -7,6 +7,8 @@ monitor socket with the ``qemu.qmp`` client, using only commands both implement:
         [--incremental --bitmap NAME]           sync=incremental: only what bitmap NAME marks dirty; on
                                                 success NAME restarts from the backup's instant
         [--bitmap NAME --bitmap-mode MODE]      any sync with a bitmap, as blockdev-backup allows
+        [--fallback-full]                       NAME missing or inconsistent: a full backup, and NAME
+                                                created anew at its instant (one transaction)
     cowbackup jobs --qmp SOCKET                 query-jobs + query-block-jobs, as a table or JSON
     cowbackup job VERB ID [SPEED] --qmp SOCKET  job-pause / -resume / -cancel / -finalize / -dismiss,
                                                 block-job-set-speed
@@ -144,6 +146,12 @@ def _add_bitmap_options(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--bitmap", metavar="NAME", help="the dirty bitmap of NODE to use")
     group.add_argument(
+        "--fallback-full",
+        action="store_true",
+        help="if --bitmap is missing or inconsistent (the daemon crashed), take a full backup instead and "
+        "start the bitmap anew at its instant",
+    )
+    group.add_argument(
         "--bitmap-mode",
         choices=("on-success", "never", "always"),
         help="what NAME holds afterwards (incremental: on-success, the only mode it allows)",
@@ -151,8 +159,10 @@ def _add_bitmap_options(p: argparse.ArgumentParser) -> None:
     one_shot = p.get_default("func")
 
     def run(args: argparse.Namespace) -> int:
-        if args.qmp is None and (args.incremental or args.bitmap or args.bitmap_mode):
-            raise UsageError("--incremental, --bitmap and --bitmap-mode need --qmp (a daemon's bitmap)")
+        if args.qmp is None and (args.incremental or args.bitmap or args.bitmap_mode or args.fallback_full):
+            raise UsageError("--incremental, --bitmap, --bitmap-mode and --fallback-full need --qmp")
+        if args.fallback_full and not args.bitmap:
+            raise UsageError("--fallback-full needs --bitmap NAME")
         result: int = one_shot(args)
         return result
 
@@ -174,6 +184,34 @@ def _sync_arguments(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "bitmap_mode", None):
         out["bitmap-mode"] = args.bitmap_mode
     return out
+
+
+def _fallback_actions(
+    args: argparse.Namespace, source: Mapping[str, Any], backup: dict[str, Any]
+) -> list[dict[str, Any]] | None:
+    """With --fallback-full and a bitmap the daemon cannot use (missing, or inconsistent after a crash):
+    the transaction that creates it anew and starts a full backup -- the new bitmap records exactly the
+    writes after the full backup's instant, ready for the next incremental. None otherwise.
+
+    An inconsistent bitmap must be removed first, by itself: a transaction's remove frees the name only
+    when it commits (QEMU's rule), so an add of the same name in it would fail.
+    """
+    if not getattr(args, "fallback_full", False):
+        return None
+    name = args.bitmap
+    entry = next((e for e in source.get("dirty-bitmaps", []) if e.get("name") == name), None)
+    if entry is not None and not entry.get("inconsistent", False):
+        return None
+    state = "missing" if entry is None else "inconsistent"
+    sys.stderr.write(f"cowbackup: warning: bitmap '{name}' is {state}: taking a full backup instead\n")
+    add: dict[str, Any] = {"node": args.source, "name": name}
+    if entry is not None:
+        add.update(granularity=entry["granularity"], persistent=entry["persistent"])
+    full = {k: v for k, v in backup.items() if k not in ("bitmap", "bitmap-mode")}
+    return [
+        {"type": "block-dirty-bitmap-add", "data": add},
+        {"type": "blockdev-backup", "data": {**full, "sync": "full"}},
+    ]
 
 
 # ---------------------------------------------------------------------------------- the connection
@@ -358,7 +396,8 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
     async with connect(args.qmp) as client:
         listener = EventListener(_JOB_EVENTS)
         with client.listen(listener):
-            size = (await _node(client, args.source))["image"]["virtual-size"]
+            source = await _node(client, args.source)
+            size = source["image"]["virtual-size"]
             try:
                 options = _target_options(target, size, args.force)
             except BlockError as err:
@@ -385,7 +424,14 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
                 # here on a signal must cancel the job first.
                 with _signals_to(interrupted):
                     started = time.monotonic()
-                    await execute(client, "blockdev-backup", backup)
+                    fallback = _fallback_actions(args, source, backup)
+                    if fallback is None:
+                        await execute(client, "blockdev-backup", backup)
+                    else:
+                        if any(e.get("name") == args.bitmap for e in source.get("dirty-bitmaps", [])):
+                            ref = {"node": args.source, "name": args.bitmap}
+                            await execute(client, "block-dirty-bitmap-remove", ref)
+                        await execute(client, "transaction", {"actions": fallback})
                     outcome = await _follow(client, listener, job_id, size, reporter, interrupted)
                     elapsed = time.monotonic() - started
             finally:

@@ -169,11 +169,18 @@ def add_prepare(graph: BlockGraph, a: BitmapAddArgs) -> Undo:
         bm.disable()
     bm.persistent = a.persistent
 
+    def commit() -> None:
+        store = bm.owner.store() if bm.persistent else None
+        if store is not None:
+            # Written at once, marked in use: a crash from now on leaves it inconsistent, not lost.
+            store.save(in_use=True)
+            bm.owner.store_opened = True
+
     def abort() -> None:
         if bm.attached and bm.successor is None:
             bm.owner.release(bm)
 
-    return Undo(abort=abort)
+    return Undo(commit=commit, abort=abort)
 
 
 def remove_prepare(graph: BlockGraph, ref: BitmapRef) -> Undo:
