@@ -181,3 +181,18 @@ def test_a_damaged_sidecar_refuses_the_node_clearly(image: Path, content: str, m
         await d.close()
 
     run(main())
+
+
+def test_a_removal_rolled_back_stores_the_bitmap_back(image: Path) -> None:
+    async def main() -> None:
+        d, node = await open_disk(image)
+        add(d, "a")
+        undo = remove_prepare(d.graph, BitmapRef("disk", "a"))
+        assert side_bytes(image) is None  # left the store at prepare, as QEMU does
+        undo.abort()
+        bm = node.dirty_bitmaps.find("a")
+        assert bm is not None and not bm.busy
+        assert [e["name"] for e in sidecar(image)["layers"]["file"]["bitmaps"]] == ["a"]
+        await d.close()
+
+    run(main())

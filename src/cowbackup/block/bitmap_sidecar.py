@@ -120,7 +120,10 @@ class SidecarStore:
             self.save(in_use=True)
 
     def save(self, in_use: bool, without: str | None = None) -> None:
-        """Rewrite the layer with the node's persistent bitmaps (all but ``without``)."""
+        """Rewrite the layer with the node's persistent bitmaps (all but ``without``).
+
+        Raises BitmapError naming the sidecar if it cannot be read or written.
+        """
         entries = [
             {
                 "name": bm.name,
@@ -138,12 +141,15 @@ class SidecarStore:
             layers[self.layer] = {"image-size": self.node.size, "in-use": in_use, "bitmaps": entries}
         else:
             layers.pop(self.layer, None)
-        if layers:
-            _write_atomic(self.path, doc)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-                _fsync_dir(os.path.dirname(self.path))
+        try:
+            if layers:
+                _write_atomic(self.path, doc)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                    _fsync_dir(os.path.dirname(self.path))
+        except OSError as err:
+            raise BitmapError(f"Cannot store persistent bitmaps in '{self.path}': {err}") from err
 
 
 def _read(path: str) -> dict[str, Any] | None:
@@ -209,8 +215,8 @@ def store_persistent_bitmaps(node: BlockNode) -> None:
         return
     try:
         store.save(in_use=False)
-    except OSError as err:
-        log.error("could not store the persistent bitmaps of '%s' in %s: %s", node.node_name, store.path, err)
+    except BitmapError as err:
+        log.error("could not store the persistent bitmaps of '%s': %s", node.node_name, err)
 
 
 register_bitmap_store("file", _store_of)

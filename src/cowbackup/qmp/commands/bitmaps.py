@@ -17,6 +17,7 @@ command commits at once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,8 @@ from cowbackup.qmp.commands import (
     command,
     no_extra,
 )
+
+log = logging.getLogger(__name__)
 
 UINT32_MAX = 2**32 - 1
 
@@ -184,21 +187,30 @@ def add_prepare(graph: BlockGraph, a: BitmapAddArgs) -> Undo:
 
 
 def remove_prepare(graph: BlockGraph, ref: BitmapRef) -> Undo:
-    """Mark the bitmap busy (so nothing else takes it) until commit releases it or abort frees it."""
+    """Mark the bitmap busy (so nothing else takes it) until commit releases it or abort frees it.
+
+    A persistent bitmap leaves its store here, as in QEMU, so that a storage error refuses the action
+    before anything changed; abort stores it back.
+    """
     bm = lookup(graph, ref.node, ref.name)
     bm.check(BitmapCheck.BUSY | BitmapCheck.RO)
+    store = bm.owner.store() if bm.persistent else None
+    if store is not None:
+        store.remove(ref.name)
     bm.busy = True
 
     def commit() -> None:
         bm.busy = False
-        if bm.persistent:
-            store = bm.owner.store()
-            if store is not None:
-                store.remove(ref.name)
         bm.owner.release(bm)
 
     def abort() -> None:
         bm.busy = False
+        if store is not None:
+            try:
+                store.save(in_use=True)
+            except BitmapError as err:
+                # Still in memory and persistent: the next clean close stores it again.
+                log.error("could not store bitmap '%s' back: %s", ref.name, err)
 
     return Undo(commit=commit, abort=abort)
 
