@@ -291,6 +291,22 @@ def test_transactions_with_bitmap_actions_match(workdir: Path, source: Path) -> 
     assert [(e["name"], clusters_of(e["count"])) for e in seen["ours"][-1]["src"]] == [("a", 64), ("d", 1)]
 
 
+def test_discards_mark_only_where_they_change_data(workdir: Path, source: Path) -> None:
+    """``src`` is opened with QEMU's default ``discard=ignore``: its discards change nothing and mark
+    nothing; write-zeroes (with or without unmap) mark their clusters."""
+    require("qemu-io")
+
+    async def script(b: Backend) -> Obs:
+        await export_src(b)
+        await b.client.execute("block-dirty-bitmap-add", bm())
+        await qemu_io(b, f"discard 0 {2 * C}", f"write -z {4 * C} {C}", f"write -z -u {6 * C} 100")
+        return [await bitmaps(b.client)]
+
+    seen = differential(workdir, source, script)
+    assert seen["ours"] == seen["qemu"]
+    assert seen["ours"][0]["src"][0]["count"] == 2 * C
+
+
 def test_persistent_bitmaps_on_raw_images_go_beyond_qemu(workdir: Path, source: Path) -> None:
     async def script(b: Backend) -> Obs:
         reply = await call(b.client, "block-dirty-bitmap-add", bm(persistent=True))

@@ -184,7 +184,7 @@ def test_every_write_path_marks_enabled_bitmaps_only(tmp_path: Path) -> None:
             {
                 "driver": "raw",
                 "node-name": "raw",
-                "file": {"driver": "file", "filename": str(tmp_path / "img")},
+                "file": {"driver": "file", "filename": str(tmp_path / "img"), "discard": "unmap"},
             }
         )
         file = raw.children["file"].node
@@ -224,6 +224,28 @@ def test_writes_through_a_backup_filter_mark_the_source_and_the_filter(tmp_path:
         if flow is not None:
             await flow
         await job.wait_concluded()
+        await d.close()
+
+    run(main())
+
+
+def test_a_node_that_ignores_discards_does_not_mark_them(tmp_path: Path) -> None:
+    async def main() -> None:
+        d = Daemon()
+        create_file(str(tmp_path / "img"), MiB)
+        raw = await d.blockdev_add(
+            {
+                "driver": "raw",
+                "node-name": "raw",
+                "file": {"driver": "file", "filename": str(tmp_path / "img")},
+            }
+        )
+        file = raw.children["file"].node
+        on_raw, on_file = raw.dirty_bitmaps.create("r", C), file.dirty_bitmaps.create("f", C)
+        await raw.discard(0, 2 * C)  # discard=ignore (the default): nothing changes, as in QEMU
+        assert on_raw.count() == on_file.count() == 0
+        await raw.write_zeroes(0, C)
+        assert on_raw.count() == on_file.count() == C
         await d.close()
 
     run(main())

@@ -208,6 +208,12 @@ class BlockNode:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.node_name!r} size={self._size}>"
 
+    def discards_change_data(self) -> bool:
+        """Whether a discard may change what the node reads (QEMU: the node is open with
+        ``discard=unmap``). A node that ignores discards does not mark its dirty bitmaps for them,
+        as QEMU drops such a discard before it is tracked."""
+        return True
+
     # ------------------------------------------------------------------ driver hooks
 
     async def _do_read(self, offset: int, buf: memoryview) -> None:
@@ -470,7 +476,8 @@ class BlockNode:
         finally:
             self._untrack_write(req)
             self._end()
-            self._notify_write(start, end - start)
+            if self.discards_change_data():
+                self._notify_write(start, end - start)
 
     async def flush(self) -> None:
         """Make every completed write durable."""
@@ -560,6 +567,11 @@ class FilterNode(BlockNode):
     def size(self) -> int:
         return self.child.size
 
+    def discards_change_data(self) -> bool:
+        # The filter may have been dropped from the graph while the discard passed through it.
+        edge = self.children.get("file")
+        return edge is None or edge.node.discards_change_data()
+
     def refresh_limits(self) -> None:
         """Take the child's limits (called when the child is attached)."""
         child = self.child
@@ -594,7 +606,7 @@ class FilterNode(BlockNode):
             return await call()
         finally:
             self._end()
-            if op in _WRITE_OPS and offset is not None:
+            if op in _WRITE_OPS and offset is not None and (op != "discard" or self.discards_change_data()):
                 # A filter's own bitmaps see what passed through it, as on any node.
                 self._notify_write(offset, length)
 
