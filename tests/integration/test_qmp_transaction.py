@@ -312,10 +312,10 @@ BAD_ARGS: list[tuple[dict[str, Any], str]] = [
     ),
     # QEMU names an enum by its bare member name, at any depth.
     ({"actions": [{"type": "foo", "data": {}}]}, "Parameter 'type' does not accept value 'foo'"),
-    # Actions QEMU has that we do not (no dirty bitmaps, snapshots or drive-backup): unknown to our schema.
+    # Actions QEMU has that we do not (snapshots, drive-backup): unknown to our schema.
     (
-        {"actions": [{"type": "block-dirty-bitmap-add", "data": {"node": "src0", "name": "b"}}]},
-        "Parameter 'type' does not accept value 'block-dirty-bitmap-add'",
+        {"actions": [{"type": "blockdev-snapshot", "data": {"node": "src0", "overlay": "b"}}]},
+        "Parameter 'type' does not accept value 'blockdev-snapshot'",
     ),
     ({"actions": [{"type": "abort"}]}, "Parameter 'actions[0].data' is missing"),
     ({"actions": [{"type": "abort", "data": {"x": 1}}]}, "Parameter 'actions[0].data.x' is unexpected"),

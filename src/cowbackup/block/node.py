@@ -20,7 +20,8 @@ request path, which guarantees drivers a narrow, simple contract:
   ``max_discard`` for those operations).
 * **tracked** -- every request in flight is counted, so :meth:`BlockNode.drain` can wait for quiescence.
 * **observed** -- after each write, write-zeroes or discard completes (successfully or not, as QEMU marks
-  dirty bitmaps), every registered write observer is told the byte range.  Dirty bitmaps hook in here.
+  dirty bitmaps), the node's enabled dirty bitmaps (:mod:`cowbackup.block.dirty_bitmaps`) record the byte
+  range and every registered write observer is told it.  Filters do the same for what passes through.
 
 Block status is clamped: it returns one extent that starts at the asked offset and is at most as long
 as asked and never reaches past the end of the node.
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from cowbackup.block.align import align_down, align_up
+from cowbackup.block.dirty_bitmaps import NodeBitmaps
 from cowbackup.block.errors import RequestError, invalid
 from cowbackup.block.zero import is_zero
 
@@ -182,6 +184,8 @@ class BlockNode:
         self.children: dict[str, Child] = {}
         self.parents: list[Child] = []
         self.write_observers: list[WriteObserver] = []
+        #: The node's dirty bitmaps; every completed write, write-zeroes and discard marks them.
+        self.dirty_bitmaps = NodeBitmaps(self)
         self._size = 0
         self._in_flight = 0
         self._quiescent: asyncio.Event | None = None
@@ -209,6 +213,12 @@ class BlockNode:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.node_name!r} size={self._size}>"
+
+    def discards_change_data(self) -> bool:
+        """Whether a discard may change what the node reads (QEMU: the node is open with
+        ``discard=unmap``). A node that ignores discards does not mark its dirty bitmaps for them,
+        as QEMU drops such a discard before it is tracked."""
+        return True
 
     # ------------------------------------------------------------------ driver hooks
 
@@ -320,6 +330,7 @@ class BlockNode:
         req.done.set()
 
     def _notify_write(self, offset: int, length: int) -> None:
+        self.dirty_bitmaps.mark(offset, length)
         for observer in self.write_observers:
             observer(offset, length)
 
@@ -471,7 +482,8 @@ class BlockNode:
         finally:
             self._untrack_write(req)
             self._end()
-            self._notify_write(start, end - start)
+            if self.discards_change_data():
+                self._notify_write(start, end - start)
 
     async def flush(self) -> None:
         """Make every completed write durable."""
@@ -561,6 +573,11 @@ class FilterNode(BlockNode):
     def size(self) -> int:
         return self.child.size
 
+    def discards_change_data(self) -> bool:
+        # The filter may have been dropped from the graph while the discard passed through it.
+        edge = self.children.get("file")
+        return edge is None or edge.node.discards_change_data()
+
     def refresh_limits(self) -> None:
         """Take the child's limits (called when the child is attached)."""
         child = self.child
@@ -595,6 +612,9 @@ class FilterNode(BlockNode):
             return await call()
         finally:
             self._end()
+            if op in _WRITE_OPS and offset is not None and (op != "discard" or self.discards_change_data()):
+                # A filter's own bitmaps see what passed through it, as on any node.
+                self._notify_write(offset, length)
 
     async def read(self, offset: int, buf: Buffer) -> None:
         length = memoryview(buf).nbytes

@@ -4,6 +4,11 @@ These talk to a ``cowbackup daemon``, ``cowbackup serve --qmp`` or ``qemu-storag
 monitor socket with the ``qemu.qmp`` client, using only commands both implement::
 
     cowbackup backup --qmp SOCKET NODE TARGET   blockdev-add TARGET, blockdev-backup, follow, blockdev-del
+        [--incremental --bitmap NAME]           sync=incremental: only what bitmap NAME marks dirty; on
+                                                success NAME restarts from the backup's instant
+        [--bitmap NAME --bitmap-mode MODE]      any sync with a bitmap, as blockdev-backup allows
+        [--fallback-full]                       NAME missing or inconsistent: a full backup, and NAME
+                                                created anew at its instant (one transaction)
     cowbackup jobs --qmp SOCKET                 query-jobs + query-block-jobs, as a table or JSON
     cowbackup job VERB ID [SPEED] --qmp SOCKET  job-pause / -resume / -cancel / -finalize / -dismiss,
                                                 block-job-set-speed
@@ -87,7 +92,11 @@ _VERBS = {
 
 
 def add_parsers(sub: Any) -> None:
-    """Register ``jobs``, ``job`` and ``qmp`` (``backup --qmp`` is registered by :mod:`.backup`)."""
+    """Register ``jobs``, ``job`` and ``qmp`` (``backup --qmp`` is registered by :mod:`.backup`; its
+    bitmap options are added here, to the parser :mod:`.backup` registered first)."""
+    backup_parser = sub.choices.get("backup")
+    if backup_parser is not None:
+        _add_bitmap_options(backup_parser)
     p = sub.add_parser(
         "jobs",
         help="list the jobs of a running daemon",
@@ -124,6 +133,85 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("qmp_command", metavar="COMMAND", help="e.g. query-version, query-named-block-nodes")
     p.add_argument("qmp_args", metavar="JSON-ARGS", nargs="?", help='e.g. \'{"id": "job0"}\'')
     p.set_defaults(func=run_qmp)
+
+
+def _add_bitmap_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "incremental backup (with --qmp)",
+        "Copy only what a dirty bitmap of NODE marks (create one with 'cowbackup bitmap add', or in the "
+        "same transaction as a full backup).",
+    )
+    group.add_argument(
+        "--incremental", action="store_true", help="sync=incremental: copy the clusters --bitmap marks dirty"
+    )
+    group.add_argument("--bitmap", metavar="NAME", help="the dirty bitmap of NODE to use")
+    group.add_argument(
+        "--fallback-full",
+        action="store_true",
+        help="if --bitmap is missing or inconsistent (the daemon crashed), take a full backup instead and "
+        "start the bitmap anew at its instant",
+    )
+    group.add_argument(
+        "--bitmap-mode",
+        choices=("on-success", "never", "always"),
+        help="what NAME holds afterwards (incremental: on-success, the only mode it allows)",
+    )
+    one_shot = p.get_default("func")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.qmp is None and (args.incremental or args.bitmap or args.bitmap_mode or args.fallback_full):
+            raise UsageError("--incremental, --bitmap, --bitmap-mode and --fallback-full need --qmp")
+        if args.fallback_full and not args.bitmap:
+            raise UsageError("--fallback-full needs --bitmap NAME")
+        result: int = one_shot(args)
+        return result
+
+    p.set_defaults(func=run)
+
+
+def _sync_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """``sync``, ``bitmap`` and ``bitmap-mode`` for blockdev-backup; the daemon checks the combination."""
+    sync = args.sync
+    if getattr(args, "incremental", False):
+        if sync != "full":
+            raise UsageError(f"--incremental and --sync {sync} contradict each other")
+        if not args.bitmap:
+            raise UsageError("--incremental needs --bitmap NAME")
+        sync = "incremental"
+    out: dict[str, Any] = {"sync": sync}
+    if getattr(args, "bitmap", None):
+        out["bitmap"] = args.bitmap
+    if getattr(args, "bitmap_mode", None):
+        out["bitmap-mode"] = args.bitmap_mode
+    return out
+
+
+def _fallback_actions(
+    args: argparse.Namespace, source: Mapping[str, Any], backup: dict[str, Any]
+) -> list[dict[str, Any]] | None:
+    """With --fallback-full and a bitmap the daemon cannot use (missing, or inconsistent after a crash):
+    the transaction that creates it anew and starts a full backup -- the new bitmap records exactly the
+    writes after the full backup's instant, ready for the next incremental. None otherwise.
+
+    An inconsistent bitmap must be removed first, by itself: a transaction's remove frees the name only
+    when it commits (QEMU's rule), so an add of the same name in it would fail.
+    """
+    if not getattr(args, "fallback_full", False):
+        return None
+    name = args.bitmap
+    entry = next((e for e in source.get("dirty-bitmaps", []) if e.get("name") == name), None)
+    if entry is not None and not entry.get("inconsistent", False):
+        return None
+    state = "missing" if entry is None else "inconsistent"
+    sys.stderr.write(f"cowbackup: warning: bitmap '{name}' is {state}: taking a full backup instead\n")
+    add: dict[str, Any] = {"node": args.source, "name": name}
+    if entry is not None:
+        add.update(granularity=entry["granularity"], persistent=entry["persistent"])
+    full = {k: v for k, v in backup.items() if k not in ("bitmap", "bitmap-mode")}
+    return [
+        {"type": "block-dirty-bitmap-add", "data": add},
+        {"type": "blockdev-backup", "data": {**full, "sync": "full"}},
+    ]
 
 
 # ---------------------------------------------------------------------------------- the connection
@@ -234,7 +322,7 @@ def _human(n: float) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     """The jobs as aligned columns: ID, TYPE, STATUS (with the error, if any), PROGRESS, SPEED."""
-    lines = [("ID", "TYPE", "STATUS", "PROGRESS", "SPEED")]
+    lines: list[tuple[str, ...]] = [("ID", "TYPE", "STATUS", "PROGRESS", "SPEED")]
     for row in rows:
         current, total = row.get("current-progress", 0), row.get("total-progress", 0)
         percent = 100.0 * current / total if total else 100.0
@@ -242,9 +330,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
         speed = f"{_human(row['speed'])}/s" if row["speed"] else "unlimited"
         status = row["status"] + (f" ({row['error']})" if "error" in row else "")
         lines.append((row["id"], row["type"], status, progress, speed))
-    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+    return columns(lines)
+
+
+def columns(lines: list[tuple[str, ...]]) -> str:
+    """Rows as aligned columns, two spaces apart; the last column is not padded."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line[:4], widths, strict=True)) + "  " + line[4]
+        "  ".join([*(cell.ljust(width) for cell, width in zip(line, widths, strict=False)), line[-1]])
         for line in lines
     )
 
@@ -267,6 +360,7 @@ def run_backup(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid job id '{job_id}' (a letter, then letters, digits, '-', '.' or '_')")
     if args.cluster_size and (args.cluster_size < 65536 or args.cluster_size & (args.cluster_size - 1)):
         raise UsageError(f"--cluster-size must be a power of two of at least 64K, not {args.cluster_size}")
+    _sync_arguments(args)  # usage errors before anything is created
     # The daemon opens TARGET from its own working directory.
     target = args.target if is_nbd_uri(args.target) else os.path.abspath(args.target)
     return asyncio.run(_live_backup(args, job_id, target))
@@ -302,7 +396,8 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
     async with connect(args.qmp) as client:
         listener = EventListener(_JOB_EVENTS)
         with client.listen(listener):
-            size = (await _node(client, args.source))["image"]["virtual-size"]
+            source = await _node(client, args.source)
+            size = source["image"]["virtual-size"]
             try:
                 options = _target_options(target, size, args.force)
             except BlockError as err:
@@ -318,7 +413,7 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
                     "job-id": job_id,
                     "device": args.source,
                     "target": node_name,
-                    "sync": args.sync,
+                    **_sync_arguments(args),
                     "speed": args.speed,
                     "auto-finalize": True,
                     "auto-dismiss": True,
@@ -329,7 +424,14 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
                 # here on a signal must cancel the job first.
                 with _signals_to(interrupted):
                     started = time.monotonic()
-                    await execute(client, "blockdev-backup", backup)
+                    fallback = _fallback_actions(args, source, backup)
+                    if fallback is None:
+                        await execute(client, "blockdev-backup", backup)
+                    else:
+                        if any(e.get("name") == args.bitmap for e in source.get("dirty-bitmaps", [])):
+                            ref = {"node": args.source, "name": args.bitmap}
+                            await execute(client, "block-dirty-bitmap-remove", ref)
+                        await execute(client, "transaction", {"actions": fallback})
                     outcome = await _follow(client, listener, job_id, size, reporter, interrupted)
                     elapsed = time.monotonic() - started
             finally:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cowbackup import __version__
 from cowbackup.block.errors import BlockError
-from cowbackup.cli import backup, daemon_cmd, demo, live, serve
+from cowbackup.cli import backup, bitmap_cmd, daemon_cmd, demo, live, serve
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from cowbackup.jobs.job import JobError
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     backup.add_parser(sub)
+    bitmap_cmd.add_parser(sub)
     daemon_cmd.add_parser(sub)
     demo.add_parser(sub)
     live.add_parsers(sub)

@@ -16,8 +16,19 @@ data, or -- like a disk after a crash -- part of each; every write acknowledged 
 and nothing issued after it.
 
 Sync modes: ``full`` copies everything; ``top`` skips clusters not allocated in the source's top layer;
-``none`` copies only what writers are about to change (fleecing), until cancelled.  ``bitmap`` and
-``incremental`` are validated here and refused with QEMU's "could not be found" until bitmaps exist.
+``none`` copies only what writers are about to change (fleecing), until cancelled; ``bitmap`` copies the
+clusters dirty in a named bitmap of the source (``incremental`` = ``bitmap`` with ``on-success``).
+
+A ``bitmap`` given with ``full``, ``top`` or ``bitmap`` is frozen when the job is created: it gets a
+successor that records the writes from the snapshot instant on (:mod:`cowbackup.block.dirty_bitmaps`).
+With ``sync=bitmap`` the copy bitmap starts as the frozen bitmap, at the snapshot instant (QEMU copies
+it when the job starts running; nothing may write in between here, so the two agree). When the job
+ends, ``bitmap-mode`` decides what the bitmap holds (QEMU's backup_cleanup_sync_bitmap)::
+
+    bitmap-mode   job succeeded                    job failed or was cancelled
+    on-success    abdicate: writes since the start  reclaim: old bits + writes since the start
+    never         reclaim                           reclaim
+    always        abdicate                          abdicate, plus the clusters not copied yet
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from cowbackup.block.copy import (
     CopyError,
     cluster_size_for,
 )
+from cowbackup.block.dirty_bitmaps import BitmapCheck, NodeDirtyBitmap
 from cowbackup.block.errors import BlockError
 from cowbackup.block.filters.cbw import CopyBeforeWriteNode, cbw_append, cbw_detach, cbw_drop
 from cowbackup.block.graph import BlockGraph
@@ -94,6 +106,7 @@ class BackupJob(Job):
         filt: CopyBeforeWriteNode,
         bcs: BlockCopyState,
         txn: JobTxn | None = None,
+        sync_bitmap: NodeDirtyBitmap | None = None,
     ) -> None:
         super().__init__(
             job_id,
@@ -111,6 +124,8 @@ class BackupJob(Job):
         self._call: CopyCall | None = None
         self._copy: asyncio.Future[None] | None = None
         self._snapshot_error: OSError | None = None
+        #: The frozen bitmap of ``bitmap``/``bitmap-mode`` (None without one); settled at commit/abort.
+        self.sync_bitmap = sync_bitmap
         bcs.set_speed(params.speed)
         bcs.on_progress = self.progress_update
         bcs.on_remaining = self.progress_set_remaining
@@ -144,8 +159,33 @@ class BackupJob(Job):
             self._call.cancel()
         self.enter()
 
+    async def commit(self) -> None:
+        self._cleanup_sync_bitmap(success=True)
+
+    async def abort(self) -> None:
+        self._cleanup_sync_bitmap(success=False)
+
     async def clean(self) -> None:
         await cbw_drop(self.graph, self.filt)
+
+    def _cleanup_sync_bitmap(self, success: bool) -> None:
+        """Settle the frozen bitmap by ``bitmap-mode`` (the table in the module docstring)."""
+        bm, mode = self.sync_bitmap, self.params.bitmap_mode
+        if bm is None:
+            return
+        self.sync_bitmap = None
+        # The successor replaces the bitmap when the job succeeded or the mode says "always"; otherwise
+        # its bits go back into the bitmap.
+        sync = (success or mode == "always") and mode != "never"
+        bm = bm.abdicate() if sync else bm.reclaim()
+        if not success and mode == "always":
+            # What the job did not copy is still different from the target: keep it dirty. A job
+            # rolled back before it ran copied nothing: QEMU's copy bitmap is still all set then (it
+            # takes the sync bitmap's bits only when the job starts), so the whole disk stays dirty.
+            if self._started:
+                bm.merge_from(self.bcs.bitmap)
+            else:
+                bm.bits.set_all()
 
     # ------------------------------------------------------------------ run
 
@@ -218,8 +258,8 @@ def _supports_compressed_writes(node: BlockNode) -> bool:
     return bool(getattr(node, "supports_compressed_writes", False))
 
 
-def _check_bitmap_args(params: BackupParams) -> None:
-    """QEMU's do_backup_common checks on bitmap arguments, in its order and words."""
+def _check_bitmap_args(params: BackupParams, source: BlockNode) -> NodeDirtyBitmap | None:
+    """QEMU's do_backup_common checks on bitmap arguments, in its order and words; the bitmap, if any."""
     sync = params.sync
     if sync in ("bitmap", "incremental") and params.bitmap is None:
         raise BlockError(f"must provide a valid bitmap name for '{sync}' sync mode")
@@ -227,11 +267,23 @@ def _check_bitmap_args(params: BackupParams) -> None:
         if params.bitmap_mode not in (None, "on-success"):
             raise BlockError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
         params.sync, params.bitmap_mode = "bitmap", "on-success"
-    if params.bitmap is not None:
-        # Dirty bitmaps do not exist yet, so no name can be found.
+    if params.bitmap is None:
+        if params.bitmap_mode is not None:
+            raise BlockError("Cannot specify bitmap sync mode without a bitmap")
+        return None
+    bm = source.dirty_bitmaps.find(params.bitmap)
+    if bm is None:
         raise BlockError(f"Bitmap '{params.bitmap}' could not be found")
-    if params.bitmap_mode is not None:
-        raise BlockError("Cannot specify bitmap sync mode without a bitmap")
+    if params.bitmap_mode is None:
+        raise BlockError("Bitmap sync mode must be given when providing a bitmap")
+    bm.check(BitmapCheck.ALLOW_RO)
+    if params.sync == "none":
+        raise BlockError("sync mode 'none' does not produce meaningful bitmap outputs")
+    if params.bitmap_mode == "never" and params.sync != "bitmap":
+        raise BlockError(
+            f"Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{params.sync}'"
+        )
+    return bm
 
 
 def backup_job_create(
@@ -247,7 +299,7 @@ def backup_job_create(
         raise BlockError(f"Parameter 'bitmap-mode' does not accept value '{params.bitmap_mode}'")
     source = graph.get(params.device)
     target = graph.get(params.target)
-    _check_bitmap_args(params)
+    sync_bitmap = _check_bitmap_args(params, source)
     if source is target:
         raise BlockError("Source and target cannot be the same")
     if params.compress and not _supports_compressed_writes(target):
@@ -262,6 +314,30 @@ def backup_job_create(
         raise BlockError(f"max-workers must be between 1 and {INT_MAX}")
     if perf.max_chunk < 0:
         raise BlockError("max-chunk must be zero (which means no limit) or positive")
+    if sync_bitmap is not None:
+        # A bitmap the job will write to must be writable; then freeze it (QEMU: before the sizes).
+        if params.bitmap_mode != "never":
+            sync_bitmap.check(BitmapCheck.DEFAULT)
+        sync_bitmap.create_successor()
+    try:
+        return _create(graph, manager, params, txn, sync_bitmap)
+    except (JobError, BlockError):
+        if sync_bitmap is not None:
+            sync_bitmap.reclaim()
+        raise
+
+
+def _create(
+    graph: BlockGraph,
+    manager: JobManager,
+    params: BackupParams,
+    txn: JobTxn | None,
+    sync_bitmap: NodeDirtyBitmap | None,
+) -> BackupJob:
+    """The checks after the bitmap is frozen, the filter, the job (backup_job_create's second half)."""
+    source = graph.get(params.device)
+    target = graph.get(params.target)
+    perf = params.perf
     if source.size != target.size:
         raise BlockError("Source and target image have different sizes")
     if target.read_only:
@@ -292,9 +368,13 @@ def backup_job_create(
     if params.compress:
         bcs.write_flags = RequestFlags.WRITE_COMPRESSED
     # The snapshot instant: from here on every write passes through the filter.
-    bcs.bitmap.set_all()
+    if params.sync == "bitmap":
+        assert sync_bitmap is not None
+        bcs.bitmap.merge(sync_bitmap.bits)
+    else:
+        bcs.bitmap.set_all()
     try:
-        return BackupJob(job_id, manager, graph, params, filt, bcs, txn)
+        return BackupJob(job_id, manager, graph, params, filt, bcs, txn, sync_bitmap)
     except (JobError, BlockError):
         cbw_detach(graph, filt)
         raise

@@ -197,6 +197,9 @@ class FileNode(BlockNode):
     def describe(self) -> dict[str, object]:
         return {"file": self.filename}
 
+    def discards_change_data(self) -> bool:
+        return self.discard_unmap
+
     def _needs_bounce(self, view: memoryview) -> bool:
         if not self.direct:
             return False

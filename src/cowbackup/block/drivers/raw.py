@@ -71,6 +71,11 @@ class RawNode(BlockNode):
     def describe(self) -> dict[str, object]:
         return {"file": self.child.describe().get("file", self.child.node_name)}
 
+    def discards_change_data(self) -> bool:
+        # raw passes discards on: they change data if its child's do (an inline child inherits
+        # the raw node's ``discard`` option, as in QEMU).
+        return self.child.discards_change_data()
+
     async def _do_read(self, offset: int, buf: memoryview) -> None:
         await self.child.read(self.offset + offset, buf)
 

@@ -30,13 +30,14 @@ def block_device_info(node: BlockNode) -> dict[str, Any]:
     """QEMU's BlockDeviceInfo for one node, with the fields we can fill truthfully.
 
     Throttling (``bps``, ``iops``...) and ``write_threshold`` do not exist here: they are 0, as QEMU
-    reports them when unset. ``cache`` is QEMU's default (writeback, no direct I/O) unless the node says
-    otherwise (the file driver's ``direct``).
+    reports them when unset. ``dirty-bitmaps`` lists the node's bitmaps, newest first, anonymous ones
+    (a frozen bitmap's successor) without a name. ``cache`` is QEMU's default (writeback, no direct
+    I/O) unless the node says otherwise (the file driver's ``direct``).
     """
     described = node.describe()
     filename = str(described.get("file", node.node_name))
     direct = bool(getattr(node, "direct", False))
-    return {
+    info: dict[str, Any] = {
         "node-name": node.node_name,
         "drv": node.driver_name,
         "file": filename,
@@ -59,6 +60,10 @@ def block_device_info(node: BlockNode) -> dict[str, Any]:
         "iops_rd": 0,
         "iops_wr": 0,
     }
+    if len(node.dirty_bitmaps):
+        # QEMU leaves the member out when the node has no bitmap.
+        info["dirty-bitmaps"] = node.dirty_bitmaps.info()
+    return info
 
 
 @command("query-named-block-nodes")

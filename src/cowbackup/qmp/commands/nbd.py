@@ -31,6 +31,10 @@ _EXPORT_STR_MEMBERS = ("id", "node-name", "name", "description")
 async def nbd_server_start(ctx: QMPContext, args: dict[str, Any]) -> Any:
     addr = arg_obj(args, "addr")
     arg_str(addr, "type", prefix="addr")
+    if isinstance(addr.get("data"), dict) and set(addr) == {"type", "data"}:
+        # QEMU's QMP form (SocketAddressLegacy: {"type", "data": {...}}); the flat form is qsd's
+        # --nbd-server's, which we accept here too.
+        addr = {"type": addr["type"], **addr["data"]}
     for key in ("path", "host", "port"):  # QEMU's InetSocketAddress port is a string
         arg_str(addr, key, None, prefix="addr")
     tls_creds = arg_str(args, "tls-creds", None)

@@ -7,8 +7,9 @@
                     {"type": "abort", "data": {}}],
         "properties": {"completion-mode": "individual" | "grouped"}}}
 
-Supported action types: ``blockdev-backup`` and ``abort``. QEMU's other types (dirty-bitmap actions,
-snapshots, ``drive-backup``) are not in our schema and are refused as unknown values of ``type``.
+Supported action types: ``blockdev-backup``, ``abort`` and the dirty-bitmap actions
+``block-dirty-bitmap-add/remove/clear/enable/disable/merge``. QEMU's other types (snapshots,
+``drive-backup``) are not in our schema and are refused as unknown values of ``type``.
 
 As QEMU (blockdev.c ``qmp_transaction``):
 
@@ -18,23 +19,27 @@ As QEMU (blockdev.c ``qmp_transaction``):
    transaction property completion-mode = grouped"); the backups then share one ``JobTxn``: they
    finish together, and one failing or cancelled cancels the others.
 3. The actions are prepared in order: a backup is created and its copy-before-write filter inserted,
-   but the job is not started. Preparation never yields to the event loop, so every filter goes in
-   within one loop step and all snapshots share one instant. ``abort`` fails with "Transaction
-   aborted using Abort action".
-4. On the first failure the prepared backups are rolled back, newest first, and that failure is the
+   but the job is not started; a bitmap action does its work and keeps what it needs to undo it.
+   Preparation never yields to the event loop, so every filter goes in and every bitmap changes within
+   one loop step: a bitmap added next to a full backup records exactly the writes after its snapshot.
+   ``abort`` fails with "Transaction aborted using Abort action".
+4. On the first failure the prepared actions are rolled back, newest first, and that failure is the
    reply. A rolled-back job is cancelled before it started, which is what QEMU does
    (``job_cancel_sync``): ``JOB_STATUS_CHANGE`` aborting, concluded, null after its created, no
-   ``BLOCK_JOB_CANCELLED``; its filter is dropped by the job's clean-up.
-5. Otherwise every job is started, newest first (QEMU commits its actions in reverse order), and the
-   reply is ``{}``.
+   ``BLOCK_JOB_CANCELLED``; its filter is dropped by the job's clean-up and its bitmap reclaimed. A
+   bitmap action's abort puts the bitmap back as it was (an added bitmap goes, a removed one stays).
+5. Otherwise every action is committed, newest first (QEMU commits its actions in reverse order): jobs
+   start, removed bitmaps go. The reply is ``{}``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cowbackup.block.errors import BlockError
+from cowbackup.block.graph import BlockGraph
 from cowbackup.jobs.backup import BackupJob, BackupParams, backup_job_create
 from cowbackup.jobs.job import JobError, JobStatus, JobTxn
 from cowbackup.qmp.commands import (
@@ -47,9 +52,28 @@ from cowbackup.qmp.commands import (
     command,
     no_extra,
 )
+from cowbackup.qmp.commands.bitmaps import (
+    Undo,
+    add_prepare,
+    clear_prepare,
+    enable_prepare,
+    merge_prepare,
+    parse_add,
+    parse_merge,
+    parse_ref,
+    remove_prepare,
+)
 from cowbackup.qmp.commands.jobs import backup_params
 
-ACTION_TYPES = ("abort", "blockdev-backup")
+BITMAP_ACTIONS = (
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+)
+ACTION_TYPES = ("abort", *BITMAP_ACTIONS, "blockdev-backup")
 COMPLETION_MODES = ("individual", "grouped")
 
 
@@ -57,6 +81,25 @@ COMPLETION_MODES = ("individual", "grouped")
 class _Action:
     type: str
     backup: BackupParams | None = None  # for blockdev-backup
+    #: For a bitmap action: does its work on the graph and returns how to commit or undo it.
+    bitmap: Callable[[BlockGraph], Undo] | None = None
+
+
+def _bitmap_action(kind: str, data: dict[str, Any], path: str) -> Callable[[BlockGraph], Undo]:
+    """Check a bitmap action's data now (the whole input is checked before anything runs)."""
+    if kind == "block-dirty-bitmap-add":
+        add = parse_add(data, path)
+        return lambda graph: add_prepare(graph, add)
+    if kind == "block-dirty-bitmap-merge":
+        merge = parse_merge(data, path)
+        return lambda graph: merge_prepare(graph, merge)
+    ref = parse_ref(data, path)
+    if kind == "block-dirty-bitmap-remove":
+        return lambda graph: remove_prepare(graph, ref)
+    if kind == "block-dirty-bitmap-clear":
+        return lambda graph: clear_prepare(graph, ref)
+    enable = kind == "block-dirty-bitmap-enable"
+    return lambda graph: enable_prepare(graph, ref, enable)
 
 
 def _parse_action(action: Any, index: int) -> _Action:
@@ -69,9 +112,13 @@ def _parse_action(action: Any, index: int) -> _Action:
     kind = arg_enum(action, "type", ACTION_TYPES)
     data = arg_obj(action, "data", prefix=path)
     data_path = f"{path}.data"
-    parsed = _Action(kind, backup_params(data, data_path)) if kind == "blockdev-backup" else _Action(kind)
-    if kind == "abort":
+    if kind == "blockdev-backup":
+        parsed = _Action(kind, backup=backup_params(data, data_path))
+    elif kind == "abort":
+        parsed = _Action(kind)
         no_extra(data, (), prefix=data_path)
+    else:
+        parsed = _Action(kind, bitmap=_bitmap_action(kind, data, data_path))
     no_extra(action, ("type", "data"), prefix=path)
     return parsed
 
@@ -86,12 +133,26 @@ def _parse_mode(args: dict[str, Any]) -> str:
     return mode
 
 
-async def _roll_back(prepared: list[BackupJob]) -> None:
-    """Cancel the prepared, never-started jobs, newest first, and wait until they are gone.
+@dataclass
+class _Prepared:
+    """A prepared action: a backup job not started yet, or a bitmap action's undo."""
 
-    In a grouped transaction the first cancel takes its siblings down too; they are skipped then.
+    job: BackupJob | None = None
+    undo: Undo | None = None
+
+
+async def _roll_back(prepared: list[_Prepared]) -> None:
+    """Undo the prepared actions, newest first: bitmap actions at once; never-started jobs are
+    cancelled and waited for until they are gone.
+
+    In a grouped transaction the first cancel takes its sibling jobs down too; they are skipped then.
     """
-    for job in reversed(prepared):
+    for action in reversed(prepared):
+        if action.undo is not None:
+            action.undo.abort()
+            continue
+        job = action.job
+        assert job is not None
         if job.status != JobStatus.CREATED:
             continue
         flow = job.cancel(True)
@@ -113,17 +174,24 @@ async def transaction(ctx: QMPContext, args: dict[str, Any]) -> Any:
     txn = JobTxn() if mode == "grouped" else None
 
     daemon = ctx.daemon
-    prepared: list[BackupJob] = []
+    prepared: list[_Prepared] = []
     try:
-        # No await in this loop: all filters are inserted in one step of the event loop.
+        # No await in this loop: all filters are inserted, and all bitmaps changed, in one step of the
+        # event loop.
         for action in actions:
             if action.type == "abort":
                 raise QMPError("Transaction aborted using Abort action")
+            if action.bitmap is not None:
+                prepared.append(_Prepared(undo=action.bitmap(daemon.graph)))
+                continue
             assert action.backup is not None
-            prepared.append(backup_job_create(daemon.graph, daemon.jobs, action.backup, txn))
+            prepared.append(_Prepared(job=backup_job_create(daemon.graph, daemon.jobs, action.backup, txn)))
     except (QMPError, BlockError, JobError):
         await _roll_back(prepared)
         raise
-    for job in reversed(prepared):
-        job.start()
+    for done in reversed(prepared):
+        if done.undo is not None:
+            done.undo.commit()
+        elif done.job is not None:
+            done.job.start()
     return {}
