@@ -11,7 +11,9 @@ export's writes come to pass through copy-before-write while a backup runs::
     before:   export ──> src            after insert_filter(cbw, src):   export ──> cbw ──file──> src
               job    ──> src                                             job    ──> cbw
 
-:meth:`BlockGraph.drop_filter` undoes it: the filter's parents are pointed at its child again.
+:meth:`BlockGraph.drop_filter` undoes it: the filter's parents are pointed at its child again.  The edges
+a filter added with ``blockdev-add`` took over are remembered (``FilterNode.adopted``): ``blockdev-del`` of
+it is allowed while only they use it, and hands them back to the child first.
 """
 
 from __future__ import annotations
@@ -121,10 +123,11 @@ class BlockGraph:
         child.node = node
         node.parents.append(child)
 
-    def insert_filter(self, filt: FilterNode, below: BlockNode) -> None:
+    def insert_filter(self, filt: FilterNode, below: BlockNode, *, adopt: bool = False) -> None:
         """Attach ``filt`` above ``below`` and re-point all of ``below``'s other parents to it.
 
-        The filter must be in the graph and not yet have a ``file`` child.
+        The filter must not yet have a ``file`` child.  ``adopt``: remember the re-pointed edges, so that
+        ``blockdev-del`` of the filter hands them back (a filter the user added, not a job's).
         """
         if "file" in filt.children:
             raise BlockError(f"filter '{filt.node_name}' already has a child")
@@ -134,6 +137,8 @@ class BlockGraph:
         for edge in others:
             if edge is not own:
                 self._repoint(edge, filt)
+                if adopt:
+                    filt.adopted.append(edge)
 
     def drop_filter(self, filt: FilterNode) -> None:
         """Point every parent of ``filt`` at its child, detach it and remove it from the graph."""
@@ -143,15 +148,19 @@ class BlockGraph:
             for edge in list(filt.parents):
                 self._repoint(edge, below)
             self.detach(own)
+        filt.adopted.clear()
         if self.nodes.get(filt.node_name) is filt:
             del self.nodes[filt.node_name]
 
     # ------------------------------------------------------------------ removal
 
-    def users_of(self, node: BlockNode) -> list[str]:
-        """Who holds ``node``: descriptions of its parents, for "busy" errors."""
+    def users_of(self, node: BlockNode, *, skip_adopted: bool = False) -> list[str]:
+        """Who holds ``node``: descriptions of its parents, for "busy" errors (``skip_adopted``: not the
+        parents a filter took over when it was inserted)."""
         out = []
         for edge in node.parents:
+            if skip_adopted and isinstance(node, FilterNode) and edge in node.adopted:
+                continue
             if isinstance(edge.parent, Root):
                 out.append(edge.parent.description)
             else:
@@ -164,13 +173,25 @@ class BlockGraph:
         Children that were created implicitly with it (inline options) are removed too when unused.
         """
         node = self.get(name)
-        users = self.users_of(node)
+        users = self.users_of(node, skip_adopted=True)
         if users:
             raise BlockError(f"Node '{name}' is busy: node is used by {', '.join(users)}")
+        if isinstance(node, FilterNode):
+            self.give_back(node)
         await self._remove_node(node)
+
+    def give_back(self, filt: FilterNode) -> None:
+        """Point the parents ``filt`` took over when it was inserted back at its child."""
+        own = filt.children.get("file")
+        for edge in filt.adopted:
+            if own is not None and edge.node is filt:
+                self._repoint(edge, own.node)
+        filt.adopted.clear()
 
     async def abandon(self, node: BlockNode) -> None:
         """Close a node whose opening failed after its children were attached; drop implicit children."""
+        if isinstance(node, FilterNode):
+            self.give_back(node)
         await self._remove_node(node)
 
     async def _remove_node(self, node: BlockNode) -> None:

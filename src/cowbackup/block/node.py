@@ -560,6 +560,9 @@ class FilterNode(BlockNode):
 
     def __init__(self, node_name: str, *, read_only: bool = False) -> None:
         super().__init__(node_name, read_only=read_only)
+        #: The parent edges re-pointed to this filter when it was inserted above its child (owned by
+        #: the graph): ``blockdev-del`` hands them back instead of counting them as users.
+        self.adopted: list[Child] = []
 
     @property
     def is_filter(self) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cowbackup import __version__
 from cowbackup.block.errors import BlockError
-from cowbackup.cli import backup, bitmap_cmd, daemon_cmd, demo, live, serve
+from cowbackup.cli import backup, bitmap_cmd, daemon_cmd, demo, live, pull, serve
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from cowbackup.jobs.job import JobError
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon_cmd.add_parser(sub)
     demo.add_parser(sub)
     live.add_parsers(sub)
+    pull.add_parser(sub)
     serve.add_parser(sub)
     return parser
 

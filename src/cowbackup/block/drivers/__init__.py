@@ -30,6 +30,7 @@ DRIVER_MODULES: dict[str, str] = {
     "nbd": "cowbackup.block.drivers.nbd",
     "fault-inject": "cowbackup.block.filters.fault",
     "copy-before-write": "cowbackup.block.filters.cbw",
+    "snapshot-access": "cowbackup.block.filters.snapshot_access",
 }
 
 _DETECT_ZEROES = ("off", "on", "unmap")

@@ -18,6 +18,27 @@ Errors while saving follow ``on-cbw-error``:
 ``cbw-timeout`` (seconds, 0 = none) bounds how long a guest request waits for its copy; on timeout the
 request fails with ETIMEDOUT (or breaks the snapshot), while the copy itself runs on in the background.
 Reads and flushes pass through untouched.
+
+**The snapshot API** (what a ``snapshot-access`` node above the filter reads through, QEMU's
+``bdrv_co_preadv_snapshot`` & co.).  Three bitmaps and one list, at the copy cluster size, describe the
+point-in-time view::
+
+    bcs.bitmap   still to copy (the copy engine's)
+    access       may be read through the snapshot: the copy bitmap as it was when the filter was opened,
+                 minus what the reader discarded; reads elsewhere fail with EACCES
+    done         a guest request's copy-before-write finished here: the old data is in the target
+    frozen       snapshot reads in flight that read the *source*; guest requests wait for them
+
+    snapshot read of [o, o+n):   outside access or snapshot broken   -> EACCES
+                                 done                                -> read the target
+                                 not done                            -> freeze the range, read the source
+    guest write of [o, o+n):     copy-before-write the clusters -> mark them done
+                                 -> wait for frozen reads overlapping them -> write the source
+
+A read that finds a range not done may read the source because no guest request has passed the filter
+there yet, and none can before the read ends: it would have to mark the range done first, and then it
+waits for the frozen read.  A read that finds it done reads the target, which has held the old data since
+the copy finished (a copy still in flight does not count as done).
 """
 
 from __future__ import annotations
@@ -26,13 +47,16 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from cowbackup.block.align import align_down, align_up
+from cowbackup.block.bitmap import DirtyBitmap
 from cowbackup.block.copy import BlockCopyState, CopyCall, CopyError, cluster_size_for
+from cowbackup.block.dirty_bitmaps import BitmapCheck, NodeDirtyBitmap
 from cowbackup.block.drivers import open_child
 from cowbackup.block.errors import BlockError, RequestError
 from cowbackup.block.graph import BlockGraph
-from cowbackup.block.node import FilterNode, RequestFlags
+from cowbackup.block.node import BlockNode, Buffer, Extent, FilterNode, RequestFlags
 from cowbackup.block.options import Options
 
 log = logging.getLogger(__name__)
@@ -40,6 +64,15 @@ log = logging.getLogger(__name__)
 ON_CBW_ERROR = ("break-guest-write", "break-snapshot")
 #: Guest-triggered copies run with many workers and no chunk limit (QEMU's BLOCK_COPY_MAX_WORKERS).
 CBW_WORKERS = 64
+
+
+@dataclass(eq=False)
+class _FrozenRead:
+    """A snapshot read of ``[start, end)`` served from the source; guest requests there wait for ``done``."""
+
+    start: int
+    end: int
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class CopyBeforeWriteNode(FilterNode):
@@ -66,6 +99,11 @@ class CopyBeforeWriteNode(FilterNode):
         #: False once the owner is done with the snapshot: requests then pass straight through.
         self.active = True
         self._background: set[asyncio.Future[None]] = set()
+        # The snapshot API's state (see the module docstring); set up by :meth:`init_snapshot`, touched
+        # only from the event loop.
+        self.access: DirtyBitmap | None = None
+        self.done: DirtyBitmap | None = None
+        self._frozen: list[_FrozenRead] = []
 
     def describe(self) -> dict[str, object]:
         return {"file": self.child.node_name}
@@ -81,22 +119,42 @@ class CopyBeforeWriteNode(FilterNode):
         cluster = bcs.cluster_size
         start = align_down(offset, cluster)
         end = min(align_up(offset + length, cluster), bcs.size)
-        if bcs.bitmap.next_dirty(start, end) is None and not bcs.in_flight_bytes:
-            return  # fast path: nothing left to copy here and nothing in flight to wait for
-        call = CopyCall(start, end - start, max_workers=CBW_WORKERS, ignore_ratelimit=True)
+        # Fast path: nothing left to copy here and nothing in flight to wait for.
+        if bcs.bitmap.next_dirty(start, end) is not None or bcs.in_flight_bytes:
+            try:
+                await self._copy(
+                    bcs, CopyCall(start, end - start, max_workers=CBW_WORKERS, ignore_ratelimit=True)
+                )
+            except (CopyError, RequestError) as err:
+                self._copy_failed(err)  # raises unless on-cbw-error=break-snapshot
+                await self._wait_frozen(start, end)
+                return
+        if self.done is not None:
+            self.done.set(start, end - start)
+            await self._wait_frozen(start, end)
+
+    async def _copy(self, bcs: BlockCopyState, call: CopyCall) -> None:
+        if not self.cbw_timeout:
+            await bcs.copy(call)
+            return
+        copy = asyncio.ensure_future(bcs.copy(call))
+        self._background.add(copy)
+        copy.add_done_callback(self._background_done)
         try:
-            if self.cbw_timeout:
-                copy = asyncio.ensure_future(bcs.copy(call))
-                self._background.add(copy)
-                copy.add_done_callback(self._background_done)
-                try:
-                    await asyncio.wait_for(asyncio.shield(copy), self.cbw_timeout)
-                except TimeoutError:
-                    raise RequestError(errno.ETIMEDOUT, "copy-before-write timed out") from None
-            else:
-                await bcs.copy(call)
-        except (CopyError, RequestError) as err:
-            self._copy_failed(err)
+            await asyncio.wait_for(asyncio.shield(copy), self.cbw_timeout)
+        except TimeoutError:
+            raise RequestError(errno.ETIMEDOUT, "copy-before-write timed out") from None
+
+    async def _wait_frozen(self, start: int, end: int) -> None:
+        """Wait until no snapshot read of the source overlaps ``[start, end)``.
+
+        New ones cannot start there once the range is done (they read the target), so this ends.
+        """
+        while True:
+            blocker = next((r for r in self._frozen if r.start < end and start < r.end), None)
+            if blocker is None:
+                return
+            await blocker.done.wait()
 
     def _background_done(self, fut: asyncio.Future[None]) -> None:
         self._background.discard(fut)
@@ -114,6 +172,97 @@ class CopyBeforeWriteNode(FilterNode):
     async def _intercept(self, op: str, offset: int | None, length: int, flags: RequestFlags) -> None:
         if op in ("write", "write_zeroes", "discard") and offset is not None:
             await self._save_old_data(offset, length, flags)
+
+    # ------------------------------------------------------------------ the snapshot API
+
+    def init_snapshot(self) -> None:
+        """Make the filter readable as a snapshot: what is to copy now is what a reader may read.
+
+        Called once the copy bitmap holds the snapshot's clusters, before any request passes.
+        """
+        assert self.bcs is not None
+        self.access = self.bcs.bitmap.copy()
+        self.done = DirtyBitmap(self.bcs.size, self.bcs.cluster_size)
+
+    def _snapshot_lock(self, offset: int, length: int) -> tuple[BlockNode, int, _FrozenRead | None]:
+        """Where to read the snapshot's ``[offset, offset+n)`` from, ``n`` (1..length), and the frozen
+        read to release with :meth:`_snapshot_unlock` (None when it comes from the target).
+
+        Raises EACCES if any of the range may not be read, or the snapshot is broken; ENOTSUP if this
+        filter was not opened as a snapshot.
+        """
+        access, done, bcs = self.access, self.done, self.bcs
+        if access is None or done is None or bcs is None:
+            raise RequestError(errno.ENOTSUP, f"node '{self.node_name}' has no snapshot to access")
+        end = offset + length
+        if self.snapshot_error is not None or access.next_clean(offset, end) is not None:
+            raise RequestError(errno.EACCES, "Permission denied")
+        if done.get(offset):
+            stop = done.next_clean(offset, end)
+            return bcs.target.node, (end if stop is None else stop) - offset, None
+        stop = done.next_dirty(offset, end)
+        n = (end if stop is None else stop) - offset
+        frozen = _FrozenRead(offset, offset + n)
+        self._frozen.append(frozen)
+        return self.child, n, frozen
+
+    def _snapshot_unlock(self, frozen: _FrozenRead | None) -> None:
+        if frozen is not None:
+            self._frozen.remove(frozen)
+            frozen.done.set()
+
+    def _check_snapshot(self) -> None:
+        # A read that was in flight when on-cbw-error=break-snapshot gave the snapshot up may have seen
+        # new data: it fails too, as every later one.
+        if self.snapshot_error is not None:
+            raise RequestError(errno.EACCES, "Permission denied")
+
+    async def snapshot_read(self, offset: int, buf: Buffer) -> None:
+        """Fill ``buf`` with the point-in-time view at ``offset`` (the caller checked the range).
+
+        EACCES outside the readable area or once the snapshot is broken; I/O errors of either child.
+        """
+        view = memoryview(buf).cast("B")
+        pos = 0
+        while pos < len(view):
+            node, n, frozen = self._snapshot_lock(offset + pos, len(view) - pos)
+            try:
+                await node.read(offset + pos, view[pos : pos + n])
+            finally:
+                self._snapshot_unlock(frozen)
+            pos += n
+        self._check_snapshot()
+
+    async def snapshot_block_status(self, offset: int, length: int) -> Extent:
+        """Block status of the point-in-time view: the target's where the old data was saved, the
+        source's elsewhere (frozen while asked).  EACCES as :meth:`snapshot_read`."""
+        node, n, frozen = self._snapshot_lock(offset, length)
+        try:
+            ext = await node.block_status(offset, n)
+        finally:
+            self._snapshot_unlock(frozen)
+        self._check_snapshot()
+        return ext
+
+    async def snapshot_discard(self, offset: int, length: int) -> None:
+        """The reader is done with the whole clusters inside ``[offset, offset+length)``.
+
+        They stop being readable (EACCES from now on) and stop being copied (later guest writes there
+        cost nothing), and the target's copy of them, if any, is discarded to free the scratch space.
+        A partial cluster at either end is left alone, as QEMU does.
+        """
+        access, bcs = self.access, self.bcs
+        if access is None or bcs is None:
+            raise RequestError(errno.ENOTSUP, f"node '{self.node_name}' has no snapshot to access")
+        cluster = bcs.cluster_size
+        start = align_up(offset, cluster)
+        end = offset + length if offset + length == bcs.size else align_down(offset + length, cluster)
+        if start >= end:
+            return
+        access.reset_inward(start, end - start)
+        bcs.bitmap.reset_inward(start, end - start)
+        bcs.on_remaining(bcs.remaining())
+        await bcs.target.node.discard(start, end - start)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -187,25 +336,78 @@ def cbw_detach(graph: BlockGraph, filt: CopyBeforeWriteNode) -> None:
     filt.closed = True
 
 
-async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> CopyBeforeWriteNode:
-    """``blockdev-add driver=copy-before-write file=SRC target=TGT`` (fleecing).
+def _lookup_bitmap(graph: BlockGraph, ref: Options) -> NodeDirtyBitmap:
+    """The ``bitmap`` option's {node, name}, with QEMU's block_dirty_bitmap_lookup messages."""
+    node_name = ref.get_str("node")
+    name = ref.get_str("name")
+    ref.finish()
+    node = graph.find(node_name)
+    if node is None:
+        raise BlockError(f"Node '{node_name}' not found")
+    bitmap = node.dirty_bitmaps.find(name)
+    if bitmap is None:
+        raise BlockError(f"Dirty bitmap '{name}' not found")
+    return bitmap
 
-    Every cluster starts "to copy"; the filter is a new node above ``file`` (its other parents keep
-    writing to ``file`` directly unless re-pointed).
+
+def _seed_copy_bitmap(bcs: BlockCopyState, bitmap: NodeDirtyBitmap | None) -> None:
+    """Mark what the snapshot holds: everything, or the clusters dirty in ``bitmap`` (merged outward to
+    the copy cluster size).  Errors as QEMU's block_copy_state_new words them."""
+    if bitmap is None:
+        bcs.bitmap.set_all()
+        return
+    prefix = (
+        f"Cannot create block-copy-state: Failed to merge bitmap '{bitmap.name}' to internal copy-bitmap: "
+    )
+    try:
+        bitmap.check(BitmapCheck.INCONSISTENT)
+    except BlockError as err:
+        raise BlockError(prefix + str(err)) from None
+    if bitmap.size != bcs.size:
+        raise BlockError(prefix + "Bitmaps are incompatible and can't be merged")
+    bcs.bitmap.merge(bitmap.bits)
+
+
+async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> CopyBeforeWriteNode:
+    """``blockdev-add driver=copy-before-write file=SRC target=TGT [bitmap={node,name}] [on-cbw-error]
+    [cbw-timeout] [min-cluster-size]`` (fleecing).
+
+    The snapshot is taken here: every cluster (or, with ``bitmap``, each cluster dirty in that bitmap
+    now; later changes to the bitmap do not matter) is "to copy" and readable through a
+    ``snapshot-access`` node.  Unlike QEMU, which leaves the source's other parents writing past the
+    filter (its permission system then refuses the combination), the filter is *inserted* above the
+    source: an export or a format node over the source writes through it from now on, and deleting the
+    filter (``blockdev-del``) hands them back to the source.
     """
     on_cbw_error = opts.get_enum("on-cbw-error", ON_CBW_ERROR, "break-guest-write")
     cbw_timeout = opts.get_int("cbw-timeout", 0, minimum=0)
+    if cbw_timeout >= 1 << 32:
+        raise BlockError("Parameter 'cbw-timeout' expects uint32_t")
     min_cluster = opts.get_int("min-cluster-size", 0, minimum=0)
+    if min_cluster & (min_cluster - 1):
+        raise BlockError("min-cluster-size needs to be a power of 2")
+    bitmap_ref = opts.get_dict("bitmap") if opts.has("bitmap") else None
+    # Refuse unknown options now, before the graph changes (the registry's own check comes after).
+    opts.discard("read-only")
     source = await open_child(graph, opts, "file")
     target = await open_child(graph, opts, "target")
     assert source is not None and target is not None
+    opts.finish()
+    bitmap = _lookup_bitmap(graph, bitmap_ref) if bitmap_ref is not None else None
     if source.size != target.size:
         raise BlockError("Source and target image have different sizes")
     filt = CopyBeforeWriteNode(node_name, on_cbw_error=on_cbw_error, cbw_timeout=cbw_timeout)
-    graph.attach(filt, "file", source)
-    filt.refresh_limits()
     target_edge = graph.attach(filt, "target", target)
     cluster = cluster_size_for(target, max(min_cluster, 64 * 1024))
+    # The copy state is built on the edge the filter is about to own; the edge is created by
+    # insert_filter, so build it right after, before any await (no request can pass in between).
+    graph.insert_filter(filt, source, adopt=True)
     filt.bcs = BlockCopyState(filt.children["file"], target_edge, cluster)
-    filt.bcs.bitmap.set_all()
+    try:
+        _seed_copy_bitmap(filt.bcs, bitmap)
+    except BlockError:
+        graph.detach(target_edge)
+        graph.drop_filter(filt)
+        raise
+    filt.init_snapshot()
     return filt
