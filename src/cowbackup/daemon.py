@@ -18,10 +18,11 @@ import logging
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cowbackup.block.bitmap_sidecar import load_persistent_bitmaps, store_persistent_bitmaps
+from cowbackup.block.dirty_bitmaps import NodeDirtyBitmap
 from cowbackup.block.drivers import open_node
 from cowbackup.block.errors import BlockError
 from cowbackup.block.graph import BlockGraph
@@ -30,6 +31,7 @@ from cowbackup.block.options import Options
 from cowbackup.jobs.backup import BackupJob, BackupParams, backup_job_create
 from cowbackup.jobs.events import Event
 from cowbackup.jobs.job import JobManager, JobTxn
+from cowbackup.nbd.contexts import ALLOCATION_DEPTH, allocation_depth, bitmap_contexts, export_bitmaps
 from cowbackup.nbd.listener import NBDServer
 from cowbackup.nbd.tls import TLSError, server_context
 
@@ -51,6 +53,8 @@ class BlockExport:
     id: str
     node_name: str
     name: str
+    #: The bitmaps offered as ``qemu:dirty-bitmap:`` contexts; busy until the export is gone.
+    bitmaps: list[NodeDirtyBitmap] = field(default_factory=list)
     shutting_down: bool = False
 
     def info(self) -> dict[str, Any]:
@@ -150,8 +154,10 @@ class Daemon:
         """``block-export-add`` for ``type: nbd``: export a node on the running NBD server.
 
         Options (QEMU's BlockExportOptions): ``type`` (``nbd``), ``id``, ``node-name``, ``writable``
-        (default off), ``name`` (the NBD export name, default the node name), ``description``.  Anything
-        else is refused.  BlockError with QEMU's messages, checked in QEMU's order.
+        (default off), ``name`` (the NBD export name, default the node name), ``description``,
+        ``bitmaps`` (names, or ``{node, name}``, offered as ``qemu:dirty-bitmap:NAME`` contexts and busy
+        while exported), ``allocation-depth`` (offer ``qemu:allocation-depth``).  Anything else is
+        refused.  BlockError with QEMU's messages, checked in QEMU's order.
         """
         opts = Options(options)
         opts.get_enum("type", ("nbd",))
@@ -160,6 +166,10 @@ class Daemon:
         writable = opts.get_bool("writable", False)
         name = opts.get_str("name", None)
         description = opts.get_str("description", "")
+        bitmap_items = opts.raw("bitmaps", [])
+        if not isinstance(bitmap_items, list):
+            raise BlockError("Invalid parameter type for 'bitmaps', expected: array")
+        depth = opts.get_bool("allocation-depth", False)
         opts.finish()
         if _ID.fullmatch(export_id) is None:
             raise BlockError("Invalid block export id")
@@ -173,8 +183,14 @@ class Daemon:
             name = node_name
         if name in self.nbd.exports:
             raise BlockError(f"NBD server already has export named '{name}'")
-        self.nbd.add_export(name, node_name, writable=writable, description=description)
-        export = BlockExport(export_id, node_name, name)
+        bitmaps = export_bitmaps(self.graph, self.graph.get(node_name), bitmap_items, writable=writable)
+        contexts = bitmap_contexts(bitmaps)
+        if depth:
+            contexts[ALLOCATION_DEPTH] = allocation_depth
+        self.nbd.add_export(name, node_name, writable=writable, description=description, contexts=contexts)
+        for bm in bitmaps:
+            bm.busy = True
+        export = BlockExport(export_id, node_name, name, bitmaps=bitmaps)
         self.exports[export_id] = export
         log.info("export '%s': node '%s' as NBD export '%s'", export_id, node_name, name)
         return export
@@ -200,6 +216,8 @@ class Daemon:
                 await self.nbd.remove_export(export.name, hard=True)
         finally:
             del self.exports[export_id]
+            for bm in export.bitmaps:
+                bm.busy = False
             self.jobs.events.emit(Event(BLOCK_EXPORT_DELETED, {"id": export_id}))
 
     def query_block_exports(self) -> list[dict[str, Any]]:
