@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -329,3 +331,24 @@ def start_cli(workdir: Path) -> Iterator[StartCli]:
     yield start
     for proc in started:
         proc.close()
+
+
+async def wait_listening(
+    path: Path, proc: asyncio.subprocess.Process, what: str, limit: float = 10.0
+) -> None:
+    """Wait until a Unix socket accepts connections (the file appears at bind(), before listen(): a
+    connect in between is refused), failing the test if ``proc`` exits or ``limit`` seconds pass."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while True:
+        try:
+            _, writer = await asyncio.open_unix_connection(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            if proc.returncode is not None or loop.time() > deadline:
+                pytest.fail(f"{what} did not start listening on {path}")
+            await asyncio.sleep(0.01)  # polling for the listener, with a deadline
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return

@@ -22,6 +22,7 @@ the ``cowbackup pull`` command too.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 from typing import IO, Any
@@ -332,3 +333,65 @@ def test_pull_command_exports_the_frozen_view_until_released(workdir: Path, sour
 
     with open(workdir / "ours.log", "wb") as log:
         asyncio.run(asyncio.wait_for(main(log), 90))
+
+
+def test_pull_with_a_bitmap_exports_the_views_dirty_map(workdir: Path, source: Path) -> None:
+    """``pull --bitmap b``: the view holds the clusters dirty in ``b`` at the instant, and its export
+    carries ``qemu:dirty-bitmap:b`` frozen in that same instant -- guest writes afterwards mark the live
+    bitmap, not the exported map -- which nbdinfo reads next to the data."""
+    require("qemu-io", "nbdinfo")
+    make_targets(workdir, "ours")
+
+    async def main(log: IO[bytes]) -> None:
+        async with daemon("ours", workdir, source, log) as b:
+            c = b.client
+            sock = workdir / "ours-nbd.sock"
+            guest = f"nbd+unix:///src?socket={sock}"
+            await c.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+            await c.execute(
+                "block-export-add", {"type": "nbd", "id": "e", "node-name": "src", "writable": True}
+            )
+            await c.execute("block-dirty-bitmap-add", {"node": "src", "name": "b"})
+            code, out = await qemu_io(guest, f"write -P 0x5a {3 * C} {C}", f"write -P 0x5b {40 * C + 7} 100")
+            assert code == 0, out
+            at_t = (workdir / "src.img").read_bytes()
+            scratch, until = workdir / "scratch.img", workdir / "release"
+            argv = cli_command(
+                "pull", "--qmp", str(workdir / "ours.sock"), "src", "--scratch", str(scratch),
+                "--socket", str(sock), "--bitmap", "b", "--until-file", str(until),
+            )  # fmt: skip
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=cli_env(),
+            )  # fmt: skip
+            try:
+                assert proc.stdout is not None and proc.stderr is not None
+                uri = (await asyncio.wait_for(proc.stdout.readline(), WAIT)).decode().strip()
+                assert uri, (await proc.stderr.read()).decode()
+                code, out = await qemu_io(guest, f"write -P 0x77 {3 * C} {C}", f"write -P 0x78 {10 * C} {C}")
+                assert code == 0, out
+                mapped = await arun_tool("nbdinfo", "--map=qemu:dirty-bitmap:b", "--json", uri)
+                assert mapped.returncode == 0, mapped.stderr
+                dirty = [
+                    (e["offset"] // C, e["length"] // C) for e in json.loads(mapped.stdout) if e["type"] == 1
+                ]
+                assert dirty == [(3, 1), (40, 1)]  # not 10: written after the instant
+                code, out = await qemu_io(uri, f"read -P 0x5a {3 * C} {C}", read_only=True)
+                assert code == 0 and "failed" not in out and "Pattern verification failed" not in out, out
+                code, out = await qemu_io(uri, f"read {10 * C} {C}", read_only=True)
+                assert "failed" in out  # outside the view: EACCES on the server, an error for the reader
+                assert (workdir / "src.img").read_bytes() != at_t
+                until.touch()
+                stderr = (await asyncio.wait_for(proc.stderr.read(), WAIT)).decode()
+                assert await asyncio.wait_for(proc.wait(), WAIT) == 0, stderr
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            bitmaps: list[dict[str, Any]] = await c.execute("query-named-block-nodes")  # type: ignore[assignment]
+            (src_info,) = [n for n in bitmaps if n["node-name"] == "src"]
+            (live,) = src_info["dirty-bitmaps"]
+            assert live["name"] == "b" and live["count"] == 3 * C and not live["busy"]
+
+    with open(workdir / "ours.log", "wb") as log:
+        asyncio.run(asyncio.wait_for(main(log), 60))

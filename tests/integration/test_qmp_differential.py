@@ -30,7 +30,7 @@ from typing import IO, Any
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from .conftest import MiB, Segment, build_image, cli_command, cli_env, layout
+from .conftest import MiB, Segment, build_image, cli_command, cli_env, layout, wait_listening
 
 QSD = "qemu-storage-daemon"
 #: Longest a whole script may take on one daemon, and one wait for an event or for start/stop.
@@ -66,17 +66,12 @@ async def daemon(kind: str, workdir: Path, source: Path, log: IO[bytes]) -> Asyn
     sock = workdir / f"{kind}.sock"
     argv = [QSD] if kind == "qemu" else cli_command("daemon")
     argv += ["--chardev", f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "chardev=m"]
-    loop = asyncio.get_running_loop()
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=cli_env()
     )
     client = QMPClient(kind)
     try:
-        deadline = loop.time() + WAIT
-        while not sock.exists():
-            if proc.returncode is not None or loop.time() > deadline:
-                pytest.fail(f"{kind} daemon did not start (output in {log.name})")
-            await asyncio.sleep(0.01)  # polling for the socket, with a deadline
+        await wait_listening(sock, proc, f"{kind} daemon (output in {log.name})", WAIT)
         await asyncio.wait_for(client.connect(str(sock)), WAIT)
         backend = Backend(kind, client, workdir)
         await client.execute("blockdev-add", {"driver": "file", "node-name": "src", "filename": str(source)})

@@ -25,6 +25,8 @@ from cowbackup.qmp.commands import QMPError, arg_enum, arg_int, arg_str, no_extr
 from cowbackup.qmp.protocol import QMPStreamParser
 from cowbackup.qmp.server import QMPServer
 
+from .conftest import wait_listening
+
 T = TypeVar("T")
 TIMEOUT = 30
 
@@ -246,10 +248,7 @@ def test_malformed_input_matches_qemu_storage_daemon(tmp_path: Path) -> None:
             "chardev=m",
         )
         try:
-            deadline = asyncio.get_running_loop().time() + 10
-            while not qsd_sock.exists():
-                assert asyncio.get_running_loop().time() < deadline, "qemu-storage-daemon did not start"
-                await asyncio.sleep(0.02)
+            await wait_listening(qsd_sock, proc, "qemu-storage-daemon")
             theirs = await replay(qsd_sock)
         finally:
             proc.terminate()

@@ -11,12 +11,14 @@ uses for a pull-mode backup (docs/pull-mode.md has them in full)::
     nbd-server-start      at --socket / --bind, unless a server already runs (then it is reused, and the
                           URI printed assumes it listens at the address given)
     blockdev-add          ID-scratch: driver file on PATH (created sparse, NODE's size; must not exist)
-    blockdev-add          ID-cbw: copy-before-write, file=NODE, target=ID-scratch [, bitmap=NODE/NAME]
-                          -- the instant of the snapshot
+    blockdev-add          ID-cbw: copy-before-write, file=NODE, target=ID-scratch [, bitmap=NODE/NAME,
+                          x-view-bitmap=NAME] -- the instant of the snapshot; with --bitmap, our daemon
+                          also freezes the view's dirty map as bitmap NAME on ID-cbw, in that instant
     blockdev-add          ID-snap: snapshot-access, file=ID-cbw, discard=unmap
     block-export-add      id ID, node ID-snap, name EXPORT (default NODE-snapshot), read-only unless
                           --allow-discard (then writable, so a reader may trim what it has read and free
-                          scratch space; writes still fail)
+                          scratch space; writes still fail); with --bitmap, bitmaps=[ID-cbw/NAME], read
+                          as qemu:dirty-bitmap:NAME (qemu-storage-daemon: no dirty map, a warning)
 
 then prints the NBD URI of the view as the first line of stdout, and waits -- without holding the QMP
 connection, so qemu-storage-daemon's single monitor stays usable -- until SIGINT or SIGTERM, or until
@@ -188,9 +190,22 @@ async def _set_up(client: QMPClient, args: argparse.Namespace, addr: dict[str, A
     s.nodes.append(scratch_node)
     cbw: dict[str, Any] = {"driver": "copy-before-write", "node-name": cbw_node, "file": args.node}
     cbw["target"] = scratch_node
+    dirty_map = False
     if args.bitmap is not None:
         cbw["bitmap"] = {"node": args.node, "name": args.bitmap}
-    await execute(client, "blockdev-add", cbw)
+        # Ours: the view's dirty map, frozen in the same instant as the view, exported next to it.
+        try:
+            await execute(client, "blockdev-add", {**cbw, "x-view-bitmap": args.bitmap})
+            dirty_map = True
+        except CliError as err:
+            if "x-view-bitmap" not in err.message:
+                raise
+            sys.stderr.write(
+                "cowbackup: warning: this daemon cannot freeze the view's dirty map "
+                f"(qemu:dirty-bitmap:{args.bitmap} is not exported)\n"
+            )
+    if not dirty_map:
+        await execute(client, "blockdev-add", cbw)
     s.nodes.append(cbw_node)
     snap = {"driver": "snapshot-access", "node-name": snap_node, "file": cbw_node, "discard": "unmap"}
     await execute(client, "blockdev-add", snap)
@@ -198,6 +213,8 @@ async def _set_up(client: QMPClient, args: argparse.Namespace, addr: dict[str, A
     export: dict[str, Any] = {"type": "nbd", "id": s.export_id, "node-name": snap_node}
     export["name"] = args.name or f"{args.node}-snapshot"
     export["writable"] = bool(args.allow_discard)
+    if dirty_map:
+        export["bitmaps"] = [{"node": cbw_node, "name": args.bitmap}]
     await execute(client, "block-export-add", export)
     s.exported = True
 

@@ -370,7 +370,7 @@ def _seed_copy_bitmap(bcs: BlockCopyState, bitmap: NodeDirtyBitmap | None) -> No
 
 async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> CopyBeforeWriteNode:
     """``blockdev-add driver=copy-before-write file=SRC target=TGT [bitmap={node,name}] [on-cbw-error]
-    [cbw-timeout] [min-cluster-size]`` (fleecing).
+    [cbw-timeout] [min-cluster-size] [x-view-bitmap=NAME]`` (fleecing).
 
     The snapshot is taken here: every cluster (or, with ``bitmap``, each cluster dirty in that bitmap
     now; later changes to the bitmap do not matter) is "to copy" and readable through a
@@ -387,6 +387,7 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> CopyBef
     if min_cluster & (min_cluster - 1):
         raise BlockError("min-cluster-size needs to be a power of 2")
     bitmap_ref = opts.get_dict("bitmap") if opts.has("bitmap") else None
+    view_map = opts.get_str("x-view-bitmap", None)
     # Refuse unknown options now, before the graph changes (the registry's own check comes after).
     opts.discard("read-only")
     source = await open_child(graph, opts, "file")
@@ -405,9 +406,32 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> CopyBef
     filt.bcs = BlockCopyState(filt.children["file"], target_edge, cluster)
     try:
         _seed_copy_bitmap(filt.bcs, bitmap)
+        if view_map is not None:
+            _add_view_bitmap(filt, view_map, bitmap)
     except BlockError:
         graph.detach(target_edge)
         graph.drop_filter(filt)
         raise
     filt.init_snapshot()
     return filt
+
+
+def _add_view_bitmap(filt: CopyBeforeWriteNode, name: str, bitmap: NodeDirtyBitmap | None) -> None:
+    """``x-view-bitmap`` (ours, not QEMU's): keep what the snapshot holds as a disabled bitmap ``name``
+    on the filter, taken in the same instant as the snapshot.
+
+    A pull-mode reader of an incremental view needs the view's dirty map; exporting it with the view
+    (``block-export-add bitmaps=[{node: FILTER, name}]``) gives ``qemu:dirty-bitmap:NAME`` next to the
+    data.  Made from the source bitmap in a separate command, it would race with guest writes that land
+    between that command and the filter's insertion.
+    """
+    assert filt.bcs is not None
+    if not name:
+        raise BlockError("Bitmap name cannot be empty")
+    granularity = bitmap.granularity if bitmap is not None else filt.bcs.cluster_size
+    view = filt.dirty_bitmaps.create(name, granularity)
+    if bitmap is not None:
+        view.bits = bitmap.bits.copy()
+    else:
+        view.bits.set_all()
+    view.disable()
