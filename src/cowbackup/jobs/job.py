@@ -134,13 +134,16 @@ class Job(abc.ABC):
         """Register a new job in ``manager`` with status ``created``; ``start()`` runs it.
 
         Raises ``JobError`` for an ill-formed or duplicate id or a negative speed; nothing is registered
-        and no event is sent then.
+        then.  A negative speed is refused as QEMU refuses it: the job is created and dropped at once, so
+        its ``created`` and ``null`` status changes are sent before the error.
         """
         if not _JOB_ID_RE.fullmatch(job_id):
             raise JobError(f"Invalid job ID '{job_id}'")
         if manager.get(job_id) is not None:
             raise JobError(f"Job ID '{job_id}' already in use")
         if speed < 0:
+            for status in (JobStatus.CREATED, JobStatus.NULL):
+                manager.events.emit(Event(JOB_STATUS_CHANGE, {"id": job_id, "status": status.value}))
             raise JobError("Parameter 'speed' expects a non-negative value")
         self.id = job_id
         self.type = job_type
