@@ -54,6 +54,11 @@ COPY_RANGE_CHUNK = 16 * 1024 * 1024
 DEFAULT_WORKERS = 64
 #: Bytes of buffers in flight across all calls (QEMU: 128 MiB).
 MEMORY_BUDGET = 128 * 1024 * 1024
+#: A dirty run shorter than this (and than the chunk limit) is read without asking the source's block
+#: status first, unless the last answer covers it.  An incremental backup's dirty clusters are scattered
+#: runs of a cluster or a few: one status query each (a thread hop, and on tmpfs a page-cache walk to the
+#: next hole) cost more than reading them, and the read path finds zeros itself and keeps them sparse.
+STATUS_MIN_RUN = 1024 * 1024
 
 
 class CopyMethod(enum.Enum):
@@ -257,7 +262,9 @@ class BlockCopyState:
                     break
                 task = self._claim(call, *area)
                 found = True
-                classified = await self._classify(task)
+                # A run that ended before the chunk limit is known to be short; a full chunk may go on.
+                short = area[1] < min(limit, STATUS_MIN_RUN)
+                classified = await self._classify(task, ask_status=not short)
                 pos = task.end  # the task may have shrunk to one block-status extent
                 if not classified:
                     continue
@@ -305,14 +312,18 @@ class BlockCopyState:
         task.done.set()
         task.done = asyncio.Event()
 
-    async def _classify(self, task: _Task) -> bool:
+    async def _classify(self, task: _Task, *, ask_status: bool = True) -> bool:
         """Choose the copy method from the source's block status; False if the task needs no copy.
 
         A task is cut to the first block-status extent (rounded down to clusters), so one task is all data,
-        all zero or all unallocated.
+        all zero or all unallocated.  Without ``ask_status`` and without a cached extent that covers it, the
+        task is copied as data (see :data:`STATUS_MIN_RUN`), except where the status decides more than
+        speed: sync=top's unallocated areas, and copy offloading (which would allocate holes).
         """
         ext = self._status
         if ext is None or not ext.offset <= task.offset < ext.end:
+            if not ask_status and not self.skip_unallocated and not self.use_copy_range:
+                return True
             try:
                 ext = await self.source.node.block_status(task.offset, task.length)
             except OSError:
