@@ -404,6 +404,12 @@ def print_table(summary: dict[str, Any], layout: Layout, plan: DirtyPlan, args: 
         f"of {GRANULARITY // 1024} KiB = {plan.dirty_bytes / MiB:.1f} MiB ({100 * args.dirty:g}%); {chunk}; "
         f"medians of {args.rounds} round(s)"
     )
+    # A full backup that skips zeros writes only the source's data: at equal write speed per byte, the
+    # incremental cannot go below this share of it.
+    print(
+        f"dirty / source data = {100 * plan.dirty_bytes / layout.data:.2f}% "
+        "(the incr/full floor when a full backup writes only data)"
+    )
     header = (
         f"{'metric':<10} {'qemu':>9} {'min-max':>17} {'cowbackup':>9} {'min-max':>17} "
         f"{'ratio':>6} {'paired':>6}"
@@ -523,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "layout": dataclasses.asdict(layout),
                 "dirty_clusters": len(plan.offsets),
                 "dirty_bytes": plan.dirty_bytes,
+                "dirty_share_of_data": plan.dirty_bytes / layout.data,
                 "samples": [dataclasses.asdict(s) for s in samples],
                 "summary": summary,
             }
