@@ -79,8 +79,8 @@ BITMAP = "bm0"
 GRANULARITY = CLUSTER
 #: NBD writes in flight while dirtying the image.
 WRITE_DEPTH = 16
-#: The issue's goal for incremental time / full time.
-GOAL = 0.02
+#: The issue's goal for incremental time / full time is 2% at 1% dirty: twice the dirty share.
+GOAL_PER_DIRTY = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,8 +361,9 @@ async def run_rounds(cfg: Config, args: argparse.Namespace, plan: DirtyPlan) -> 
 # ---------------------------------------------------------------------- report
 
 
-def summarize(samples: list[Sample]) -> dict[str, Any]:
-    """Per metric: each system's median / min / max and, with both systems, ``cowbackup / qemu``."""
+def summarize(samples: list[Sample], goal: float) -> dict[str, Any]:
+    """Per metric: each system's median / min / max and, with both systems, ``cowbackup / qemu``;
+    whether each system's median ``incr/full`` is at most ``goal``."""
     summary: dict[str, Any] = {}
     for metric in METRICS:
         mine = [s for s in samples if s.metric == metric.key]
@@ -384,8 +385,8 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
             entry["ratio_of_medians"] = entry["cowbackup"]["median"] / entry["qemu"]["median"]
             entry["median_paired_ratio"] = statistics.median(ours[r] / qemu[r] for r in ours if r in qemu)
         if metric.key == "incr/full":
-            entry["goal"] = f"<= {GOAL}"
-            entry["goal_met"] = {s: entry[s]["median"] <= GOAL for s in SYSTEMS if s in entry}
+            entry["goal"] = f"<= {goal:g}"
+            entry["goal_met"] = {s: entry[s]["median"] <= goal for s in SYSTEMS if s in entry}
         summary[metric.key] = entry
     return summary
 
@@ -435,7 +436,7 @@ def print_table(summary: dict[str, Any], layout: Layout, plan: DirtyPlan, args: 
             f"{s} {100 * goal[s]['median']:.2f}% {'ok' if met else 'MISSED'}"
             for s, met in goal["goal_met"].items()
         )
-        print(f"goal incr/full <= {100 * GOAL:g}%: {verdicts}")
+        print(f"goal incr/full {goal['goal']} (twice the dirty share): {verdicts}")
     print(
         "s: command sent -> BLOCK_JOB_COMPLETED; full MB/s of the virtual size, incr MB/s of the bytes "
         "copied (len);\nratio = cowbackup / qemu of the medians; paired = median of the per-round ratios; "
@@ -522,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = Config(workdir, source, args.size, 0, 0, 0, args.qemu_storage_daemon, profile)
         samples = asyncio.run(_main_async(cfg, args, plan))
         signal.signal(signal.SIGTERM, _interrupt)  # the loop's removal reset it to the default
-        summary = summarize(samples)
+        summary = summarize(samples, GOAL_PER_DIRTY * args.dirty)
         if args.json:
             doc = {
                 "config": vars(args),
