@@ -16,7 +16,7 @@ from cowbackup.block.errors import RequestError
 from cowbackup.block.filters.cbw import cbw_append, cbw_drop
 from cowbackup.block.filters.fault import FaultNode
 from cowbackup.block.graph import BlockGraph, Root
-from cowbackup.block.node import BlockNode
+from cowbackup.block.node import BlockNode, Extent
 
 MiB = 1 << 20
 C = 64 * 1024
@@ -281,6 +281,80 @@ def test_speed_limit_paces_background_but_not_guest_copies() -> None:
         # 2 MiB at 8 MiB/s is 0.25 s of slices; the first slice is free.
         total = sum(slept) / 1e9
         assert 0.1 < total < 0.4, total
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def _count_block_status(monkeypatch: pytest.MonkeyPatch, node: BlockNode) -> list[tuple[int, int]]:
+    """Record every block-status query the copy engine sends ``node``."""
+    calls: list[tuple[int, int]] = []
+    real = node.block_status
+
+    async def counted(offset: int, length: int) -> Extent:
+        calls.append((offset, length))
+        return await real(offset, length)
+
+    monkeypatch.setattr(node, "block_status", counted)
+    return calls
+
+
+def test_scattered_dirty_clusters_ask_block_status_once_per_extent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An incremental backup's scattered clusters: one status query per source extent (the answer is
+    kept for the clusters still to copy), not one per cluster; holes and zeros stay sparse."""
+
+    async def main() -> None:
+        graph, src, tgt, _guest = await _setup(8 * MiB)
+        rng = random.Random(3)
+        await src.write(0, rng.randbytes(2 * MiB))
+        await src.write_zeroes(C, C)  # written zeros inside the data
+        calls = _count_block_status(monkeypatch, src)
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        # Data clusters, the zero cluster, a run of two, and clusters of the hole after 2 MiB.
+        dirty = [0, C, 5 * C, 6 * C, 20 * C, 40 * C, 41 * C, 100 * C]
+        for offset in dirty:
+            bcs.bitmap.set(offset, C)
+        done: list[int] = []
+        bcs.on_progress = done.append
+        await bcs.copy(CopyCall(0, src.size))
+        # Four extents (data, zeros, data, the hole), each asked once, to the end of the disk.
+        assert len(calls) <= 4
+        assert all(offset + length == src.size for offset, length in calls)
+        assert sum(done) == len(dirty) * C
+        assert bcs.remaining() == 0
+        source, target = src.snapshot(), tgt.snapshot()
+        expected = bytearray(len(source))
+        for offset in dirty:
+            expected[offset : offset + C] = source[offset : offset + C]
+        assert target == bytes(expected)
+        # Only the dirty clusters that hold data were written as data.
+        data = {(e.offset, e.length) async for e in tgt.extents() if e.is_data}
+        assert data == {(0, C), (5 * C, 2 * C), (20 * C, C)}
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_long_runs_and_sync_top_ask_block_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holes are found by block status, and sync=top must see what is unallocated."""
+
+    async def main() -> None:
+        graph, src, tgt, _guest = await _setup(8 * MiB)
+        await src.write(0, os.urandom(MiB))
+        calls = _count_block_status(monkeypatch, src)
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        await bcs.copy(CopyCall(0, src.size, max_chunk=C))
+        assert calls  # every area is a full chunk: the status finds the hole after 1 MiB
+        assert tgt.snapshot() == src.snapshot()
+        await cbw_drop(graph, filt)
+
+        calls.clear()
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.skip_unallocated = True
+        bcs.bitmap.set(4 * MiB, C)  # one short run: only the status can tell whether it is allocated
+        await bcs.copy(CopyCall(0, src.size))
+        assert calls == [(4 * MiB, src.size - 4 * MiB)]
         await cbw_drop(graph, filt)
 
     asyncio.run(main())
