@@ -55,6 +55,12 @@ COPY_RANGE_CHUNK = 16 * 1024 * 1024
 DEFAULT_WORKERS = 64
 #: Bytes of buffers in flight across all calls (QEMU: 128 MiB).
 MEMORY_BUDGET = 128 * 1024 * 1024
+#: A dirty run shorter than this (and than the chunk limit) is read without asking the source's block
+#: status, unless a cached answer covers it.  An incremental backup's dirty clusters are scattered runs
+#: of a cluster or a few: a status query each (on tmpfs SEEK_HOLE walks the page cache to the next hole)
+#: costs more than reading them, and the read path finds zeros itself and keeps them sparse (a remote
+#: source sends holes as holes in a sparse read).
+STATUS_MIN_RUN = 1024 * 1024
 #: Source block-status answers kept (about 100 KiB): enough for the extents of a fragmented disk that
 #: guest writes hit at random.
 STATUS_CACHE_EXTENTS = 4096
@@ -264,7 +270,9 @@ class BlockCopyState:
                     break
                 task = self._claim(call, *area)
                 found = True
-                classified = await self._classify(task)
+                # A run that ended before the chunk limit is known to be short; a full chunk may go on.
+                short = area[1] < min(limit, STATUS_MIN_RUN)
+                classified = await self._classify(task, ask_status=not short)
                 pos = task.end  # the task may have shrunk to one block-status extent
                 if not classified:
                     continue
@@ -312,15 +320,19 @@ class BlockCopyState:
         task.done.set()
         task.done = asyncio.Event()
 
-    async def _classify(self, task: _Task) -> bool:
+    async def _classify(self, task: _Task, *, ask_status: bool = True) -> bool:
         """Choose the copy method from the source's block status; False if the task needs no copy.
 
         A task is cut to the first block-status extent (rounded down to clusters), so one task is all data,
-        all zero or all unallocated.
+        all zero or all unallocated.  Without ``ask_status`` and without a cached answer, the task is
+        copied as data (see :data:`STATUS_MIN_RUN`), except where the status decides more than speed:
+        sync=top's unallocated areas, and copy offloading (which would allocate holes).
         """
         cached = self._status.lookup(task.offset)
         if cached is not None:
             ext = Extent(task.offset, cached[0] - task.offset, cached[1])
+        elif not ask_status and not self.skip_unallocated and not self.use_copy_range:
+            return True
         else:
             try:
                 # Ask about the rest of the disk, not just the task: the whole extent goes in the cache.
