@@ -214,3 +214,35 @@ def test_qcow2_bitmaps_live_in_the_image_as_in_qemu(
     ]
     assert ours["fallback"][0] == entry("b0", C, 0)
     assert [(b["name"], b["flags"]) for b in ours["final"]] == [("off", ["in-use"]), ("b0", ["auto"])]
+
+
+def test_refusals_of_persistent_bitmaps_are_qemus(
+    workdir: Path, start_qcow2: StartQcow2, qmp_connect: Callable[[Path], QEMUMonitorProtocol]
+) -> None:
+    """A qcow2 v2 image cannot store bitmaps; a name too long for the image is refused by the image's
+    rules first.  Both daemons give the same error for each."""
+    errors: dict[DaemonKind, list[str]] = {}
+    for kind in KINDS:
+        image = workdir / f"{kind}-v2.qcow2"
+        assert (
+            qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(image), str(SIZE)).returncode
+            == 0
+        )
+        d = start_qcow2(kind, image)
+        c = qmp_connect(d.qmp2)
+        v2 = c.cmd_raw("block-dirty-bitmap-add", {"node": "disk", "name": "b", "persistent": True})
+        assert d.stop() == 0
+        image = workdir / f"{kind}-v3.qcow2"
+        assert qemu_img("create", "-q", "-f", "qcow2", str(image), str(SIZE)).returncode == 0
+        d = start_qcow2(kind, image)
+        c = qmp_connect(d.qmp2)
+        long = c.cmd_raw("block-dirty-bitmap-add", {"node": "disk", "name": "n" * 1024, "persistent": True})
+        assert bitmaps(c) == []
+        assert d.stop() == 0
+        errors[kind] = [v2["error"]["desc"], long["error"]["desc"]]
+    assert errors["cowbackup"] == errors["qemu-storage-daemon"]
+    name = "n" * 1024
+    assert errors["cowbackup"] == [
+        "Can't make bitmap 'b' persistent in 'disk': Cannot store dirty bitmaps in qcow2 v2 files",
+        f"Can't make bitmap '{name}' persistent in 'disk': Name length exceeds maximum (1023 characters)",
+    ]
