@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cowbackup.block.bitmap_sidecar import load_persistent_bitmaps, store_persistent_bitmaps
-from cowbackup.block.dirty_bitmaps import NodeDirtyBitmap
+import cowbackup.block.bitmap_sidecar  # noqa: F401  (registers the raw/file bitmap store)
+from cowbackup.block.dirty_bitmaps import NodeDirtyBitmap, load_persistent_bitmaps
 from cowbackup.block.drivers import open_node
 from cowbackup.block.errors import BlockError
 from cowbackup.block.graph import BlockGraph
@@ -80,24 +80,21 @@ class Daemon:
 
     async def blockdev_add(self, options: Mapping[str, Any]) -> BlockNode:
         """``blockdev-add``: open a node (and its inline children) and add it to the graph; load the
-        persistent dirty bitmaps of every node it created (:mod:`cowbackup.block.bitmap_sidecar`)."""
+        persistent dirty bitmaps of every node it created (their store: the qcow2 image, a raw image's
+        sidecar); closing a node stores them."""
         node = await open_node(self.graph, options)
         try:
             for each in list(self.graph.nodes.values()):
-                load_persistent_bitmaps(each)
+                await load_persistent_bitmaps(each)
         except BlockError:
             await self.graph.remove(node.node_name)
             raise
         return node
 
     async def blockdev_del(self, node_name: str) -> None:
-        """``blockdev-del``: close and remove the node (and unused inline children); store their
-        persistent bitmaps as closed cleanly."""
-        before = dict(self.graph.nodes)
+        """``blockdev-del``: close and remove the node (and unused inline children); closing stores
+        their persistent bitmaps as closed cleanly."""
         await self.graph.remove(node_name)
-        for name, node in before.items():
-            if name not in self.graph.nodes:
-                store_persistent_bitmaps(node)
 
     def blockdev_backup(self, params: BackupParams, txn: JobTxn | None = None) -> BackupJob:
         """``blockdev-backup``: validate, take the snapshot and start the job."""
@@ -234,12 +231,7 @@ class Daemon:
                 await self.nbd_server_stop()
         finally:
             await self.jobs.cancel_all()
-            nodes = list(self.graph.nodes.values())
-            try:
-                await self.graph.close_all()
-            finally:
-                for node in nodes:
-                    store_persistent_bitmaps(node)
+            await self.graph.close_all()
 
 
 # ---------------------------------------------------------------------------------- socket addresses

@@ -103,11 +103,12 @@ class DaemonProcess:
             pytest.fail(f"{self.kind} did not stop within {DEADLINE} s")
 
 
-def daemon_argv(kind: DaemonKind, image: Path, workdir: Path) -> list[str]:
-    """The same qemu-storage-daemon options for both daemons: a file node, an NBD export, two monitors."""
+def daemon_argv(kind: DaemonKind, image: Path, workdir: Path, blockdevs: Sequence[str] = ()) -> list[str]:
+    """The same qemu-storage-daemon options for both daemons: a file node (or the ``--blockdev``
+    options ``blockdevs``, one of them node ``disk``), an NBD export of ``disk``, two monitors."""
+    nodes = list(blockdevs) or [f"driver=file,node-name=disk,filename={image},discard=unmap"]
     options = [
-        "--blockdev",
-        f"driver=file,node-name=disk,filename={image},discard=unmap",
+        *(a for node in nodes for a in ("--blockdev", node)),
         "--nbd-server",
         f"addr.type=unix,addr.path={workdir / 'nbd.sock'}",
         "--export",
@@ -126,42 +127,49 @@ def daemon_argv(kind: DaemonKind, image: Path, workdir: Path) -> list[str]:
     return ["qemu-storage-daemon", *options]
 
 
+def launch(
+    kind: DaemonKind, argv: list[str], workdir: Path, started: list[subprocess.Popen[bytes]]
+) -> DaemonProcess:
+    """Start a daemon with ``argv`` (options as :func:`daemon_argv` lays them out: monitors ``qmp0``,
+    ``qmp1``, NBD socket, pidfile in ``workdir``); ready once its pidfile names it.  The process is
+    appended to ``started``, for the caller's teardown."""
+    if kind == "qemu-storage-daemon":
+        require("qemu-storage-daemon")
+    log = workdir / f"{kind}.log"
+    pidfile = workdir / "daemon.pid"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=workdir, env=cli_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    started.append(proc)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"{kind} exited ({proc.returncode}) at start-up: {log.read_text()}")
+        return pidfile.exists() and pidfile.read_text().strip() == str(proc.pid)
+
+    wait_until(ready, f"{kind} pidfile")
+    return DaemonProcess(kind, proc, workdir / "qmp0.sock", workdir / "qmp1.sock", workdir / "nbd.sock", log)
+
+
+def kill_all(started: list[subprocess.Popen[bytes]]) -> None:
+    """Kill every daemon of ``started`` still running (a test's teardown)."""
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(DEADLINE)
+
+
 @pytest.fixture
 def start_daemon(workdir: Path) -> Iterator[Callable[[DaemonKind, Path], DaemonProcess]]:
     """Start a daemon on an image; ready once its pidfile exists.  Every daemon is killed at teardown."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(kind: DaemonKind, image: Path) -> DaemonProcess:
-        if kind == "qemu-storage-daemon":
-            require("qemu-storage-daemon")
-        log = workdir / f"{kind}.log"
-        pidfile = workdir / "daemon.pid"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                daemon_argv(kind, image, workdir),
-                cwd=workdir,
-                env=cli_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        started.append(proc)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"{kind} exited ({proc.returncode}) at start-up: {log.read_text()}")
-            return pidfile.exists() and pidfile.read_text().strip() == str(proc.pid)
-
-        wait_until(ready, f"{kind} pidfile")
-        return DaemonProcess(
-            kind, proc, workdir / "qmp0.sock", workdir / "qmp1.sock", workdir / "nbd.sock", log
-        )
+        return launch(kind, daemon_argv(kind, image, workdir), workdir, started)
 
     yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(DEADLINE)
+    kill_all(started)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from cowbackup.qmp.commands.bitmaps import (
     add_prepare,
     clear_prepare,
     remove_prepare,
+    store_all,
 )
 
 T = TypeVar("T")
@@ -56,8 +57,12 @@ async def open_disk(image: Path, **opts: Any) -> tuple[Daemon, BlockNode]:
     return d, node
 
 
-def add(d: Daemon, name: str, node: str = "disk", **kw: Any) -> None:
-    add_prepare(d.graph, BitmapAddArgs(node, name, persistent=True, **kw)).commit()
+async def add(d: Daemon, name: str, node: str = "disk", **kw: Any) -> None:
+    """block-dirty-bitmap-add persistent=true as the command runs it: prepare, store, commit."""
+    undo = add_prepare(d.graph, BitmapAddArgs(node, name, persistent=True, **kw))
+    assert undo.store is not None
+    await undo.store.save()
+    undo.commit()
 
 
 @pytest.fixture
@@ -69,8 +74,8 @@ def image(tmp_path: Path) -> Path:
 def test_a_clean_close_keeps_bits_state_and_order(image: Path) -> None:
     async def main() -> None:
         d, node = await open_disk(image)
-        add(d, "a")
-        add(d, "off", granularity=4096, disabled=True)
+        await add(d, "a")
+        await add(d, "off", granularity=4096, disabled=True)
         add_prepare(d.graph, BitmapAddArgs("disk", "volatile")).commit()
         assert sidecar(image)["layers"]["file"]["in-use"] is True
         await node.write(3 * C + 1, b"x")
@@ -96,7 +101,7 @@ def test_a_clean_close_keeps_bits_state_and_order(image: Path) -> None:
 def test_bitmaps_left_in_use_load_inconsistent_and_can_only_be_removed(image: Path) -> None:
     async def main() -> None:
         d, node = await open_disk(image)
-        add(d, "b0")
+        await add(d, "b0")
         await node.write(0, b"y" * C)
         # The daemon dies here: nothing is stored, the sidecar still says "in-use".
 
@@ -115,7 +120,9 @@ def test_bitmaps_left_in_use_load_inconsistent_and_can_only_be_removed(image: Pa
         d3, node3 = await open_disk(image)
         bm = node3.dirty_bitmaps.find("b0")
         assert bm is not None and bm.inconsistent
-        remove_prepare(d3.graph, BitmapRef("disk", "b0")).commit()
+        undo = remove_prepare(d3.graph, BitmapRef("disk", "b0"))
+        await node3.dirty_bitmaps.remove_stored("b0")
+        undo.commit()
         assert side_bytes(image) is None
         await d3.close()
         del d, node
@@ -133,8 +140,8 @@ def test_raw_and_file_layers_are_kept_apart(image: Path) -> None:
                 "file": {"driver": "file", "node-name": "f", "filename": str(image)},
             }
         )
-        add(d, "on-raw", node="raw")
-        add(d, "on-file", node="f")
+        await add(d, "on-raw", node="raw")
+        await add(d, "on-file", node="f")
         await d.close()
         assert set(sidecar(image)["layers"]) == {"raw", "file"}
 
@@ -148,14 +155,14 @@ def test_raw_and_file_layers_are_kept_apart(image: Path) -> None:
 def test_a_read_only_node_loads_read_only_bitmaps_and_stores_nothing(image: Path) -> None:
     async def main() -> None:
         d, _ = await open_disk(image)
-        add(d, "a")
+        await add(d, "a")
         await d.close()
         before = side_bytes(image)
         d, node = await open_disk(image, **{"read-only": True})
         bm = node.dirty_bitmaps.find("a")
         assert bm is not None and bm.readonly
         with pytest.raises(BitmapError, match="read-only"):
-            add(d, "b")
+            await add(d, "b")
         await d.close()
         assert side_bytes(image) == before
 
@@ -183,16 +190,24 @@ def test_a_damaged_sidecar_refuses_the_node_clearly(image: Path, content: str, m
     run(main())
 
 
-def test_a_removal_rolled_back_stores_the_bitmap_back(image: Path) -> None:
+def test_a_removal_leaves_the_store_only_once_committed(image: Path) -> None:
     async def main() -> None:
         d, node = await open_disk(image)
-        add(d, "a")
+        await add(d, "a")
+        before = side_bytes(image)
         undo = remove_prepare(d.graph, BitmapRef("disk", "a"))
-        assert side_bytes(image) is None  # left the store at prepare, as QEMU does
+        # Prepare does no I/O: a transaction prepares every action in one step of the event loop.
+        assert side_bytes(image) == before
         undo.abort()
         bm = node.dirty_bitmaps.find("a")
         assert bm is not None and not bm.busy
         assert [e["name"] for e in sidecar(image)["layers"]["file"]["bitmaps"]] == ["a"]
+
+        undo = remove_prepare(d.graph, BitmapRef("disk", "a"))
+        undo.commit()
+        await store_all([undo])
+        assert node.dirty_bitmaps.find("a") is None
+        assert side_bytes(image) is None
         await d.close()
 
     run(main())

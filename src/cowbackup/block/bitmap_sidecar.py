@@ -32,13 +32,15 @@ The life of a layer, as QEMU handles qcow2's ``in-use`` flag::
     add / remove      of a persistent bitmap: the layer is rewritten (still "in-use")
     close             the layer is rewritten with the current bits and "in-use": false
 
-Every write goes to a temporary file in the same directory, is fsynced, renamed over the sidecar, and the
-directory is fsynced: a crash leaves the old sidecar or the new one, never a torn one. A layer with no
-bitmap left is dropped; a sidecar with no layer left is deleted.
+Rewrites of one sidecar run one at a time, in the I/O thread pool. Every write goes to a temporary file
+in the same directory, is fsynced, renamed over the sidecar, and the directory is fsynced: a crash leaves
+the old sidecar or the new one, never a torn one. A layer with no bitmap left is dropped; a sidecar with
+no layer left is deleted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -46,11 +48,13 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 import zlib
 from typing import TYPE_CHECKING, Any
 
 from cowbackup.block.bitmap import DirtyBitmap
 from cowbackup.block.dirty_bitmaps import BitmapError, register_bitmap_store
+from cowbackup.block.threadpool import run_blocking
 
 if TYPE_CHECKING:
     from cowbackup.block.node import BlockNode
@@ -60,6 +64,9 @@ log = logging.getLogger(__name__)
 SUFFIX = ".cowbackup-bitmaps"
 FORMAT = "cowbackup-dirty-bitmaps"
 VERSION = 1
+
+#: One lock per sidecar path while some node uses it (event loop only).
+_LOCKS: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
 def image_path(node: BlockNode) -> str | None:
@@ -74,7 +81,11 @@ def image_path(node: BlockNode) -> str | None:
 
 
 class SidecarStore:
-    """The :class:`~cowbackup.block.dirty_bitmaps.BitmapStore` of one node: its layer of the sidecar."""
+    """The :class:`~cowbackup.block.dirty_bitmaps.BitmapStore` of one node: its layer of the sidecar.
+
+    Reading, writing, fsync and rename run in the I/O thread pool; the bits are serialized on the event
+    loop first, so the worker never touches state the loop owns.
+    """
 
     def __init__(self, node: BlockNode, image: str) -> None:
         self.node = node
@@ -87,15 +98,15 @@ class SidecarStore:
                 f"Can't store persistent bitmaps to {self.node.node_name}: the node is read-only"
             )
 
-    def remove(self, name: str) -> None:
-        self.save(in_use=True, without=name)
+    async def remove(self, name: str) -> None:
+        await self._save(in_use=True, without=name)
 
-    def load(self) -> None:
+    async def load(self) -> None:
         """Create the layer's bitmaps on the node (see the module docstring); mark the layer in use.
 
         Raises BitmapError naming the sidecar if it cannot be read or is malformed.
         """
-        doc = _read(self.path)
+        doc = await run_blocking(_read, self.path)
         layer = doc.get("layers", {}).get(self.layer) if doc is not None else None
         if layer is None:
             return
@@ -117,13 +128,12 @@ class SidecarStore:
                 "%s: bitmaps of '%s' were not stored cleanly; they are inconsistent", self.path, self.layer
             )
         if not self.node.read_only:
-            self.save(in_use=True)
+            await self.save(in_use=True)
 
-    def save(self, in_use: bool, without: str | None = None) -> None:
-        """Rewrite the layer with the node's persistent bitmaps (all but ``without``).
+    async def save(self, in_use: bool) -> None:
+        await self._save(in_use)
 
-        Raises BitmapError naming the sidecar if it cannot be read or written.
-        """
+    async def _save_now(self, in_use: bool, without: str | None) -> None:
         entries = [
             {
                 "name": bm.name,
@@ -135,21 +145,43 @@ class SidecarStore:
             for bm in self.node.dirty_bitmaps
             if bm.persistent and bm.name is not None and bm.name != without
         ]
-        doc = _read(self.path) or {"format": FORMAT, "version": VERSION, "layers": {}}
-        layers: dict[str, Any] = doc.setdefault("layers", {})
-        if entries:
-            layers[self.layer] = {"image-size": self.node.size, "in-use": in_use, "bitmaps": entries}
+        layer = {"image-size": self.node.size, "in-use": in_use, "bitmaps": entries} if entries else None
+        await run_blocking(_rewrite_layer, self.path, self.layer, layer)
+
+    async def _save(self, in_use: bool, without: str | None = None) -> None:
+        """Rewrite the layer with the node's persistent bitmaps (all but ``without``).
+
+        Rewrites of one sidecar (its layers belong to different nodes) run one at a time, each taking
+        its bits when its turn comes, so the file always ends up with the newest state of every layer.
+        Raises BitmapError naming the sidecar if it cannot be read or written.
+        """
+        lock = _LOCKS.get(self.path)
+        if lock is None:
+            lock = _LOCKS[self.path] = asyncio.Lock()
+        async with lock:
+            await self._save_now(in_use, without)
+
+
+def _rewrite_layer(path: str, name: str, layer: dict[str, Any] | None) -> None:
+    """Replace (or, ``layer`` None, drop) one layer of the sidecar at ``path``; blocking.
+
+    Raises BitmapError naming the sidecar if it cannot be read or written.
+    """
+    doc = _read(path) or {"format": FORMAT, "version": VERSION, "layers": {}}
+    layers: dict[str, Any] = doc.setdefault("layers", {})
+    if layer is not None:
+        layers[name] = layer
+    else:
+        layers.pop(name, None)
+    try:
+        if layers:
+            _write_atomic(path, doc)
         else:
-            layers.pop(self.layer, None)
-        try:
-            if layers:
-                _write_atomic(self.path, doc)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
-                    _fsync_dir(os.path.dirname(self.path))
-        except OSError as err:
-            raise BitmapError(f"Cannot store persistent bitmaps in '{self.path}': {err}") from err
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                _fsync_dir(os.path.dirname(path))
+    except OSError as err:
+        raise BitmapError(f"Cannot store persistent bitmaps in '{path}': {err}") from err
 
 
 def _read(path: str) -> dict[str, Any] | None:
@@ -192,31 +224,6 @@ def _fsync_dir(directory: str) -> None:
 def _store_of(node: BlockNode) -> SidecarStore | None:
     image = image_path(node)
     return SidecarStore(node, image) if image is not None else None
-
-
-def load_persistent_bitmaps(node: BlockNode) -> None:
-    """Load ``node``'s stored bitmaps (once per node). Raises BitmapError on a malformed sidecar."""
-    if node.dirty_bitmaps.store_opened:
-        return
-    node.dirty_bitmaps.store_opened = True
-    store = _store_of(node)
-    if store is not None:
-        store.load()
-
-
-def store_persistent_bitmaps(node: BlockNode) -> None:
-    """Store ``node``'s persistent bitmaps as closed cleanly (the node is closed or closing).
-
-    Errors are logged, not raised: the node is going away either way, and the sidecar then still says
-    "in-use", so the bitmaps come back inconsistent instead of wrong.
-    """
-    store = _store_of(node)
-    if store is None or node.read_only or not node.dirty_bitmaps.store_opened:
-        return
-    try:
-        store.save(in_use=False)
-    except BitmapError as err:
-        log.error("could not store the persistent bitmaps of '%s': %s", node.node_name, err)
 
 
 register_bitmap_store("file", _store_of)

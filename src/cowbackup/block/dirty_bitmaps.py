@@ -25,7 +25,14 @@ Successors -- how a backup job uses a bitmap without losing writes (QEMU's verbs
 Persistence is a hook: a driver that can store bitmaps registers a :class:`BitmapStore` factory with
 :func:`register_bitmap_store`; :meth:`NodeBitmaps.store` finds it. Without one,
 ``persistent=true`` is refused as QEMU refuses it ("Can't store persistent bitmaps to NODE: Operation
-not supported").
+not supported"). The life of a store, as QEMU's qcow2 driver lives it::
+
+    blockdev-add         NodeBitmaps.load    stored bitmaps join the registry (inconsistent if the
+                                             store was left "in use")
+    add / remove         NodeBitmaps.save    of a persistent bitmap: stored at once, "in use"
+    node close           NodeBitmaps.close   after the last request drained: stored, not "in use"
+
+The store's methods that touch storage are coroutines; their blocking calls run in the I/O thread pool.
 
 Thread safety: none needed -- bitmaps belong to the event loop that owns the node (QEMU: BQL plus the
 bitmap mutex).
@@ -33,8 +40,10 @@ bitmap mutex).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
@@ -43,6 +52,8 @@ from cowbackup.block.errors import BlockError
 
 if TYPE_CHECKING:
     from cowbackup.block.node import BlockNode
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_NAME_SIZE",
@@ -53,6 +64,7 @@ __all__ = [
     "NodeBitmaps",
     "NodeDirtyBitmap",
     "default_granularity",
+    "load_persistent_bitmaps",
     "register_bitmap_store",
 ]
 
@@ -263,22 +275,28 @@ class BitmapStore(Protocol):
     """Where a node keeps its persistent bitmaps (a qcow2 image, a sidecar file next to a raw one).
 
     The registry calls it; it never calls back. Errors are :class:`BitmapError` with the message the
-    user should see.
+    user should see. ``check_new`` does no I/O (it runs inside a transaction's prepare step, which
+    must not yield to the event loop); the others are coroutines that keep every blocking system call
+    off the event loop.
     """
 
     def check_new(self, name: str, granularity: int) -> None:
         """Raise if a new persistent bitmap ``name`` of ``granularity`` cannot be stored here."""
 
-    def remove(self, name: str) -> None:
+    async def load(self) -> None:
+        """Create the node's stored bitmaps in its registry (persistent; inconsistent if they were not
+        stored cleanly; read-only on a read-only node). Called once, before any other method."""
+
+    async def remove(self, name: str) -> None:
         """Forget the stored bitmap ``name`` (block-dirty-bitmap-remove of a persistent bitmap)."""
 
-    def save(self, in_use: bool) -> None:
+    async def save(self, in_use: bool) -> None:
         """Store the node's persistent bitmaps now; ``in_use``: the node stays open (a crash from now
         on must make them load as inconsistent)."""
 
 
 #: Store factories by driver name: given a node of that driver, its store, or None when this node
-#: cannot store bitmaps (a read-only image, a qcow2 v2 image...).
+#: cannot store bitmaps (a raw node not over a file...).
 _STORES: dict[str, Callable[[BlockNode], BitmapStore | None]] = {}
 
 
@@ -299,6 +317,9 @@ class NodeBitmaps:
         #: True once the node's stored bitmaps were loaded (or there was nothing to load): from then on
         #: the store may be written.
         self.store_opened = False
+        #: Serializes the store's coroutines (load, save, remove, close), so that each stores the state
+        #: of its turn and an older state never lands after a newer one.
+        self._store_lock = asyncio.Lock()
 
     def __iter__(self) -> Iterator[NodeDirtyBitmap]:
         return iter(list(self._list))
@@ -317,6 +338,58 @@ class NodeBitmaps:
         """The node's persistent bitmap store, or None if it cannot store bitmaps."""
         factory = _STORES.get(self.node.driver_name)
         return factory(self.node) if factory is not None else None
+
+    async def load(self) -> None:
+        """Load the node's stored bitmaps, once (QEMU loads them when the image opens).
+
+        From then on :meth:`close` stores them. Raises BitmapError if the store is unreadable.
+        """
+        if self.store_opened:
+            return
+        self.store_opened = True
+        store = self.store()
+        if store is not None:
+            async with self._store_lock:
+                await store.load()
+
+    async def save(self) -> None:
+        """Store the persistent bitmaps now, marked in use (after add or remove of one).
+
+        Raises BitmapError if they cannot be stored.
+        """
+        store = self.store()
+        if store is not None:
+            async with self._store_lock:
+                await store.save(in_use=True)
+            self.store_opened = True
+
+    async def remove_stored(self, name: str) -> None:
+        """Remove the bitmap ``name`` from the node's store now (it stays in memory until the caller
+        releases it). Raises BitmapError if the store cannot be changed."""
+        store = self.store()
+        if store is not None:
+            async with self._store_lock:
+                await store.remove(name)
+
+    async def close(self) -> None:
+        """Store the persistent bitmaps as closed cleanly: the node is closing and nothing writes to
+        it any more (its requests have drained).
+
+        Errors are logged, not raised: the node goes away either way, and its store then still says
+        "in use", so the bitmaps come back inconsistent instead of wrong.
+        """
+        if not self.store_opened or self.node.read_only:
+            return
+        store = self.store()
+        if store is None:
+            return
+        # Requests still in flight mark the bitmaps when they complete: store after them.
+        await self.node.drain()
+        try:
+            async with self._store_lock:
+                await store.save(in_use=False)
+        except BitmapError as err:
+            log.error("could not store the persistent bitmaps of '%s': %s", self.node.node_name, err)
 
     def can_store_new(self, name: str, granularity: int) -> None:
         """Raise BitmapError (QEMU's message) unless a new persistent bitmap can be stored here."""
@@ -362,3 +435,8 @@ class NodeBitmaps:
     def info(self) -> list[dict[str, object]]:
         """The node's ``dirty-bitmaps`` list for query-named-block-nodes."""
         return [bm.info() for bm in self._list]
+
+
+async def load_persistent_bitmaps(node: BlockNode) -> None:
+    """Load ``node``'s stored bitmaps into its registry (once per node; see :meth:`NodeBitmaps.load`)."""
+    await node.dirty_bitmaps.load()

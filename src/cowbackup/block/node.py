@@ -539,10 +539,15 @@ class BlockNode:
             yield pending
 
     async def close(self) -> None:
-        """Close the node's driver.  Safe to call twice."""
+        """Store the node's persistent dirty bitmaps, then close its driver.  Safe to call twice.
+
+        New requests are refused from the start; the bitmaps are stored once those in flight have
+        completed (and marked them), while the driver is still open (qcow2 keeps them in the image).
+        """
         if self.closed:
             return
         self.closed = True
+        await self.dirty_bitmaps.close()
         await self._do_close()
 
 

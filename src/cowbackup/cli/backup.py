@@ -88,6 +88,13 @@ def add_parser(sub: Any) -> None:
         help="format of TARGET (default raw); qcow2 creates a qcow2 image with the source's size",
     )
     p.add_argument(
+        "--backing-file",
+        metavar="PREV",
+        help="with --target-format qcow2: PREV (a qcow2 image, e.g. the previous backup) becomes TARGET's "
+        "backing file, stored as given -- a relative name is relative to TARGET's directory, as with "
+        "'qemu-img create -b'; the backup writes only what it copies, reads go through the chain",
+    )
+    p.add_argument(
         "--source-format",
         choices=("raw", "qcow2"),
         default=None,
@@ -96,20 +103,26 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run, backup_parser=p)
 
 
-def _target_options(path: str, size: int, force: bool, fmt: str = "raw") -> dict[str, Any]:
+def _target_options(
+    path: str, size: int, force: bool, fmt: str = "raw", backing_file: str | None = None
+) -> dict[str, Any]:
     """Prepare TARGET: create it sparse, or check and truncate an existing one.
 
     An NBD URI is only turned into options: the export exists already (its size is checked once open).
-    With ``fmt`` qcow2 a regular-file TARGET is (re)created as an empty qcow2 image of ``size`` bytes.
+    With ``fmt`` qcow2 a regular-file TARGET is (re)created as an empty qcow2 image of ``size`` bytes,
+    over ``backing_file`` if given (see :func:`_qcow2_target`).  UsageError for a combination that
+    makes no sense or a TARGET that must not be overwritten.
     """
     from cowbackup.block.drivers.file import create_file
 
+    if backing_file is not None and fmt != "qcow2":
+        raise UsageError("--backing-file needs --target-format qcow2")
     if is_nbd_uri(path):
         if fmt != "raw":
             raise UsageError("--target-format qcow2 needs a file TARGET, not an NBD URI")
         return nbd_options_from_uri(path)
     if fmt == "qcow2":
-        return _qcow2_target(path, size, force)
+        return _qcow2_target(path, size, force, backing_file)
 
     try:
         st = os.stat(path)
@@ -128,7 +141,14 @@ def _target_options(path: str, size: int, force: bool, fmt: str = "raw") -> dict
     return {"driver": "file", "filename": path}
 
 
-def _qcow2_target(path: str, size: int, force: bool) -> dict[str, Any]:
+def _qcow2_target(path: str, size: int, force: bool, backing_file: str | None = None) -> dict[str, Any]:
+    """Create TARGET as an empty qcow2 image of ``size`` bytes; its blockdev-add options.
+
+    With ``backing_file`` (a qcow2 image; a relative name is stored as given and means a file in
+    TARGET's directory, as ``qemu-img create -b`` has it) the header names it with backing format
+    qcow2, and the options say ``backing: null``: a backup job writes only what it copies and never
+    reads the target, so the chain is left closed until someone reads through it.
+    """
     from cowbackup.block.drivers.qcow2 import create_image
 
     try:
@@ -140,19 +160,29 @@ def _qcow2_target(path: str, size: int, force: bool) -> dict[str, Any]:
             raise UsageError(f"target '{path}' must be a regular file for --target-format qcow2")
         if st.st_size > 0 and not force:
             raise UsageError(f"target '{path}' exists and is not empty; use --force to overwrite it")
-    create_image(path, size)
-    return {"driver": "qcow2", "file": {"driver": "file", "filename": path}}
+    if backing_file is not None:
+        where = os.path.join(os.path.dirname(os.path.abspath(path)), backing_file)
+        if os.path.realpath(where) == os.path.realpath(path):
+            raise UsageError(f"backing file '{backing_file}' is TARGET itself")
+        if _probe_format(where, what="backing file") != "qcow2":
+            raise UsageError(f"backing file '{backing_file}' ({where}) is not a qcow2 image")
+    create_image(path, size, backing_file=backing_file, backing_fmt="qcow2" if backing_file else None)
+    options: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": path}}
+    if backing_file is not None:
+        options["backing"] = None
+    return options
 
 
-def _probe_format(path: str) -> str:
-    """qemu-img's probe, reduced to what we read: the qcow2 magic, else raw."""
+def _probe_format(path: str, what: str = "source") -> str:
+    """qemu-img's probe, reduced to what we read: the qcow2 magic, else raw.  UsageError naming
+    ``what`` if ``path`` cannot be read."""
     from cowbackup.block.drivers.qcow2.format import QCOW_MAGIC
 
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as err:
-        raise UsageError(f"cannot read source '{path}': {err.strerror}") from None
+        raise UsageError(f"cannot read {what} '{path}': {err.strerror}") from None
     return "qcow2" if len(magic) == 4 and int.from_bytes(magic, "big") == QCOW_MAGIC else "raw"
 
 
@@ -200,7 +230,9 @@ async def _backup(args: argparse.Namespace) -> int:
     try:
         source_opts = _source_options(args.source, args.source_format)
         source = await daemon.blockdev_add({**source_opts, "node-name": "source"})
-        target_opts = _target_options(args.target, source.size, args.force, args.target_format)
+        target_opts = _target_options(
+            args.target, source.size, args.force, args.target_format, args.backing_file
+        )
         target = await daemon.blockdev_add({**target_opts, "node-name": "target"})
         if is_nbd_uri(args.target):
             _check_nbd_target(args.target, target.size, source.size, target.read_only)

@@ -17,8 +17,10 @@ monitor socket with the ``qemu.qmp`` client, using only commands both implement:
 A live backup, step by step::
 
     query-named-block-nodes      NODE's size (and: does NODE exist?)
-    (create TARGET)              a local file: sparse, NODE's size; an NBD URI: used as it is
-    blockdev-add                 TARGET as node "<job-id>-target" (driver file, discard=unmap; or nbd)
+    (create TARGET)              a local file: sparse, NODE's size (--target-format qcow2: a qcow2
+                                 image, over --backing-file PREV if given); an NBD URI: used as it is
+    blockdev-add                 TARGET as node "<job-id>-target" (driver file, discard=unmap; qcow2
+                                 with backing: null -- the job only writes; or nbd)
     blockdev-backup              job-id, device=NODE, target, sync, speed (auto-dismiss: the job ends null)
     query-jobs every 0.2 s       progress -> the reporter (bar on a terminal, --json lines)
     events                       BLOCK_JOB_COMPLETED / _CANCELLED / _ERROR, JOB_STATUS_CHANGE(null) ends it
@@ -399,7 +401,7 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
             source = await _node(client, args.source)
             size = source["image"]["virtual-size"]
             try:
-                options = _target_options(target, size, args.force)
+                options = _target_options(target, size, args.force, args.target_format, args.backing_file)
             except BlockError as err:
                 raise UsageError(str(err)) from None
             if options["driver"] == "file":

@@ -12,7 +12,9 @@
 
 The ``*_prepare`` functions do the work and return an :class:`Undo`, so that ``transaction`` runs the
 same code and can roll an action back (QEMU's block-dirty-bitmap-* transaction actions); a plain
-command commits at once.
+command commits at once. Adding or removing a persistent bitmap then writes the node's store (the
+qcow2 image, a raw image's sidecar): a plain command before it commits, so that a storage error
+refuses it; a transaction after every action committed (:func:`store_all`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cowbackup.block.dirty_bitmaps import (
     MIN_GRANULARITY,
     BitmapCheck,
     BitmapError,
+    NodeBitmaps,
     NodeDirtyBitmap,
     default_granularity,
 )
@@ -52,10 +55,16 @@ def _nothing() -> None:
 
 @dataclass
 class Undo:
-    """How to finish a prepared bitmap action: ``commit`` makes it final, ``abort`` undoes it."""
+    """How to finish a prepared bitmap action: ``commit`` makes it final, ``abort`` undoes it.
+
+    Both are synchronous, so that a transaction changes every bitmap in one step of the event loop.
+    ``store``: the bitmaps of the node whose persistent bitmaps must then be written to their store
+    (``NodeBitmaps.save``, I/O that yields), or None.
+    """
 
     commit: Callable[[], None] = _nothing
     abort: Callable[[], None] = _nothing
+    store: NodeBitmaps | None = None
 
 
 # ---------------------------------------------------------------------------------------- arguments
@@ -172,31 +181,22 @@ def add_prepare(graph: BlockGraph, a: BitmapAddArgs) -> Undo:
         bm.disable()
     bm.persistent = a.persistent
 
-    def commit() -> None:
-        store = bm.owner.store() if bm.persistent else None
-        if store is not None:
-            # Written at once, marked in use: a crash from now on leaves it inconsistent, not lost.
-            store.save(in_use=True)
-            bm.owner.store_opened = True
-
     def abort() -> None:
         if bm.attached and bm.successor is None:
             bm.owner.release(bm)
 
-    return Undo(commit=commit, abort=abort)
+    # Stored at once, marked in use: a crash from now on leaves it inconsistent, not lost.
+    return Undo(abort=abort, store=bm.owner if a.persistent else None)
 
 
 def remove_prepare(graph: BlockGraph, ref: BitmapRef) -> Undo:
     """Mark the bitmap busy (so nothing else takes it) until commit releases it or abort frees it.
 
-    A persistent bitmap leaves its store here, as in QEMU, so that a storage error refuses the action
-    before anything changed; abort stores it back.
+    A persistent bitmap leaves its store after the commit (``store``); the plain command removes it
+    from the store before it commits instead, as QEMU does, so that a storage error refuses it.
     """
     bm = lookup(graph, ref.node, ref.name)
     bm.check(BitmapCheck.BUSY | BitmapCheck.RO)
-    store = bm.owner.store() if bm.persistent else None
-    if store is not None:
-        store.remove(ref.name)
     bm.busy = True
 
     def commit() -> None:
@@ -205,14 +205,8 @@ def remove_prepare(graph: BlockGraph, ref: BitmapRef) -> Undo:
 
     def abort() -> None:
         bm.busy = False
-        if store is not None:
-            try:
-                store.save(in_use=True)
-            except BitmapError as err:
-                # Still in memory and persistent: the next clean close stores it again.
-                log.error("could not store bitmap '%s' back: %s", ref.name, err)
 
-    return Undo(commit=commit, abort=abort)
+    return Undo(commit=commit, abort=abort, store=bm.owner if bm.persistent else None)
 
 
 def clear_prepare(graph: BlockGraph, ref: BitmapRef) -> Undo:
@@ -265,39 +259,76 @@ def merge_prepare(graph: BlockGraph, a: BitmapMergeArgs) -> Undo:
 # ---------------------------------------------------------------------------------------- commands
 
 
-def _commit(undo: Undo) -> dict[str, Any]:
+async def _commit(undo: Undo) -> dict[str, Any]:
+    """Finish a plain command's action: store first (a storage error undoes the action and is the
+    command's error), then commit. Not for remove, whose store step needs the commit first."""
+    if undo.store is not None:
+        try:
+            await undo.store.save()
+        except BaseException:
+            undo.abort()
+            raise
     undo.commit()
     return {}
 
 
+async def store_all(undos: list[Undo]) -> None:
+    """Run the ``store`` step of committed actions (a transaction's), each node's store once.
+
+    Errors are logged, not raised: the actions are committed, and a store that failed still says "in
+    use" (a crash makes its bitmaps inconsistent, never wrong); the next clean close stores them.
+    """
+    done: list[NodeBitmaps] = []
+    for undo in undos:
+        if undo.store is None or any(undo.store is seen for seen in done):
+            continue
+        done.append(undo.store)
+        try:
+            await undo.store.save()
+        except BitmapError as err:
+            log.error("could not store the persistent bitmaps of '%s': %s", undo.store.node.node_name, err)
+
+
 @command("block-dirty-bitmap-add")
 async def block_dirty_bitmap_add(ctx: QMPContext, args: dict[str, Any]) -> Any:
-    return _commit(add_prepare(ctx.daemon.graph, parse_add(args)))
+    return await _commit(add_prepare(ctx.daemon.graph, parse_add(args)))
 
 
 @command("block-dirty-bitmap-remove")
 async def block_dirty_bitmap_remove(ctx: QMPContext, args: dict[str, Any]) -> Any:
-    return _commit(remove_prepare(ctx.daemon.graph, parse_ref(args)))
+    ref = parse_ref(args)
+    graph = ctx.daemon.graph
+    undo = remove_prepare(graph, ref)
+    bm = lookup(graph, ref.node, ref.name)
+    if bm.persistent:
+        # Out of the store first (QEMU's order): if that fails, the bitmap stays as it was.
+        try:
+            await bm.owner.remove_stored(ref.name)
+        except BaseException:
+            undo.abort()
+            raise
+    undo.commit()
+    return {}
 
 
 @command("block-dirty-bitmap-clear")
 async def block_dirty_bitmap_clear(ctx: QMPContext, args: dict[str, Any]) -> Any:
-    return _commit(clear_prepare(ctx.daemon.graph, parse_ref(args)))
+    return await _commit(clear_prepare(ctx.daemon.graph, parse_ref(args)))
 
 
 @command("block-dirty-bitmap-enable")
 async def block_dirty_bitmap_enable(ctx: QMPContext, args: dict[str, Any]) -> Any:
-    return _commit(enable_prepare(ctx.daemon.graph, parse_ref(args), True))
+    return await _commit(enable_prepare(ctx.daemon.graph, parse_ref(args), True))
 
 
 @command("block-dirty-bitmap-disable")
 async def block_dirty_bitmap_disable(ctx: QMPContext, args: dict[str, Any]) -> Any:
-    return _commit(enable_prepare(ctx.daemon.graph, parse_ref(args), False))
+    return await _commit(enable_prepare(ctx.daemon.graph, parse_ref(args), False))
 
 
 @command("block-dirty-bitmap-merge")
 async def block_dirty_bitmap_merge(ctx: QMPContext, args: dict[str, Any]) -> Any:
-    return _commit(merge_prepare(ctx.daemon.graph, parse_merge(args)))
+    return await _commit(merge_prepare(ctx.daemon.graph, parse_merge(args)))
 
 
 @command("x-debug-block-dirty-bitmap-sha256")

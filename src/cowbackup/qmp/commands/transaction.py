@@ -62,6 +62,7 @@ from cowbackup.qmp.commands.bitmaps import (
     parse_merge,
     parse_ref,
     remove_prepare,
+    store_all,
 )
 from cowbackup.qmp.commands.jobs import backup_params
 
@@ -194,4 +195,6 @@ async def transaction(ctx: QMPContext, args: dict[str, Any]) -> Any:
             done.undo.commit()
         elif done.job is not None:
             done.job.start()
+    # Storage I/O only now, with every bitmap and job in place (it yields to the event loop).
+    await store_all([done.undo for done in prepared if done.undo is not None])
     return {}

@@ -29,6 +29,7 @@ import contextvars
 import os
 
 from cowbackup.block.drivers import open_node as open_any
+from cowbackup.block.drivers.qcow2 import bitmap_registry  # noqa: F401  (registers the bitmap store)
 from cowbackup.block.drivers.qcow2.bitmaps import StoredBitmap
 from cowbackup.block.drivers.qcow2.create import create, create_image
 from cowbackup.block.drivers.qcow2.format import (

@@ -77,6 +77,12 @@ class Qcow2Node(BlockNode):
         #: Where the next compressed cluster may go inside a partly used host cluster (0: none).
         self._ctail = 0
         meta.on_freed = self._check_ctail
+        #: The header names a backing file, whether or not it is open (``backing: null`` leaves it
+        #: closed, as a backup target into an overlay is opened): zeroing must then mark clusters zero
+        #: rather than leave them unallocated, or a read through the chain would see the backing file.
+        self.has_backing_file = hdr.backing_file is not None
+        # Nor may the copy engine skip zero clusters on such an image because it reads zeros *here*.
+        self.known_zero_init = not self.has_backing_file
         self.bitmap_store = BitmapStore(meta, hdr.size, read_only)
         meta.on_first_write = self.bitmap_store.mark_in_use
         self.write_observers.append(self._track_bitmaps)
@@ -516,7 +522,9 @@ class Qcow2Node(BlockNode):
         start = -(-offset // cs) * cs
         end = offset + length
         full_end = end if end == self._size else end // cs * cs
-        if (self.hdr.version < 3 and self.backing is not None) or start >= full_end:
+        if (
+            self.hdr.version < 3 and (self.backing is not None or self.has_backing_file)
+        ) or start >= full_end:
             await self._write_zero_data(offset, length)
         else:
             if start > offset:
@@ -555,7 +563,8 @@ class Qcow2Node(BlockNode):
         first = offset >> cb
         count = -(-length >> cb) if length else 0
         l1i, l2i = divmod(first, self.l2_entries)
-        has_backing = self.backing is not None
+        # Discard follows the open chain (QEMU's rule); zeroing, the chain the image names.
+        has_backing = self.backing is not None or (not discard and self.has_backing_file)
         v3 = self.hdr.version >= 3
         await self._lock_range(first, count)
         try:
