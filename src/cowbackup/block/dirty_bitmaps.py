@@ -51,6 +51,7 @@ from cowbackup.block.bitmap import DirtyBitmap
 from cowbackup.block.errors import BlockError
 
 if TYPE_CHECKING:
+    from cowbackup.block.graph import BlockGraph
     from cowbackup.block.node import BlockNode
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ __all__ = [
     "NodeDirtyBitmap",
     "default_granularity",
     "load_persistent_bitmaps",
+    "lookup_bitmap",
     "register_bitmap_store",
 ]
 
@@ -440,3 +442,14 @@ class NodeBitmaps:
 async def load_persistent_bitmaps(node: BlockNode) -> None:
     """Load ``node``'s stored bitmaps into its registry (once per node; see :meth:`NodeBitmaps.load`)."""
     await node.dirty_bitmaps.load()
+
+
+def lookup_bitmap(graph: BlockGraph, node_name: str, name: str) -> NodeDirtyBitmap:
+    """The bitmap ``name`` of node ``node_name`` (QEMU's block_dirty_bitmap_lookup and its messages)."""
+    node = graph.find(node_name)
+    if node is None:
+        raise BitmapError(f"Node '{node_name}' not found")
+    bm = node.dirty_bitmaps.find(name)
+    if bm is None:
+        raise BitmapError(f"Dirty bitmap '{name}' not found")
+    return bm

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from cowbackup.block.bitmap import DirtyBitmap
-from cowbackup.block.dirty_bitmaps import BitmapCheck, BitmapError, NodeDirtyBitmap
+from cowbackup.block.dirty_bitmaps import BitmapCheck, BitmapError, NodeDirtyBitmap, lookup_bitmap
 from cowbackup.block.errors import BlockError
 from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode, Status
@@ -154,12 +154,7 @@ def export_bitmaps(
             owner_name = opts.get_str("node")
             name = opts.get_str("name")
             opts.finish()
-            owner = graph.find(owner_name)
-            if owner is None:
-                raise BitmapError(f"Node '{owner_name}' not found")
-            bm = owner.dirty_bitmaps.find(name)
-            if bm is None:
-                raise BitmapError(f"Dirty bitmap '{name}' not found")
+            bm = lookup_bitmap(graph, owner_name, name)
         else:
             raise BlockError("Invalid parameter type for 'bitmaps[]', expected: object or string")
         bm.check(BitmapCheck.ALLOW_RO)

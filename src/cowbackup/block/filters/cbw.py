@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from cowbackup.block.align import align_down, align_up
 from cowbackup.block.bitmap import DirtyBitmap
 from cowbackup.block.copy import BlockCopyState, CopyCall, CopyError, cluster_size_for
-from cowbackup.block.dirty_bitmaps import BitmapCheck, NodeDirtyBitmap
+from cowbackup.block.dirty_bitmaps import BitmapCheck, NodeDirtyBitmap, lookup_bitmap
 from cowbackup.block.drivers import open_child
 from cowbackup.block.errors import BlockError, RequestError
 from cowbackup.block.graph import BlockGraph
@@ -341,13 +341,7 @@ def _lookup_bitmap(graph: BlockGraph, ref: Options) -> NodeDirtyBitmap:
     node_name = ref.get_str("node")
     name = ref.get_str("name")
     ref.finish()
-    node = graph.find(node_name)
-    if node is None:
-        raise BlockError(f"Node '{node_name}' not found")
-    bitmap = node.dirty_bitmaps.find(name)
-    if bitmap is None:
-        raise BlockError(f"Dirty bitmap '{name}' not found")
-    return bitmap
+    return lookup_bitmap(graph, node_name, name)
 
 
 def _seed_copy_bitmap(bcs: BlockCopyState, bitmap: NodeDirtyBitmap | None) -> None:

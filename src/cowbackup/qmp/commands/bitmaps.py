@@ -29,8 +29,8 @@ from cowbackup.block.dirty_bitmaps import (
     BitmapCheck,
     BitmapError,
     NodeBitmaps,
-    NodeDirtyBitmap,
     default_granularity,
+    lookup_bitmap,
 )
 from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode
@@ -152,17 +152,6 @@ def parse_merge(args: dict[str, Any], prefix: str = "") -> BitmapMergeArgs:
 # ---------------------------------------------------------------------------------------- operations
 
 
-def lookup(graph: BlockGraph, node_name: str, name: str) -> NodeDirtyBitmap:
-    """The bitmap ``name`` of node ``node_name`` (QEMU's block_dirty_bitmap_lookup and its messages)."""
-    node = graph.find(node_name)
-    if node is None:
-        raise BitmapError(f"Node '{node_name}' not found")
-    bm = node.dirty_bitmaps.find(name)
-    if bm is None:
-        raise BitmapError(f"Dirty bitmap '{name}' not found")
-    return bm
-
-
 def add_prepare(graph: BlockGraph, a: BitmapAddArgs) -> Undo:
     """Create the bitmap; abort releases it."""
     if not a.name:
@@ -195,7 +184,7 @@ def remove_prepare(graph: BlockGraph, ref: BitmapRef) -> Undo:
     A persistent bitmap leaves its store after the commit (``store``); the plain command removes it
     from the store before it commits instead, as QEMU does, so that a storage error refuses it.
     """
-    bm = lookup(graph, ref.node, ref.name)
+    bm = lookup_bitmap(graph, ref.node, ref.name)
     bm.check(BitmapCheck.BUSY | BitmapCheck.RO)
     bm.busy = True
 
@@ -211,7 +200,7 @@ def remove_prepare(graph: BlockGraph, ref: BitmapRef) -> Undo:
 
 def clear_prepare(graph: BlockGraph, ref: BitmapRef) -> Undo:
     """Clear every bit; abort restores them."""
-    bm = lookup(graph, ref.node, ref.name)
+    bm = lookup_bitmap(graph, ref.node, ref.name)
     bm.check(BitmapCheck.DEFAULT)
     old = bm.clear()
     return Undo(abort=lambda: bm.restore(old))
@@ -219,7 +208,7 @@ def clear_prepare(graph: BlockGraph, ref: BitmapRef) -> Undo:
 
 def enable_prepare(graph: BlockGraph, ref: BitmapRef, enable: bool) -> Undo:
     """Start (``enable``) or stop recording; abort puts the previous state back."""
-    bm = lookup(graph, ref.node, ref.name)
+    bm = lookup_bitmap(graph, ref.node, ref.name)
     bm.check(BitmapCheck.ALLOW_RO)
     was_disabled = bm.disabled
     bm.disabled = not enable
@@ -236,7 +225,7 @@ def merge_prepare(graph: BlockGraph, a: BitmapMergeArgs) -> Undo:
     As QEMU, the sources are first merged into a scratch bitmap of the target's granularity, so a
     failing source leaves the target as it was.
     """
-    dst = lookup(graph, a.node, a.target)
+    dst = lookup_bitmap(graph, a.node, a.target)
     dst.check(BitmapCheck.DEFAULT)
     scratch = dst.owner.create(None, dst.granularity)
     try:
@@ -246,7 +235,7 @@ def merge_prepare(graph: BlockGraph, a: BitmapMergeArgs) -> Undo:
                 if src is None:
                     raise BitmapError(f"Dirty bitmap '{ref.name}' not found")
             else:
-                src = lookup(graph, ref.node, ref.name)
+                src = lookup_bitmap(graph, ref.node, ref.name)
             src.check(BitmapCheck.ALLOW_RO)
             scratch.merge_from(src)
         dst.check(BitmapCheck.DEFAULT)
@@ -299,7 +288,7 @@ async def block_dirty_bitmap_remove(ctx: QMPContext, args: dict[str, Any]) -> An
     ref = parse_ref(args)
     graph = ctx.daemon.graph
     undo = remove_prepare(graph, ref)
-    bm = lookup(graph, ref.node, ref.name)
+    bm = lookup_bitmap(graph, ref.node, ref.name)
     if bm.persistent:
         # Out of the store first (QEMU's order): if that fails, the bitmap stays as it was.
         try:
@@ -334,4 +323,4 @@ async def block_dirty_bitmap_merge(ctx: QMPContext, args: dict[str, Any]) -> Any
 @command("x-debug-block-dirty-bitmap-sha256")
 async def x_debug_block_dirty_bitmap_sha256(ctx: QMPContext, args: dict[str, Any]) -> Any:
     ref = parse_ref(args)
-    return {"sha256": lookup(ctx.daemon.graph, ref.node, ref.name).sha256()}
+    return {"sha256": lookup_bitmap(ctx.daemon.graph, ref.node, ref.name).sha256()}
