@@ -5,9 +5,14 @@ for a copy loop moving gigabytes that was the largest cost on the event loop thr
 their buffer completely, so a buffer needs no zeroing between uses: the pool keeps freed buffers in
 power-of-two size classes and hands them out again.
 
-The budget bounds the bytes handed out at once (QEMU's 128 MiB for block-copy); a request larger than
-the budget still passes when nothing else is out, so one huge task cannot dead-lock.  Owned by the event
+:class:`BufferCache` is the free list alone, for callers with a bound of their own (an NBD connection
+receiving WRITE payloads has its limit on requests in flight).  :class:`BufferPool` adds a budget: it
+bounds the bytes handed out at once (QEMU's 128 MiB for block-copy); a request larger than the budget
+still passes when nothing else is out, so one huge task cannot dead-lock.  Both are owned by the event
 loop; no locking.
+
+A buffer goes back only when nothing can still read or write it: a request cancelled while a pool
+thread was doing I/O on its buffer must drop the buffer, not give it back.
 """
 
 from __future__ import annotations
@@ -21,13 +26,50 @@ def _size_class(n: int) -> int:
     return max(_MIN_CLASS, 1 << (n - 1).bit_length())
 
 
+class BufferCache:
+    """``memoryview``\\ s of exactly the asked length over buffers reused by size class.
+
+    At most ``max_kept`` bytes of freed buffers are kept; beyond that a freed buffer is simply dropped.
+    """
+
+    def __init__(self, max_kept: int) -> None:
+        self.max_kept = max_kept
+        self.kept = 0
+        self._free: dict[int, list[bytearray]] = {}
+
+    def take(self, n: int) -> memoryview:
+        """A buffer of ``n`` bytes (contents undefined)."""
+        cls = _size_class(n)
+        free = self._free.get(cls)
+        if free:
+            self.kept -= cls
+            return memoryview(free.pop())[:n]
+        return memoryview(bytearray(cls))[:n]
+
+    def give(self, view: memoryview) -> None:
+        """Give back a buffer from :meth:`take`; the view must not be used afterwards."""
+        buf = view.obj
+        assert isinstance(buf, bytearray)
+        view.release()
+        cls = len(buf)
+        if self.kept + cls <= self.max_kept:
+            self.kept += cls
+            self._free.setdefault(cls, []).append(buf)
+
+    def clear(self) -> None:
+        """Drop the buffers kept for reuse (they are freed once no view refers to them)."""
+        self._free.clear()
+        self.kept = 0
+
+
 class BufferPool:
-    """Hands out ``memoryview``\\ s of exactly the asked length over reusable buffers."""
+    """A :class:`BufferCache` under a budget on the bytes handed out at once."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self._free: dict[int, list[bytearray]] = {}
+        # Everything handed out comes back, so the free list never holds more than the budget.
+        self._cache = BufferCache(max_kept=budget + _size_class(budget))
         self._released = asyncio.Condition()
 
     async def get(self, n: int) -> memoryview:
@@ -37,21 +79,15 @@ class BufferPool:
             async with self._released:
                 await self._released.wait_for(lambda: not self.used or self.used + cls <= self.budget)
         self.used += cls
-        free = self._free.get(cls)
-        buf = free.pop() if free else bytearray(cls)
-        return memoryview(buf)[:n]
+        return self._cache.take(n)
 
     async def put(self, view: memoryview) -> None:
         """Give a buffer from :meth:`get` back.  The view must not be used afterwards."""
-        buf = view.obj
-        assert isinstance(buf, bytearray)
-        view.release()
-        cls = len(buf)
-        self.used -= cls
-        self._free.setdefault(cls, []).append(buf)
+        self.used -= _size_class(len(view))
+        self._cache.give(view)
         async with self._released:
             self._released.notify_all()
 
     def clear(self) -> None:
         """Drop the buffers kept for reuse (they are freed once no view refers to them)."""
-        self._free.clear()
+        self._cache.clear()

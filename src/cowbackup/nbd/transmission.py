@@ -10,7 +10,10 @@ replied to in one turn of the event loop::
                                                                                -> start_eager(serve)
 
 A WRITE payload is received straight into its own buffer (STYLE #12); only bytes that arrived together
-with headers pass through the core.  At most ``max_in_flight`` requests run at once: at the limit the
+with headers pass through the core.  Those buffers are reused (a fresh 256 KiB ``bytearray`` costs a
+memset and page faults), and after a large payload the next read is kept short: the header of the next
+large write and a little of its payload, rather than most of that payload read into the receive buffer
+and then copied twice.  At most ``max_in_flight`` requests run at once: at the limit the
 transport stops reading and the requests already received wait in the core.  A request's slot is freed
 once its reply is handed to the socket, so a client that does not read its replies stops being read.
 
@@ -26,6 +29,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from cowbackup.block.buffers import BufferCache
 from cowbackup.eager import start_eager
 from cowbackup.nbd.constants import NBD_EIO
 from cowbackup.nbd.errors import ProtocolError
@@ -36,6 +40,11 @@ from cowbackup.nbd.server import ServerProtocol
 
 #: Size of the buffer requests are received into (payloads that do not fit go to their own buffer).
 RECEIVE_SIZE = 256 * 1024
+#: After a payload received into its own buffer, the next read takes at most this much: a header and
+#: a short payload fit, and of a long payload little is copied.
+SHORT_RECEIVE = 8 * 1024
+#: Bytes of freed payload buffers a connection keeps for reuse (16 writes of 256 KiB in flight fit).
+PAYLOAD_CACHE = 4 * 1024 * 1024
 
 
 class Transmission(asyncio.BufferedProtocol):
@@ -68,6 +77,8 @@ class Transmission(asyncio.BufferedProtocol):
         self._log = log
         self._transport: asyncio.Transport | None = None
         self._inbuf = memoryview(bytearray(RECEIVE_SIZE))
+        self._receive_size = RECEIVE_SIZE
+        self._payload_buffers = BufferCache(PAYLOAD_CACHE)
         # The WRITE whose payload is being received into its own buffer, and how much of it is in.
         self._payload_req: Request | None = None
         self._payload_buf = memoryview(b"")
@@ -75,7 +86,7 @@ class Transmission(asyncio.BufferedProtocol):
         # An error reply held back until the core has dropped the failed write's payload.
         self._held_error: Message | None = None
         # A request received while ``max_in_flight`` others ran: it starts when one of them ends.
-        self._blocked: tuple[Request, memoryview | None] | None = None
+        self._blocked: tuple[Request, memoryview | None, bool] | None = None
         self._reading = True
         self._pumping = False
         self.in_flight = 0
@@ -109,7 +120,7 @@ class Transmission(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._payload_req is not None:
             return self._payload_buf[self._payload_have :]
-        return self._inbuf
+        return self._inbuf[: self._receive_size]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.done.done():
@@ -123,7 +134,8 @@ class Transmission(asyncio.BufferedProtocol):
                 return
             req, payload = self._payload_req, self._payload_buf
             self._payload_req, self._payload_buf = None, memoryview(b"")
-            self._start(req, payload)
+            self._receive_size = SHORT_RECEIVE
+            self._start(req, payload, True)
         self._pump()
 
     def eof_received(self) -> bool:
@@ -149,6 +161,7 @@ class Transmission(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ requests
 
     def _receive(self, data: bytes | memoryview) -> None:
+        self._receive_size = RECEIVE_SIZE
         self._proto.receive_data(data)
         if self._held_error is not None and not self._proto.discard_pending:
             reply, self._held_error = self._held_error, None
@@ -197,32 +210,39 @@ class Transmission(asyncio.BufferedProtocol):
                 self._send(reply)
             return
         if not req.payload_length:
-            self._start(req, None)
+            self._start(req, None, False)
             return
         view = self._proto.take_buffered(req.payload_length)
         if len(view) == req.payload_length:
-            self._start(req, view)
+            self._start(req, view, False)
             return
-        buf = memoryview(bytearray(req.payload_length))
+        buf = self._payload_buffers.take(req.payload_length)
         buf[: len(view)] = view
         self._payload_req, self._payload_buf, self._payload_have = req, buf, len(view)
 
-    def _start(self, req: Request, payload: memoryview | None) -> None:
+    def _start(self, req: Request, payload: memoryview | None, reusable: bool) -> None:
+        """Serve ``req``; ``reusable``: ``payload`` came from our buffer cache and goes back to it."""
         if self.in_flight >= self._max_in_flight:
             # Parsed (with its payload) but not started: reading stops until a slot is free.
-            self._blocked = (req, payload)
+            self._blocked = (req, payload, reusable)
             self._pause_reading()
             return
         self.in_flight += 1
-        task = start_eager(self._serve(req, payload))
+        task = start_eager(self._serve(req, payload, reusable))
         if task is not None:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _serve(self, req: Request, payload: memoryview | None) -> None:
+    async def _serve(self, req: Request, payload: memoryview | None, reusable: bool) -> None:
         try:
             try:
                 reply = await self._handler.handle(req, payload)
+                # Only now is nothing using the payload.  A request cancelled or failed unexpectedly
+                # skips this: a pool thread may still be writing from its buffer, which must not be
+                # refilled under it.
+                if reusable:
+                    assert payload is not None
+                    self._payload_buffers.give(payload)
             except Exception:
                 self._log.exception("request %s failed unexpectedly", req)
                 reply = self._handler.replies.error(req, NBD_EIO)
