@@ -145,19 +145,35 @@ class _TrackedWrite:
     """A write-type request in flight, for serialising read-modify-write cycles.
 
     ``start``/``end`` are the aligned bounds of the request.  Owned by the node's request path; lives
-    from the request's start until its completion.
+    from the request's start until its completion.  The event is made only when a request waits for
+    this one (rarely): most writes never need it.
     """
 
-    __slots__ = ("done", "end", "serialising", "start")
+    __slots__ = ("_done", "end", "serialising", "start")
 
     def __init__(self, start: int, end: int, serialising: bool) -> None:
         self.start = start
         self.end = end
         self.serialising = serialising
-        self.done = asyncio.Event()
+        self._done: asyncio.Event | None = None
 
-    def overlaps(self, other: _TrackedWrite) -> bool:
-        return self.start < other.end and other.start < self.end
+    def must_follow(self, earlier: _TrackedWrite) -> bool:
+        """This request overlaps ``earlier`` and one of them is serialising."""
+        return (
+            self.start < earlier.end
+            and earlier.start < self.end
+            and (self.serialising or earlier.serialising)
+        )
+
+    async def wait(self) -> None:
+        """Wait until this request completes (it is still in flight when this is called)."""
+        if self._done is None:
+            self._done = asyncio.Event()
+        await self._done.wait()
+
+    def complete(self) -> None:
+        if self._done is not None:
+            self._done.set()
 
 
 class BlockNode:
@@ -301,33 +317,32 @@ class BlockNode:
             self._quiescent = asyncio.Event()
         await self._quiescent.wait()
 
-    async def _track_write(self, offset: int, length: int, serialising: bool) -> _TrackedWrite:
+    async def _track_write(self, offset: int, length: int, serialising: bool) -> _TrackedWrite | None:
         """Register a write-type request; wait for the overlapping ones it must follow.
 
         A serialising request (read-modify-write) waits for every overlapping write already in flight; any
         write waits for overlapping serialising ones.  Requests never wait for later ones, so no cycle.
-        Called after :meth:`_begin`; if the wait is cancelled, the request is ended here.
+        With an alignment of 1 no request is ever serialising, so none is tracked (None): callers on the
+        hot path skip the call then.  Called after :meth:`_begin`; if the wait is cancelled, the request
+        is ended here.
         """
         align = self.limits.request_alignment
+        if align == 1:
+            return None
         req = _TrackedWrite(align_down(offset, align), align_up(offset + length, align), serialising)
-        if align > 1 and self._writes:
-            try:
-                while True:
-                    blocker = next(
-                        (w for w in self._writes if w.overlaps(req) and (serialising or w.serialising)), None
-                    )
-                    if blocker is None:
-                        break
-                    await blocker.done.wait()
-            except BaseException:
-                self._end()
-                raise
+        try:
+            while (blocker := next((w for w in self._writes if req.must_follow(w)), None)) is not None:
+                await blocker.wait()
+        except BaseException:
+            self._end()
+            raise
         self._writes.append(req)
         return req
 
-    def _untrack_write(self, req: _TrackedWrite) -> None:
-        self._writes.remove(req)
-        req.done.set()
+    def _untrack_write(self, req: _TrackedWrite | None) -> None:
+        if req is not None:
+            self._writes.remove(req)
+            req.complete()
 
     def _notify_write(self, offset: int, length: int) -> None:
         self.dirty_bitmaps.mark(offset, length)
@@ -350,7 +365,9 @@ class BlockNode:
         self._begin()
         try:
             align = self.limits.request_alignment
-            if offset % align or length % align:
+            if length <= self.limits.max_transfer and not (offset % align or length % align):
+                await self._do_read(offset, view)
+            elif offset % align or length % align:
                 start = align_down(offset, align)
                 end = align_up(offset + length, align)
                 bounce = bytearray(end - start)
@@ -386,11 +403,13 @@ class BlockNode:
             await self.write_zeroes(offset, length, zflags)
             return
         align = self.limits.request_alignment
-        unaligned = bool(offset % align or length % align)
+        unaligned = align > 1 and bool(offset % align or length % align)
         self._begin()
-        req = await self._track_write(offset, length, unaligned)
+        req = None if align == 1 else await self._track_write(offset, length, unaligned)
         try:
-            if unaligned:
+            if length <= self.limits.max_transfer and not unaligned:
+                await self._do_write(offset, view, flags)
+            elif unaligned:
                 start = align_down(offset, align)
                 end = align_up(offset + length, align)
                 bounce = bytearray(end - start)

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import abc
 import logging
+import struct
 from collections import deque
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cowbackup.nbd.errors import ProtocolError, StateError
 from cowbackup.nbd.events import NEED_DATA, NeedData, SendData
@@ -83,6 +84,22 @@ class ByteQueue:
             if not n:
                 break
         return b"".join(parts)
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        """Remove the first ``layout.size`` bytes (``<= len(self)``) and unpack them."""
+        n = layout.size
+        first = self._chunks[0]
+        head = self._head
+        if len(first) - head < n:
+            return layout.unpack(self.take(n))
+        values = layout.unpack_from(first, head)
+        self._size -= n
+        if len(first) - head == n:
+            self._chunks.popleft()
+            self._head = 0
+        else:
+            self._head = head + n
+        return values
 
     def take(self, n: int) -> bytes:
         """Remove and return the first ``n`` bytes (``n <= len(self)``)."""
@@ -181,7 +198,7 @@ class ProtocolCore(abc.ABC, Generic[EventT]):
                     self._fail("connection closed in the middle of a message")
                     continue
                 return NEED_DATA
-            if self._parse():
+            if self._buffer and self._parse():
                 continue
             if not self._eof:
                 return NEED_DATA
@@ -231,7 +248,10 @@ class ProtocolCore(abc.ABC, Generic[EventT]):
 
     @abc.abstractmethod
     def _parse(self) -> bool:
-        """Parse one message from the buffer into events; False if more bytes are needed."""
+        """Parse one message from the buffer into events; False if more bytes are needed.
+
+        Only called with bytes in the buffer: no message is empty.
+        """
 
     @abc.abstractmethod
     def _on_eof(self) -> EventT | ProtocolError:

@@ -203,9 +203,7 @@ class ServerConnection:
         self._requests = Transmission(
             self.proto,
             handler,
-            send=self._send,
-            drain=self._drain,
-            hold=self._hold,
+            self._vector if self._vector is not None else StreamOutput(self.writer),
             stream_protocol=transport.get_protocol(),
             max_in_flight=MAX_IN_FLIGHT,
             log=self.log,
@@ -238,21 +236,24 @@ class ServerConnection:
             return self._vector.queued
         return self.writer.transport.get_write_buffer_size()
 
-    def _hold(self, held: bool) -> None:
-        if self._vector is not None:
-            self._vector.hold(held)
 
-    def _send(self, message: Message) -> None:
-        """Queue one reply: zero-copy through the VectorWriter on a plain socket, else the transport."""
-        if self._vector is not None:
-            self._vector.send(message)
-        elif not self.writer.is_closing():
-            # Without a VectorWriter (TLS) the handler never produces file segments.
+class StreamOutput:
+    """Replies through the stream's transport, where no :class:`VectorWriter` can be used (TLS)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    def send(self, message: Message) -> None:
+        if not self._writer.is_closing():
+            # Without a VectorWriter the handler never produces file segments.
             assert not any(isinstance(p, FileSegment) for p in message)
-            self.writer.writelines(message)  # type: ignore[arg-type]
+            self._writer.writelines(message)  # type: ignore[arg-type]
 
-    async def _drain(self) -> None:
-        if self._vector is not None:
-            await self._vector.drain()
-        else:
-            await self.writer.drain()
+    def hold(self, held: bool) -> None:
+        """The transport batches by itself."""
+
+    def congested(self) -> bool:
+        return True  # the stream's drain() knows best, and returns at once when it is not
+
+    async def drain(self) -> None:
+        await self._writer.drain()

@@ -1,8 +1,9 @@
 """Events the sans-I/O NBD cores return from ``next_event()``.
 
-Every event is a frozen dataclass, except the two error events, which are exception instances
-(:class:`~cowbackup.nbd.errors.ProtocolError`, :class:`~cowbackup.nbd.errors.OptionError`) so a shell can
-raise them as they are.
+Every event is a frozen dataclass, except :class:`Request`, a ``NamedTuple`` (one is made for every
+request a server receives, and a tuple costs a fraction of a frozen dataclass's ``__init__``), and the two
+error events, which are exception instances (:class:`~cowbackup.nbd.errors.ProtocolError`,
+:class:`~cowbackup.nbd.errors.OptionError`) so a shell can raise them as they are.
 
 Shared by both sides: :class:`NeedData`, :class:`SendData`, :class:`StartTLS`, :class:`Disconnect`,
 :class:`ConnectionClosed`.  Server side: :class:`ExportSelected`, :class:`Request`.  Client side:
@@ -18,6 +19,7 @@ returns anything else; see :mod:`cowbackup.nbd._core`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cowbackup.nbd.constants import (
     NBD_CMD_FLAG_DF,
@@ -128,8 +130,7 @@ class ExportSelected:
     block_size_agreed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """One transmission request (anything but NBD_CMD_DISC, which is a :class:`Disconnect`).
 
     ``error`` is nonzero (an ``NBD_E*`` value) when the core already knows the request must fail

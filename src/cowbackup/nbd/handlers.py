@@ -16,10 +16,11 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from cowbackup.block.copy_range import host_file
-from cowbackup.block.node import BlockNode, RequestFlags, Status
+from cowbackup.block.node import NO_FLAGS, BlockNode, RequestFlags, Status
 from cowbackup.nbd.constants import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
+    NBD_CMD_FLAG_FUA,
     NBD_CMD_FLUSH,
     NBD_CMD_READ,
     NBD_CMD_TRIM,
@@ -33,6 +34,8 @@ from cowbackup.nbd.events import Request
 from cowbackup.nbd.replies import FileSegment, Message, ReadData, ReadSegment, ReplyBuilder, split_read
 
 log = logging.getLogger(__name__)
+
+_FUA = RequestFlags.FUA
 
 
 #: A metadata context's block status: (node, offset, length, only the first extent) -> [(length, flags)].
@@ -89,41 +92,39 @@ class RequestHandler:
 
     async def handle(self, req: Request, payload: memoryview | None) -> Message:
         """The reply to ``req`` (``payload``: the data of a WRITE)."""
+        # One coroutine for the whole request, the common cases first: this runs for every request.
         try:
-            return await self._dispatch(req, payload)
+            node = self._node()
+            kind = req.type
+            if kind == NBD_CMD_WRITE:
+                assert payload is not None
+                await node.write(req.offset, payload, _FUA if req.flags & NBD_CMD_FLAG_FUA else NO_FLAGS)
+            elif kind == NBD_CMD_READ:
+                return await self._read(node, req)
+            elif kind == NBD_CMD_WRITE_ZEROES:
+                flags = NO_FLAGS if req.no_hole else RequestFlags.MAY_UNMAP
+                if req.fua:
+                    flags |= RequestFlags.FUA
+                if req.fast_zero:
+                    flags |= RequestFlags.NO_FALLBACK
+                await node.write_zeroes(req.offset, req.length, flags)
+            elif kind == NBD_CMD_TRIM:
+                await node.discard(req.offset, req.length)
+                if req.fua:
+                    await node.flush()
+            elif kind == NBD_CMD_FLUSH:
+                await node.flush()
+            elif kind == NBD_CMD_BLOCK_STATUS:
+                return await self._block_status(node, req)
+            elif kind == NBD_CMD_CACHE:
+                pass  # advisory; nothing of ours benefits from prefetching
+            else:  # the core only passes known commands
+                raise OSError(errno.EINVAL, f"unsupported command {kind}")
+            return self.replies.ok(req)
         except OSError as err:
             code = err.errno or errno.EIO
             log.debug("%s failed: %s", req, err)
             return self.replies.error(req, errno_to_nbd(code), err.strerror or str(err))
-
-    async def _dispatch(self, req: Request, payload: memoryview | None) -> Message:
-        node = self._node()
-        kind = req.type
-        if kind == NBD_CMD_READ:
-            return await self._read(node, req)
-        if kind == NBD_CMD_WRITE:
-            assert payload is not None
-            await node.write(req.offset, payload, RequestFlags.FUA if req.fua else RequestFlags(0))
-        elif kind == NBD_CMD_WRITE_ZEROES:
-            flags = RequestFlags(0) if req.no_hole else RequestFlags.MAY_UNMAP
-            if req.fua:
-                flags |= RequestFlags.FUA
-            if req.fast_zero:
-                flags |= RequestFlags.NO_FALLBACK
-            await node.write_zeroes(req.offset, req.length, flags)
-        elif kind == NBD_CMD_TRIM:
-            await node.discard(req.offset, req.length)
-            if req.fua:
-                await node.flush()
-        elif kind == NBD_CMD_FLUSH:
-            await node.flush()
-        elif kind == NBD_CMD_BLOCK_STATUS:
-            return await self._block_status(node, req)
-        elif kind == NBD_CMD_CACHE:
-            pass  # advisory; nothing of ours benefits from prefetching
-        else:  # the core only passes known commands
-            raise OSError(errno.EINVAL, f"unsupported command {kind}")
-        return self.replies.ok(req)
 
     async def _read(self, node: BlockNode, req: Request) -> Message:
         if req.length == 0:

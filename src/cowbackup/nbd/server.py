@@ -388,7 +388,7 @@ class ServerProtocol(ProtocolCore[ServerEvent]):
     def _parse_request(self) -> bool:
         if len(self._buffer) < REQUEST.size:
             return False
-        magic, flags, cmd, cookie, offset, length = REQUEST.unpack(self._buffer.take(REQUEST.size))
+        magic, flags, cmd, cookie, offset, length = self._buffer.unpack(REQUEST)
         if magic != NBD_REQUEST_MAGIC:
             why = " (extended headers were not negotiated)" if magic == NBD_EXTENDED_REQUEST_MAGIC else ""
             self._fail(f"bad request magic {magic:#x}{why}")

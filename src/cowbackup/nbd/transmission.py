@@ -26,8 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Protocol
 
 from cowbackup.block.buffers import BufferCache
 from cowbackup.eager import start_eager
@@ -47,6 +46,22 @@ SHORT_RECEIVE = 8 * 1024
 PAYLOAD_CACHE = 4 * 1024 * 1024
 
 
+class ReplyOutput(Protocol):
+    """Where replies go: a :class:`~cowbackup.nbd.vector_writer.VectorWriter` on a plain socket."""
+
+    def send(self, message: Message) -> None:
+        """Queue a whole reply (never interleaved with another)."""
+
+    def hold(self, held: bool) -> None:
+        """While held, replies may wait to leave together when let go."""
+
+    def congested(self) -> bool:
+        """Enough is queued that the sender should :meth:`drain`."""
+
+    async def drain(self) -> None:
+        """Wait until the queue is below its high-water mark."""
+
+
 class Transmission(asyncio.BufferedProtocol):
     """Receives and starts the requests of one connection (event-loop thread only).
 
@@ -59,19 +74,15 @@ class Transmission(asyncio.BufferedProtocol):
         self,
         proto: ServerProtocol,
         handler: RequestHandler,
+        output: ReplyOutput,
         *,
-        send: Callable[[Message], None],
-        drain: Callable[[], Coroutine[Any, Any, None]],
-        hold: Callable[[bool], None],
         stream_protocol: asyncio.BaseProtocol,
         max_in_flight: int,
         log: logging.Logger,
     ) -> None:
         self._proto = proto
         self._handler = handler
-        self._send = send
-        self._drain = drain
-        self._hold = hold
+        self._out = output
         self._stream_protocol = stream_protocol
         self._max_in_flight = max_in_flight
         self._log = log
@@ -165,18 +176,18 @@ class Transmission(asyncio.BufferedProtocol):
         self._proto.receive_data(data)
         if self._held_error is not None and not self._proto.discard_pending:
             reply, self._held_error = self._held_error, None
-            self._send(reply)
+            self._out.send(reply)
 
     def _pump(self) -> None:
         """Start the requests the core has parsed, up to the in-flight limit."""
         if self._pumping:
             return  # a request finishing inside the loop below: the loop goes on by itself
         self._pumping = True
-        self._hold(True)  # replies of requests received together leave in one write
+        self._out.hold(True)  # replies of requests received together leave in one write
         try:
             self._pump_events()
         finally:
-            self._hold(False)
+            self._out.hold(False)
             self._pumping = False
 
     def _pump_events(self) -> None:
@@ -207,7 +218,7 @@ class Transmission(asyncio.BufferedProtocol):
             if self._proto.discard_pending:
                 self._held_error = reply
             else:
-                self._send(reply)
+                self._out.send(reply)
             return
         if not req.payload_length:
             self._start(req, None, False)
@@ -246,9 +257,10 @@ class Transmission(asyncio.BufferedProtocol):
             except Exception:
                 self._log.exception("request %s failed unexpectedly", req)
                 reply = self._handler.replies.error(req, NBD_EIO)
-            self._send(reply)
-            with contextlib.suppress(ConnectionError, OSError):
-                await self._drain()
+            self._out.send(reply)
+            if self._out.congested():
+                with contextlib.suppress(ConnectionError, OSError):
+                    await self._out.drain()
         finally:
             self._release()
 

@@ -149,6 +149,10 @@ class VectorWriter:
         self._queued = 0
         self._stop_writing()
 
+    def congested(self) -> bool:
+        """More than HIGH_WATER bytes are queued: :meth:`drain` would wait."""
+        return self._queued > HIGH_WATER
+
     async def drain(self) -> None:
         """Wait while more than HIGH_WATER bytes are queued (flow control), or until all is sent."""
         if self._queued > HIGH_WATER:

@@ -277,7 +277,7 @@ class FileNode(BlockNode):
             await run_blocking(self._pread_all, offset, buf)
 
     async def _do_write(self, offset: int, data: memoryview, flags: RequestFlags) -> None:
-        fua = bool(flags & RequestFlags.FUA)
+        fua = bool(flags) and bool(flags & RequestFlags.FUA)  # IntFlag's & is slow; bool() is int's
         if self.inline_all and not fua and len(data) <= self.inline_max:
             self._pwrite_all(offset, data, False)
             return
