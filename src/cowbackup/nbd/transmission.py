@@ -39,9 +39,11 @@ from cowbackup.nbd.server import ServerProtocol
 
 #: Size of the buffer requests are received into (payloads that do not fit go to their own buffer).
 RECEIVE_SIZE = 256 * 1024
-#: After a payload received into its own buffer, the next read takes at most this much: a header and
-#: a short payload fit, and of a long payload little is copied.
+#: After a large payload received into its own buffer, the next read takes at most this much: a header
+#: and a short payload fit, and of a long payload little is copied.  (Small payloads split by a read
+#: are common when many small writes are in flight: those keep full reads, one syscall for many.)
 SHORT_RECEIVE = 8 * 1024
+LARGE_PAYLOAD = 64 * 1024
 #: Bytes of freed payload buffers a connection keeps for reuse (16 writes of 256 KiB in flight fit).
 PAYLOAD_CACHE = 4 * 1024 * 1024
 
@@ -145,7 +147,8 @@ class Transmission(asyncio.BufferedProtocol):
                 return
             req, payload = self._payload_req, self._payload_buf
             self._payload_req, self._payload_buf = None, memoryview(b"")
-            self._receive_size = SHORT_RECEIVE
+            if len(payload) >= LARGE_PAYLOAD:
+                self._receive_size = SHORT_RECEIVE
             self._start(req, payload, True)
         self._pump()
 
