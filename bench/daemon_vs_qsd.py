@@ -20,10 +20,13 @@ Both are driven with the ``qemu.qmp`` client.  Every backup gets a fresh sparse 
 
     full-backup   blockdev-backup sync=full, no guest I/O; MB/s of the virtual size, command sent ->
                   BLOCK_JOB_COMPLETED received; then the target must equal live.raw (cmp)
-    base-qdN      fio --ioengine=nbd 4 KiB random writes to the export, no job: IOPS, p99 latency
-    cbw-qdN       the same fio while a slow backup runs (speed --speed, x-perf.max-chunk --max-chunk,
-                  so most writes land on clusters not yet copied and each waits for a copy-before-write);
-                  the job must still be running when fio ends; then job-cancel
+    base-qdN      fio --ioengine=nbd 4 KiB random writes to the export for --runtime s, no job: IOPS, p99
+    cbw-qdN       fio's same random writes while a slow backup runs (speed --speed, x-perf.max-chunk
+                  --max-chunk), but a fixed number of them, --cbw-writes (default: one per two 64 KiB
+                  clusters), the same offsets for both systems: most land on a cluster not yet copied
+                  and wait for its copy-before-write (~79% with the default), whichever system is faster.
+                  (A time-based run would let the faster system touch every cluster early and then write
+                  without copies.)  Then job-cancel, or the job finished if every cluster was copied
 
 After each cbw run, every 64 KiB cluster of the target must hold either the snapshot's data or zeros (not
 yet copied), and every cluster the guest changed must hold the snapshot's data: a difference stops the
@@ -139,6 +142,7 @@ class Config:
     source: str
     size: int
     runtime: int
+    cbw_writes: int
     speed: int
     max_chunk: int
     qemu_storage_daemon: str
@@ -500,9 +504,10 @@ class Turn:
         self.record("full-backup", "MB/s", mbps)
         self.report("full-backup", f"{seconds:7.3f} s {mbps:8.0f} MB/s  target ok")
 
-    async def fio(self, d: DaemonProc, test: str) -> int:
-        """One fio job; records IOPS and p99, returns how many writes it made."""
+    async def fio(self, d: DaemonProc, test: str, writes: int = 0) -> int:
+        """One fio job, ``writes`` writes or else time-based; records IOPS and p99, returns the writes."""
         depth = test.rpartition("-qd")[2]
+        amount = [f"--number_ios={writes}"] if writes else ["--time_based", f"--runtime={self.cfg.runtime}"]
         out = os.path.join(self.cfg.workdir, "fio.json")
         argv = [
             "fio",
@@ -512,14 +517,13 @@ class Turn:
             "--rw=randwrite",
             f"--bs={FIO_BLOCK}",
             f"--iodepth={depth}",
-            "--time_based",
-            f"--runtime={self.cfg.runtime}",
-            "--norandommap",
+            *amount,
+            "--norandommap",  # writes may repeat an offset; the generator's seed is fio's default
             "--output-format=json",
             f"--output={out}",  # not stdout: the nbd engine prints a line there before the JSON
         ]
         try:
-            await run_tool(argv, self.cfg.runtime + 60)
+            await run_tool(argv, self.cfg.runtime + 60 if not writes else JOB_TIMEOUT)
             doc = _load_json(out)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -544,7 +548,7 @@ class Turn:
         await self.add_target(d)
         with d.qmp.listener(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")) as listener:
             await d.qmp.execute("blockdev-backup", self.backup_args(slow=True))
-            writes = await self.fio(d, test)
+            writes = await self.fio(d, test, self.cfg.cbw_writes)
             status = (await d.jobs()).get(JOB_ID)
             # A fast copy-before-write may have copied every cluster (the job is then done); that is
             # part of the result, not an error, but it is reported.
@@ -642,7 +646,8 @@ def print_table(summary: dict[str, Any], layout: Layout, cfg: Config, args: argp
         f"source: {cfg.size / MiB:.0f} MiB in {args.dir}: data {layout.data / MiB:.0f} + written zeros "
         f"{layout.zero / MiB:.0f} + holes {layout.hole / MiB:.0f} MiB; cbw backups at speed "
         f"{cfg.speed / MiB:g} MiB/s, x-perf.max-chunk {cfg.max_chunk / MiB:g} MiB (full-backup too); fio "
-        f"{FIO_BLOCK} randwrite {cfg.runtime} s (no ramp); medians of {args.rounds} round(s)"
+        f"{FIO_BLOCK} randwrite {cfg.runtime} s, under a backup {cfg.cbw_writes} writes (no ramp); "
+        f"medians of {args.rounds} round(s)"
     )
     header = (
         f"{'test':<12} {'metric':<7} {'qemu':>9} {'min-max':>13} {'cowbackup':>9} {'min-max':>13} "
@@ -705,6 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="uncounted rounds first (default 1)")
     p.add_argument("--seed", type=int, default=1, help="seed of the source layout and data (default 1)")
     p.add_argument("--runtime", type=positive_int, default=5, help="seconds per fio job (default 5)")
+    p.add_argument(
+        "--cbw-writes",
+        type=positive_int,
+        help="writes per cbw-qdN fio run (default: one per two 64 KiB clusters of --size)",
+    )
     p.add_argument("--speed", type=_size, default=20 * MiB, help="cbw backups' speed, bytes/s (default 20M)")
     p.add_argument(
         "--max-chunk", type=_size, default=MiB, help="x-perf.max-chunk of every backup (default 1M; 0: none)"
@@ -771,6 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             source,
             args.size,
             args.runtime,
+            args.cbw_writes or max(1, args.size // (2 * CLUSTER)),
             args.speed,
             args.max_chunk,
             args.qemu_storage_daemon,
