@@ -26,6 +26,9 @@ from collections import deque
 
 from cowbackup.nbd.replies import FileSegment, Message
 
+#: A piece of a reply as queued: ``bytes`` as they came, anything else as a byte-format memoryview.
+Buffer = bytes | memoryview
+
 #: ``writev`` takes at most this many pieces (IOV_MAX on Linux).
 IOV_MAX = 1024
 #: ``drain()`` waits while more than this is queued (asyncio transports default to the same).
@@ -44,13 +47,14 @@ class VectorWriter:
         self._loop = loop
         self._fd = os.dup(fd)
         self._closed = False
-        self._queue: deque[memoryview | FileSegment] = deque()
+        self._queue: deque[Buffer | FileSegment] = deque()
         self._queued = 0
+        self._segments = 0  # FileSegments in the queue: while none, the whole queue is one writev
         self._writing = False
         self._scheduled = False
         self._held = False
-        self._drained = asyncio.Event()
-        self._drained.set()
+        # Waiters of drain()/flush(), woken when the queue empties; made only when someone waits.
+        self._drained: asyncio.Event | None = None
         self.error: OSError | None = None
 
     @property
@@ -66,15 +70,25 @@ class VectorWriter:
         """
         if self.error is not None:
             return
-        idle = not self._queue and not self._writing and not self._scheduled
+        queue = self._queue
+        idle = not queue and not self._writing and not self._scheduled
         for piece in message:
-            item = piece if isinstance(piece, FileSegment) else memoryview(piece).cast("B")
+            if type(piece) is bytes:
+                item: Buffer | FileSegment = piece
+            elif isinstance(piece, FileSegment):
+                item = piece
+                self._segments += 1
+            else:
+                item = memoryview(piece).cast("B")  # len() must count bytes
             if len(item):
-                self._queue.append(item)
+                queue.append(item)
                 self._queued += len(item)
-        if not self._queue:
+            elif isinstance(item, FileSegment):
+                self._segments -= 1
+        if not queue:
             return
-        self._drained.clear()
+        if self._drained is not None:
+            self._drained.clear()
         if self._held or self._writing or self._scheduled:
             return  # goes out with what is pending
         if idle:
@@ -104,15 +118,21 @@ class VectorWriter:
 
     def _flush(self) -> None:
         """Send from the head of the queue until it is empty or the socket is full."""
-        while self._queue:
-            head = self._queue[0]
+        queue = self._queue
+        while queue:
             try:
-                if isinstance(head, FileSegment):
+                if not self._segments and len(queue) <= IOV_MAX:
+                    sent = os.writev(self._fd, queue)  # type: ignore[arg-type]
+                    if sent == self._queued:  # the usual case: everything went
+                        queue.clear()
+                        self._queued = 0
+                        break
+                elif isinstance(head := queue[0], FileSegment):
                     sent = os.sendfile(self._fd, head.fd, head.offset, head.length)
                     if sent == 0:
                         raise OSError(errno.EIO, "sendfile: the file ended before the reply")
                 else:
-                    views = list(itertools.islice(self._queue, IOV_MAX))
+                    views = list(itertools.islice(queue, IOV_MAX))
                     cut = next((i for i, v in enumerate(views) if isinstance(v, FileSegment)), len(views))
                     sent = os.writev(self._fd, views[:cut])  # type: ignore[arg-type]
             except (BlockingIOError, InterruptedError):
@@ -125,28 +145,33 @@ class VectorWriter:
 
     def _consume(self, sent: int) -> None:
         self._queued -= sent
+        queue = self._queue
         while sent:
-            head = self._queue[0]
+            head = queue[0]
             if sent >= len(head):
                 sent -= len(head)
-                self._queue.popleft()
+                queue.popleft()
+                if isinstance(head, FileSegment):
+                    self._segments -= 1
             elif isinstance(head, FileSegment):
-                self._queue[0] = FileSegment(head.fd, head.offset + sent, head.length - sent)
+                queue[0] = FileSegment(head.fd, head.offset + sent, head.length - sent)
                 sent = 0
             else:
-                self._queue[0] = head[sent:]
+                queue[0] = memoryview(head)[sent:]
                 sent = 0
 
     def _stop_writing(self) -> None:
         if self._writing:
             self._loop.remove_writer(self._fd)
             self._writing = False
-        self._drained.set()
+        if self._drained is not None:
+            self._drained.set()
 
     def _fail(self, err: OSError) -> None:
         self.error = err
         self._queue.clear()
         self._queued = 0
+        self._segments = 0
         self._stop_writing()
 
     def congested(self) -> bool:
@@ -156,10 +181,18 @@ class VectorWriter:
     async def drain(self) -> None:
         """Wait while more than HIGH_WATER bytes are queued (flow control), or until all is sent."""
         if self._queued > HIGH_WATER:
-            await self._drained.wait()
+            await self._wait_drained()
 
     async def flush(self) -> None:
         """Wait until everything queued is sent (or the connection failed)."""
+        if self._queue:
+            await self._wait_drained()
+
+    async def _wait_drained(self) -> None:
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        if self._queue:
+            self._drained.clear()
         await self._drained.wait()
 
     def abort(self) -> None:
