@@ -390,9 +390,10 @@ class BlockNode:
         """Write ``data`` at ``offset``.  ``RequestFlags.FUA`` makes it durable before returning."""
         view = memoryview(data).cast("B")
         length = len(view)
-        self._check_open()
-        self._check_writable("write")
-        self._check_range("write", offset, length)
+        if self.closed or self.read_only or offset < 0 or offset + length > self._size:
+            self._check_open()
+            self._check_writable("write")
+            self._check_range("write", offset, length)
         if length == 0:
             return
         if self.detect_zeroes != "off" and is_zero(view):
@@ -423,9 +424,11 @@ class BlockNode:
             else:
                 await self._write_split(offset, view, flags)
         finally:
-            self._untrack_write(req)
+            if req is not None:
+                self._untrack_write(req)
             self._end()
-            self._notify_write(offset, length)
+            if self.dirty_bitmaps or self.write_observers:
+                self._notify_write(offset, length)
 
     async def _write_split(self, offset: int, view: memoryview, flags: RequestFlags) -> None:
         step = self.limits.max_transfer
