@@ -519,8 +519,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"clusters ({time.perf_counter() - started:.1f} s)"
         )
         profile = os.path.abspath(args.profile) if args.profile else None
-        # daemon_vs_qsd's Config: runtime, speed and max-chunk are its fio/cbw settings, unused here.
-        cfg = Config(workdir, source, args.size, 0, 0, 0, args.qemu_storage_daemon, profile)
+        # daemon_vs_qsd's Config: its fio and cbw settings are unused here.
+        cfg = Config(
+            workdir,
+            source,
+            args.size,
+            runtime=0,
+            cbw_writes=0,
+            speed=0,
+            max_chunk=0,
+            qemu_storage_daemon=args.qemu_storage_daemon,
+            profile=profile,
+        )
         samples = asyncio.run(_main_async(cfg, args, plan))
         signal.signal(signal.SIGTERM, _interrupt)  # the loop's removal reset it to the default
         summary = summarize(samples, GOAL_PER_DIRTY * args.dirty)
