@@ -43,13 +43,15 @@ RECEIVE_SIZE = 256 * 1024
 #: and a short payload fit, and of a long payload little is copied.  (Small payloads split by a read
 #: are common when many small writes are in flight: those keep full reads, one syscall for many.)
 SHORT_RECEIVE = 8 * 1024
+#: A payload at least this long shortens the read after it.
 LARGE_PAYLOAD = 64 * 1024
 #: Bytes of freed payload buffers a connection keeps for reuse (16 writes of 256 KiB in flight fit).
 PAYLOAD_CACHE = 4 * 1024 * 1024
 
 
 class ReplyOutput(Protocol):
-    """Where replies go: a :class:`~cowbackup.nbd.vector_writer.VectorWriter` on a plain socket."""
+    """Where replies go: a :class:`~cowbackup.nbd.vector_writer.VectorWriter` on a plain socket, the
+    stream's transport (:class:`~cowbackup.nbd.connection.StreamOutput`) under TLS."""
 
     def send(self, message: Message) -> None:
         """Queue a whole reply (never interleaved with another)."""
