@@ -25,25 +25,52 @@ request path, which guarantees drivers a narrow, simple contract:
 
 Block status is clamped: it returns one extent that starts at the asked offset and is at most as long
 as asked and never reaches past the end of the node.
+
+The value types of the interface (request flags, block status, extents, limits) live in
+:mod:`cowbackup.block.request_types`; they are exported from here too, the module most callers import.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from cowbackup.block.align import align_down, align_up
 from cowbackup.block.dirty_bitmaps import NodeBitmaps
 from cowbackup.block.errors import RequestError, invalid
+from cowbackup.block.request_types import (
+    DEFAULT_MAX_TRANSFER,
+    DEFAULT_MAX_ZEROES,
+    NO_FLAGS,
+    Buffer,
+    Extent,
+    Limits,
+    RequestFlags,
+    Status,
+    WriteObserver,
+)
+from cowbackup.block.tracked_write import TrackedWrite
 from cowbackup.block.zero import is_zero
 
 if TYPE_CHECKING:
     from cowbackup.block.graph import Child
+
+__all__ = [
+    "DEFAULT_MAX_TRANSFER",
+    "DEFAULT_MAX_ZEROES",
+    "NO_FLAGS",
+    "BlockNode",
+    "Buffer",
+    "Extent",
+    "FilterNode",
+    "Limits",
+    "RequestFlags",
+    "Status",
+    "WriteObserver",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,129 +78,6 @@ T = TypeVar("T")
 
 #: Filter operations that change data (refused on a read-only filter).
 _WRITE_OPS = frozenset({"write", "write_zeroes", "discard"})
-
-#: Any buffer the block layer accepts for data (a memoryview of it is taken, never a copy).
-Buffer = bytes | bytearray | memoryview
-
-#: Default upper bound of one driver request when the driver sets none.
-DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024
-#: Default upper bound of one write-zeroes or discard request handed to a driver.
-DEFAULT_MAX_ZEROES = 1 << 30
-
-
-class Status(enum.IntFlag):
-    """Block status flags of an extent (QEMU's BDRV_BLOCK_DATA / ZERO / ALLOCATED).
-
-    ``DATA``: the driver stores data there (reads are not known to be zero).
-    ``ZERO``: reads return zeros.
-    ``ALLOCATED``: the range is allocated in this layer (not inherited from a backing file).
-    A hole of a sparse file is ``ZERO`` and not ``DATA``; "unknown" is reported as ``DATA | ALLOCATED``.
-    """
-
-    DATA = 1
-    ZERO = 2
-    ALLOCATED = 4
-
-
-class RequestFlags(enum.IntFlag):
-    """Per-request flags (QEMU's BdrvRequestFlags)."""
-
-    #: Force unit access: the write is on stable storage when the request completes.
-    FUA = 1
-    #: write_zeroes may deallocate (punch a hole) instead of writing zeros.
-    MAY_UNMAP = 2
-    #: write_zeroes must fail with ENOTSUP rather than fall back to writing zero buffers.
-    NO_FALLBACK = 4
-    #: The write does not change the data (copy-before-write need not save the old contents).
-    WRITE_UNCHANGED = 8
-    #: Store whole clusters compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED).  Only for nodes whose
-    #: ``supports_compressed_writes`` is true; others ignore the flag and write normally.
-    WRITE_COMPRESSED = 16
-
-
-#: The default of every ``flags`` argument.
-NO_FLAGS = RequestFlags(0)
-
-
-@dataclass(frozen=True, slots=True)
-class Extent:
-    """A run of bytes with one block status."""
-
-    offset: int
-    length: int
-    flags: Status
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
-
-    @property
-    def is_zero(self) -> bool:
-        return bool(self.flags & Status.ZERO)
-
-    @property
-    def is_data(self) -> bool:
-        return bool(self.flags & Status.DATA)
-
-    @property
-    def is_allocated(self) -> bool:
-        return bool(self.flags & Status.ALLOCATED)
-
-
-@dataclass(slots=True)
-class Limits:
-    """What a driver can take in one request.
-
-    ``request_alignment``: offsets and lengths given to the driver are multiples of this (power of two).
-    ``max_transfer``: longest read/write given to the driver (a multiple of the alignment).
-    ``max_zeroes``, ``max_discard``: the same for write-zeroes and discard.
-    ``cluster_size``: the allocation unit of a format with clusters (0 when there is none).
-    """
-
-    request_alignment: int = 1
-    max_transfer: int = DEFAULT_MAX_TRANSFER
-    max_zeroes: int = DEFAULT_MAX_ZEROES
-    max_discard: int = DEFAULT_MAX_ZEROES
-    cluster_size: int = 0
-
-
-#: Called with (offset, length) after every write, write-zeroes or discard on a node completes.
-WriteObserver = Callable[[int, int], None]
-
-
-class _TrackedWrite:
-    """A write-type request in flight, for serialising read-modify-write cycles.
-
-    ``start``/``end`` are the aligned bounds of the request.  Owned by the node's request path; lives
-    from the request's start until its completion.  The event is made only when a request waits for
-    this one (rarely): most writes never need it.
-    """
-
-    __slots__ = ("_done", "end", "serialising", "start")
-
-    def __init__(self, start: int, end: int, serialising: bool) -> None:
-        self.start = start
-        self.end = end
-        self.serialising = serialising
-        self._done: asyncio.Event | None = None
-
-    def must_follow(self, earlier: _TrackedWrite) -> bool:
-        """This request overlaps ``earlier`` and one of them is serialising."""
-        return (
-            self.start < earlier.end
-            and earlier.start < self.end
-            and (self.serialising or earlier.serialising)
-        )
-
-    async def wait(self) -> None:
-        """Wait until this request completes (it is still in flight when this is called)."""
-        if self._done is None:
-            self._done = asyncio.Event()
-        await self._done.wait()
-
-    def complete(self) -> None:
-        if self._done is not None:
-            self._done.set()
 
 
 class BlockNode:
@@ -205,7 +109,7 @@ class BlockNode:
         self._size = 0
         self._in_flight = 0
         self._quiescent: asyncio.Event | None = None
-        self._writes: list[_TrackedWrite] = []
+        self._writes: list[TrackedWrite] = []
         self.closed = False
         #: Created inline as another node's child; removed with its parent when unused.
         self.implicit = False
@@ -317,7 +221,7 @@ class BlockNode:
             self._quiescent = asyncio.Event()
         await self._quiescent.wait()
 
-    async def _track_write(self, offset: int, length: int, serialising: bool) -> _TrackedWrite | None:
+    async def _track_write(self, offset: int, length: int, serialising: bool) -> TrackedWrite | None:
         """Register a write-type request; wait for the overlapping ones it must follow.
 
         A serialising request (read-modify-write) waits for every overlapping write already in flight; any
@@ -329,7 +233,7 @@ class BlockNode:
         align = self.limits.request_alignment
         if align == 1:
             return None
-        req = _TrackedWrite(align_down(offset, align), align_up(offset + length, align), serialising)
+        req = TrackedWrite(align_down(offset, align), align_up(offset + length, align), serialising)
         try:
             while (blocker := next((w for w in self._writes if req.must_follow(w)), None)) is not None:
                 await blocker.wait()
@@ -339,7 +243,7 @@ class BlockNode:
         self._writes.append(req)
         return req
 
-    def _untrack_write(self, req: _TrackedWrite | None) -> None:
+    def _untrack_write(self, req: TrackedWrite | None) -> None:
         if req is not None:
             self._writes.remove(req)
             req.complete()
