@@ -26,6 +26,10 @@ Errors::
      +-- DeviceNotActiveError  block-job-* on an unknown id (QMP class DeviceNotActive)
 
 An illegal state transition is a bug in this module or a subclass and raises ``AssertionError``.
+
+This module holds ``Job``. Its pause requests and pause points are in ``pausepoints.py`` (a mixin), the
+state and verb tables and the errors in ``states.py``, the events in ``events.py``, ``JobTxn`` and
+``JobManager`` in ``txn.py``; the names in ``__all__`` can be imported from here.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from cowbackup.jobs.events import (
     JOB_STATUS_CHANGE,
     Event,
 )
+from cowbackup.jobs.pausepoints import JobPausePoints
 from cowbackup.jobs.states import (
     JOB_TRANSITIONS,
     JOB_VERBS,
@@ -96,7 +101,7 @@ def _describe(err: BaseException) -> tuple[int, str]:
     return errno.EIO, str(err) or type(err).__name__
 
 
-class Job(abc.ABC):
+class Job(JobPausePoints, abc.ABC):
     """One long-running operation with QEMU's lifecycle. Subclasses implement ``run()``.
 
     Hooks a subclass may override (QEMU's JobDriver):
@@ -186,28 +191,24 @@ class Job(abc.ABC):
     async def run(self) -> None:
         """Do the job's work; see the class docstring for the contract."""
 
-    async def prepare(self) -> None:  # noqa: B027 - optional hook
+    async def prepare(self) -> None:  # optional hook
         """First finalization step on success; raise to turn success into failure."""
 
-    async def commit(self) -> None:  # noqa: B027 - optional hook
+    async def commit(self) -> None:  # optional hook
         """Make the result permanent (the whole transaction succeeded)."""
 
-    async def abort(self) -> None:  # noqa: B027 - optional hook
+    async def abort(self) -> None:  # optional hook
         """Undo after failure or cancel (of this job or of a transaction sibling)."""
 
-    async def clean(self) -> None:  # noqa: B027 - optional hook
+    async def clean(self) -> None:  # optional hook
         """Release resources; runs after commit or abort."""
 
-    async def on_pause(self) -> None:  # noqa: B027 - optional hook
-        """The job is about to pause at a pause point."""
+    # on_pause() and on_resume() are with the pause points they serve, in JobPausePoints.
 
-    async def on_resume(self) -> None:  # noqa: B027 - optional hook
-        """The job leaves a pause point that had a pause request."""
-
-    def on_set_speed(self, speed: int) -> None:  # noqa: B027 - optional hook
+    def on_set_speed(self, speed: int) -> None:  # optional hook
         """A new speed was accepted."""
 
-    def on_cancel(self, force: bool) -> None:  # noqa: B027 - optional hook
+    def on_cancel(self, force: bool) -> None:  # optional hook
         """Cancel was requested; wake anything the job may be blocked on outside its pause points."""
 
     # ------------------------------------------------------------------ state
@@ -328,90 +329,6 @@ class Job(abc.ABC):
         """Return once the status is concluded or null (at once if it already is)."""
         await self._concluded.wait()
 
-    def _should_pause(self) -> bool:
-        return self._pause_count > 0
-
-    def enter(self) -> None:
-        """Wake the job if it is parked in ``sleep()``, ``yield_()`` or a pause (QEMU's job_enter).
-
-        A job woken from a pause re-checks the pause requests and stays paused while any remain.
-        """
-        self._enter_cond(None)
-
-    def _enter_cond(self, cond: Callable[[], bool] | None) -> None:
-        if not self._started or self._deferred or self._busy or self._wakeup is None:
-            return
-        if cond is not None and not cond():
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        # busy is set by the waker, so a second wake-up before the task runs is a no-op (as QEMU's).
-        self._busy = True
-        if not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        self._enter_cond(None)
-
-    async def _do_yield(self, ns: int | None) -> None:
-        loop = asyncio.get_running_loop()
-        self._wakeup = loop.create_future()
-        if ns is not None:
-            self._timer = loop.call_later(max(ns, 0) / 1e9, self._timer_fired)
-        self._busy = False
-        try:
-            await self._wakeup
-        finally:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._wakeup = None
-            self._busy = True
-
-    async def pause_point(self) -> None:
-        """Pause here if a pause is requested and the job is not cancelled (QEMU's job_pause_point).
-
-        Calls ``on_pause()``, reports ``paused`` (``standby`` from ``ready``), waits until every pause
-        request is withdrawn or the job is cancelled, reports the previous status again, calls
-        ``on_resume()``.
-        """
-        if not self._should_pause() or self._cancelled:
-            return
-        await self.on_pause()
-        if self._should_pause() and not self._cancelled:
-            status = self._status
-            self._transition(JobStatus.STANDBY if status == JobStatus.READY else JobStatus.PAUSED)
-            self._paused = True
-            # A loop rather than QEMU's single yield: an unrelated enter() (e.g. a copy finishing) must
-            # not un-pause the job while a pause is still requested.
-            while self._should_pause() and not self._cancelled:
-                await self._do_yield(None)
-            self._paused = False
-            self._transition(status)
-        await self.on_resume()
-
-    async def sleep(self, ns: int) -> None:
-        """Sleep ``ns`` nanoseconds, then pass a pause point (QEMU's job_sleep_ns).
-
-        Returns early when the job is cancelled, paused (after the pause ends), ``enter()``-ed, or given a
-        higher (or unlimited) speed. Returns at once if the job is cancelled.
-        """
-        if self._cancelled:
-            return
-        if not self._should_pause():
-            await self._do_yield(ns)
-        await self.pause_point()
-
-    async def yield_(self) -> None:
-        """Park until ``enter()``, cancel or a pause, then pass a pause point (QEMU's job_yield)."""
-        if self._cancelled:
-            return
-        if not self._should_pause():
-            await self._do_yield(None)
-        await self.pause_point()
-
     # ------------------------------------------------------------------ verbs
 
     def pause(self) -> None:
@@ -431,22 +348,6 @@ class Job(abc.ABC):
         self._io_status = IoStatus.OK
         self._user_paused = False
         self.resume_internal()
-
-    def pause_internal(self) -> None:
-        """Add a pause request that the user cannot withdraw (drains); pair with ``resume_internal()``."""
-        self._pause_count += 1
-        if not self._paused:
-            # Wake a sleeping job so that it reaches its pause point now, not when the sleep ends.
-            self._enter_cond(None)
-
-    def resume_internal(self) -> None:
-        """Withdraw one pause request; the job runs again when none remain."""
-        if self._pause_count <= 0:
-            raise AssertionError(f"job '{self.id}': resume without pause")
-        self._pause_count -= 1
-        if self._pause_count == 0:
-            # Wake a paused job, but let a job that never reached its pause point finish its sleep.
-            self._enter_cond(lambda: self._timer is None)
 
     def set_speed(self, speed: int) -> None:
         """block-job-set-speed: store ``speed`` (bytes/s, 0 = unlimited), tell the subclass, and wake a
