@@ -10,7 +10,13 @@
         -> EOF, socket error or protocol error: every request in flight fails with ConnectionLost,
            and so does every later one
 
-Replies are routed through ``_pending`` (cookie -> :class:`_Pending`), a dict of futures (STYLE #15)::
+This module holds the connection object - its state, what the export allows, the request path and
+closing.  Connecting and the handshake are in :mod:`cowbackup.nbd._client_connect`; the requests in flight
+and the reader's loop that routes replies to them (``route_replies()``) in
+:mod:`cowbackup.nbd._client_inflight`.
+
+Replies are routed through ``_pending`` (cookie -> :class:`~cowbackup.nbd._client_inflight.Pending`), a
+dict of futures (STYLE #15)::
 
     caller:  slot -> send lock -> request_bytes + register + write -> drain -> await future
     reader:  next_event() -> chunk for cookie C -> _pending[C] (data into its buffer, error, extents)
@@ -40,10 +46,11 @@ import enum
 import errno
 import itertools
 import logging
-import ssl
 from collections.abc import Coroutine
-from typing import Any, NoReturn
+from typing import Any
 
+from cowbackup.nbd._client_connect import ConnectError, close_socket, negotiate
+from cowbackup.nbd._client_inflight import Extents, Pending, SlotGuard, route_replies
 from cowbackup.nbd.client import ClientProtocol
 from cowbackup.nbd.constants import (
     BASE_ALLOCATION,
@@ -63,30 +70,10 @@ from cowbackup.nbd.constants import (
     NBD_FLAG_SEND_FUA,
     NBD_FLAG_SEND_TRIM,
     NBD_FLAG_SEND_WRITE_ZEROES,
-    NBD_OPT_STARTTLS,
-    NBD_REP_ERR_TLS_REQD,
-    NBD_REP_ERR_UNKNOWN,
     cmd_name,
-    rep_name,
 )
-from cowbackup.nbd.errors import NBDError, OptionError, ProtocolError, RequestError, StateError
-from cowbackup.nbd.events import (
-    BlockStatusChunk,
-    ConnectionClosed,
-    Disconnect,
-    ErrorChunk,
-    ExportReady,
-    Greeting,
-    NeedData,
-    NoneChunk,
-    OffsetDataChunk,
-    OffsetHoleChunk,
-    ReplyData,
-    SendData,
-    SimpleReply,
-    StartTLS,
-)
-from cowbackup.nbd.tls import TLSError, client_context
+from cowbackup.nbd.errors import NBDError, StateError
+from cowbackup.nbd.events import ExportReady
 from cowbackup.nbd.uri import NBDAddress
 
 __all__ = ["ClientRunstate", "ConnectError", "ConnectionLost", "Extents", "NBDClient"]
@@ -99,30 +86,8 @@ MAX_IN_FLIGHT = 16
 MAX_REQUEST = 32 * 1024 * 1024
 #: Longest TRIM, fast WRITE_ZEROES or BLOCK_STATUS range sent (QEMU uses INT_MAX, aligned down).
 MAX_EFFECT = 1 << 31
-#: How much to read from the socket at a time, and the stream's buffer limit.
-READ_SIZE = 256 * 1024
-STREAM_LIMIT = 1024 * 1024
 #: Default deadline of connect + handshake, in seconds.
 DEFAULT_CONNECT_TIMEOUT = 30.0
-#: How long close() waits for the socket (and TLS) to shut down before aborting it.
-SHUTDOWN_TIMEOUT = 5.0
-
-#: Block status extents as the server sends them: (length, NBD_STATE_* flags), consecutive.
-Extents = tuple[tuple[int, int], ...]
-
-_ZEROS = bytes(1024 * 1024)
-
-
-class ConnectError(NBDError):
-    """Connecting to ``address`` or negotiating the export failed; ``reason`` says why."""
-
-    def __init__(self, address: str, reason: str) -> None:
-        super().__init__(address, reason)
-        self.address = address
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"Could not connect to '{self.address}': {self.reason}"
 
 
 class ConnectionLost(NBDError, ConnectionError):
@@ -147,32 +112,6 @@ class ClientRunstate(enum.Enum):
     LOST = "lost"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-class _Pending:
-    """A request in flight: where its data goes, what its reply said so far, who waits for it.
-
-    ``buf`` is the caller's buffer for a READ (None for other requests, and once the caller gave up:
-    the data is then read and dropped).  Owned by the reader task once registered.
-    """
-
-    __slots__ = ("buf", "error", "extents", "future", "length", "offset", "type")
-
-    def __init__(self, type: int, offset: int, length: int, buf: memoryview | None) -> None:
-        self.type = type
-        self.offset = offset
-        self.length = length
-        self.buf = buf
-        self.error: OSError | None = None
-        self.extents: Extents = ()
-        self.future: asyncio.Future[Extents] = asyncio.get_running_loop().create_future()
-
-    def view(self, offset: int, length: int) -> memoryview | None:
-        """The part of the caller's buffer for ``[offset, offset+length)`` (inside the request)."""
-        if self.buf is None:
-            return None
-        start = offset - self.offset
-        return self.buf[start : start + length]
 
 
 class NBDClient:
@@ -201,7 +140,7 @@ class NBDClient:
         self._proto = proto
         self._log = logger
         self._state = ClientRunstate.CONNECTING
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
         self._cookies = itertools.count(1)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._send_lock = asyncio.Lock()
@@ -232,123 +171,22 @@ class NBDClient:
         Raises :class:`ConnectError` (unreachable, export unknown, TLS required or refused, handshake
         failure, ``connect_timeout`` seconds passed); nothing stays open then.
         """
-        name = address.to_uri()
-        use_tls = address.tls or address.tls_certificates is not None
+        conn = await negotiate(
+            address, tls_hostname=tls_hostname, connect_timeout=connect_timeout, parent_log=log
+        )
         try:
-            ctx = cls._tls_context(address, tls_hostname) if use_tls else None
-        except TLSError as err:
-            raise ConnectError(name, str(err)) from err
-        client_log = log.getChild(f"{next(_CONNECTION_IDS)}")
-        writer: asyncio.StreamWriter | None = None
-        try:
-            async with asyncio.timeout(connect_timeout):
-                if address.socket is not None:
-                    reader, writer = await asyncio.open_unix_connection(address.socket, limit=STREAM_LIMIT)
-                else:
-                    host = address.host or "localhost"
-                    reader, writer = await asyncio.open_connection(host, address.port, limit=STREAM_LIMIT)
-                proto = ClientProtocol(logger=client_log)
-                client = cls(address, reader, writer, proto, max_in_flight=max_in_flight, logger=client_log)
-                server_hostname = tls_hostname or (address.host if address.socket is None else None)
-                await client._handshake(ctx, server_hostname)
-        except ConnectError:
-            await _abort(writer)
+            client = cls(
+                address, conn.reader, conn.writer, conn.proto, max_in_flight=max_in_flight, logger=conn.log
+            )
+        except BaseException:  # e.g. a bad max_in_flight: the socket must not stay open either
+            await close_socket(conn.writer)
             raise
-        except TimeoutError as err:
-            await _abort(writer)
-            raise ConnectError(name, f"no answer within {connect_timeout:g} s") from err
-        except ssl.SSLError as err:
-            await _abort(writer)
-            why = getattr(err, "verify_message", None) or err.reason or str(err)
-            raise ConnectError(name, f"TLS handshake failed: {why}") from err
-        except (OSError, EOFError) as err:
-            await _abort(writer)
-            raise ConnectError(
-                name, getattr(err, "strerror", None) or str(err) or type(err).__name__
-            ) from err
-        except NBDError as err:  # a StateError: the core and this shell disagree (a bug)
-            await _abort(writer)
-            raise ConnectError(name, f"internal error: {type(err).__name__}: {err}") from err
-        except BaseException:
-            await _abort(writer)
-            raise
-        client._start()
+        client._start(conn.export)
         return client
 
-    @staticmethod
-    def _tls_context(address: NBDAddress, tls_hostname: str | None) -> ssl.SSLContext:
-        if not address.tls_certificates:
-            raise TLSError("TLS needs a credentials directory (tls-creds, or ?tls-certificates=DIR)")
-        check = tls_hostname is not None or address.socket is None
-        return client_context(address.tls_certificates, hostname_check=check)
-
-    async def _handshake(self, ctx: ssl.SSLContext | None, server_hostname: str | None) -> None:
-        """Run the handshake to ExportReady; ConnectError for anything else."""
-        proto = self._proto
-        export = self.address.export
-        while True:
-            event = proto.next_event()
-            if isinstance(event, NeedData):
-                proto.receive_data(await self._reader.read(READ_SIZE))
-            elif isinstance(event, SendData):
-                self._writer.write(event.data)
-            elif isinstance(event, Greeting):
-                if ctx is not None:
-                    if not event.fixed_newstyle:
-                        self._fail_connect("the server does not support TLS (not a fixed newstyle server)")
-                    self._writer.write(proto.opt_starttls())
-                else:
-                    self._writer.write(self._go(export))
-            elif isinstance(event, StartTLS):
-                assert ctx is not None
-                await self._writer.drain()
-                await self._writer.start_tls(ctx, server_hostname=server_hostname)
-                proto.tls_started()
-                self._log.debug("TLS established")
-                self._writer.write(self._go(export))
-            elif isinstance(event, ExportReady):
-                await self._writer.drain()
-                self._export = event
-                self._alloc_id = event.meta_contexts.get(BASE_ALLOCATION)
-                return
-            elif isinstance(event, OptionError):
-                await self._send_abort()
-                self._fail_connect(self._option_reason(event), event)
-            elif isinstance(event, ProtocolError):
-                self._fail_connect(f"NBD protocol error: {event}", event)
-            elif isinstance(event, Disconnect | ConnectionClosed):
-                self._fail_connect("the server closed the connection during the handshake")
-            else:
-                self._fail_connect(f"unexpected {type(event).__name__} during the handshake")
-            await self._writer.drain()
-
-    def _go(self, export: str) -> bytes:
-        try:
-            return self._proto.go(export, meta_contexts=(BASE_ALLOCATION,))
-        except ValueError as err:  # export name too long or not UTF-8
-            self._fail_connect(f"invalid export name: {err}", err)
-
-    def _option_reason(self, error: OptionError) -> str:
-        export = self.address.export
-        server_says = f" ({error.message})" if error.message else ""
-        if error.option == NBD_OPT_STARTTLS:
-            return f"the server does not support TLS: {rep_name(error.reply_type)}{server_says}"
-        if error.reply_type == NBD_REP_ERR_TLS_REQD:
-            return f"the server requires TLS (give tls-creds, or use an nbds:// URI){server_says}"
-        if error.reply_type == NBD_REP_ERR_UNKNOWN:
-            return f"export '{export}' not found on the server{server_says}"
-        return f"export '{export}' refused: {error}"
-
-    async def _send_abort(self) -> None:
-        """NBD_OPT_ABORT after a refused option, so the server sees a polite goodbye (best effort)."""
-        with contextlib.suppress(NBDError, OSError, ValueError):
-            self._writer.write(self._proto.opt_abort())
-            await self._writer.drain()
-
-    def _fail_connect(self, reason: str, cause: BaseException | None = None) -> NoReturn:
-        raise ConnectError(self.name, reason) from cause
-
-    def _start(self) -> None:
+    def _start(self, export: ExportReady) -> None:
+        self._export = export
+        self._alloc_id = export.meta_contexts.get(BASE_ALLOCATION)
         self._state = ClientRunstate.RUNNING
         self._reader_task = asyncio.create_task(self._read_replies(), name=f"nbd-client {self.name}")
         ready = self.export
@@ -544,7 +382,7 @@ class NBDClient:
                 header = self._proto.request_bytes(cmd, flags, offset, length, cookie)
             except ValueError as err:
                 raise OSError(errno.EINVAL, f"{self.name}: {cmd_name(cmd)} refused: {err}") from err
-            pending = _Pending(cmd, offset, length, buf)
+            pending = Pending(cmd, offset, length, buf)
             self._pending[cookie] = pending
             self._idle.clear()
             release.disarm()  # the reader (or the failure path) releases the slot from now on
@@ -564,8 +402,8 @@ class NBDClient:
             pending.buf = None  # the reply still comes; its data is dropped, never written to buf
             raise
 
-    def _slots_held(self) -> _SlotGuard:
-        return _SlotGuard(self._slots)
+    def _slots_held(self) -> SlotGuard:
+        return SlotGuard(self._slots)
 
     def _check_running(self) -> None:
         if self._state is ClientRunstate.RUNNING:
@@ -580,7 +418,9 @@ class NBDClient:
         """The reader task: parse replies and route them until the connection ends."""
         reason = "the reader stopped"
         try:
-            reason = await self._route_replies()
+            reason = await route_replies(
+                self._proto, self._reader, self._pending, self._alloc_id, self._complete
+            )
         except asyncio.CancelledError:
             reason = "the connection was closed"
             raise
@@ -591,62 +431,6 @@ class NBDClient:
             reason = f"internal error: {type(err).__name__}: {err}"
         finally:
             self._connection_lost(reason)
-
-    async def _route_replies(self) -> str:
-        """Route replies until the connection ends; return why it ended."""
-        proto = self._proto
-        eof = False
-        while True:
-            event = proto.next_event()
-            if isinstance(event, NeedData):
-                data = await self._reader.read(READ_SIZE)
-                eof = not data
-                proto.receive_data(data)
-                continue
-            if isinstance(event, ReplyData | OffsetDataChunk):
-                await self._payload(self._pending[event.cookie], event.offset, event.length)
-            elif isinstance(event, OffsetHoleChunk):
-                dest = self._pending[event.cookie].view(event.offset, event.length)
-                if dest is not None:
-                    _zero_fill(dest)
-            elif isinstance(event, BlockStatusChunk):
-                if event.context_id == self._alloc_id:
-                    self._pending[event.cookie].extents = event.extents
-            elif isinstance(event, ErrorChunk):
-                pending = self._pending[event.cookie]
-                if pending.error is None:
-                    pending.error = event.exception()
-            elif isinstance(event, SimpleReply):
-                if event.error:
-                    self._pending[event.cookie].error = RequestError(event.error)
-            elif isinstance(event, NoneChunk):
-                pass
-            elif isinstance(event, ConnectionClosed):
-                return "the server closed the connection"
-            elif isinstance(event, ProtocolError):
-                # At EOF the core says what was cut short ("... with 3 requests in flight").
-                return str(event) if eof else f"NBD protocol error: {event}"
-            else:
-                return f"unexpected {type(event).__name__} from the protocol core"
-            if event.done:
-                self._complete(event.cookie)
-
-    async def _payload(self, pending: _Pending, offset: int, length: int) -> None:
-        """Move ``length`` payload bytes for ``offset`` into the caller's buffer (or drop them)."""
-        dest = pending.view(offset, length)
-        view = self._proto.take_buffered(length)
-        have = len(view)
-        if dest is not None:
-            dest[:have] = view
-        pos = have
-        while pos < length:
-            chunk = await self._reader.read(min(length - pos, READ_SIZE))
-            if not chunk:
-                raise EOFError(f"connection closed with {length - pos} bytes of read data missing")
-            if pending.buf is not None and dest is not None:  # the caller may give up meanwhile
-                dest[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-        self._proto.payload_consumed(length - have)
 
     def _complete(self, cookie: int) -> None:
         pending = self._pending.pop(cookie)
@@ -725,54 +509,8 @@ class NBDClient:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await _abort(self._writer, graceful=True)
-
-
-class _SlotGuard:
-    """Holds one in-flight slot; releases it on exit unless :meth:`disarm` handed it to the reader."""
-
-    __slots__ = ("_armed", "_slots")
-
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots = slots
-        self._armed = False
-
-    async def __aenter__(self) -> _SlotGuard:
-        await self._slots.acquire()
-        self._armed = True
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._armed:
-            self._slots.release()
-
-    def disarm(self) -> None:
-        self._armed = False
-
-
-_CONNECTION_IDS = itertools.count(1)
+        await close_socket(self._writer, graceful=True)
 
 
 def _align_down(n: int, align: int) -> int:
     return max(n - n % align, align)
-
-
-def _zero_fill(view: memoryview) -> None:
-    for pos in range(0, len(view), len(_ZEROS)):
-        n = min(len(_ZEROS), len(view) - pos)
-        view[pos : pos + n] = _ZEROS[:n]
-
-
-async def _abort(writer: asyncio.StreamWriter | None, *, graceful: bool = False) -> None:
-    """Close the socket; with ``graceful``, give it (and TLS) :data:`SHUTDOWN_TIMEOUT` to shut down."""
-    if writer is None:
-        return
-    if not graceful:
-        writer.transport.abort()
-    elif not writer.is_closing():
-        writer.close()
-    try:
-        async with asyncio.timeout(SHUTDOWN_TIMEOUT):
-            await writer.wait_closed()
-    except (OSError, TimeoutError, ssl.SSLError):
-        writer.transport.abort()
