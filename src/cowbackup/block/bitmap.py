@@ -28,6 +28,10 @@ Bits past the end of a level ("padding") are 0 in level 0 and in the any tower,
 and 1 in the full tower, so no search ever stops on a padding bit of an upper
 level; a padding bit of level 0 may be found as "clean" and is clipped away.
 
+The word-level operations (fill, overwrite, summarise, search) are in
+:mod:`cowbackup.block._bitwords`; this module maps bytes to granules and keeps
+the count and both towers in step with level 0.
+
 Memory for 16 TiB at 64 KiB granularity: 2**44 / 2**16 = 2**28 granules, so
 level 0 is 2**28 bits = 32 MiB. Each tower adds 2**22 + 2**16 + 2**10 + 16 bits
 (about 520 KiB), so the whole bitmap is about 33 MiB. A search touches one word
@@ -46,174 +50,24 @@ its block node (QEMU protects its bitmaps with the BQL / bitmap mutex instead).
 
 from __future__ import annotations
 
-import sys
 from array import array
 from collections.abc import Iterator
 
+from cowbackup.block._bitwords import (
+    CHUNK,
+    LITTLE,
+    M64,
+    fill_bits,
+    find,
+    summarize,
+    tower_bits,
+    words_from_int,
+    words_to_int,
+    write_bits,
+    zero_words,
+)
+
 __all__ = ["DirtyBitmap"]
-
-_M64 = (1 << 64) - 1
-
-# Words per chunk when a range operation walks level 0: bounds the temporary
-# objects to 64 KiB while keeping the number of Python iterations small.
-_CHUNK = 8192
-
-_LITTLE = sys.byteorder == "little"
-
-if array("Q").itemsize != 8:  # pragma: no cover - every CPython platform has 8-byte 'Q'
-    raise ImportError("cowbackup.block.bitmap needs an 8-byte array('Q')")
-
-_ONES = array("Q", [_M64]) * _CHUNK
-_ZEROS = array("Q", [0]) * _CHUNK
-
-# bytes.translate tables mapping a byte to a 0/1 flag (see _summarize).
-_IS_NONZERO = bytes([0] + [1] * 255)
-_IS_FF = bytes([0] * 255 + [1])
-
-
-def _words_to_int(words: array[int], i: int, j: int) -> int:
-    """Words [i, j) as one integer, word i least significant."""
-    if _LITTLE:
-        return int.from_bytes(memoryview(words)[i:j], "little")
-    return int.from_bytes(_words_to_bytes(words, i, j), "little")  # pragma: no cover
-
-
-def _words_to_bytes(words: array[int], i: int, j: int) -> bytes:
-    """Words [i, j) as little-endian bytes."""
-    if _LITTLE:
-        return memoryview(words)[i:j].tobytes()
-    part = words[i:j]  # pragma: no cover - big-endian hosts only
-    part.byteswap()  # pragma: no cover
-    return part.tobytes()  # pragma: no cover
-
-
-def _zero_words(n: int) -> array[int]:
-    # Repetition allocates exactly n words, with no n-sized temporary.
-    return array("Q", [0]) * n
-
-
-def _words_from_int(value: int, n: int) -> array[int]:
-    """The inverse of _words_to_int for n words."""
-    words = array("Q", value.to_bytes(8 * n, "little"))
-    if not _LITTLE:  # pragma: no cover - big-endian hosts only
-        words.byteswap()
-    return words
-
-
-def _lowest_bit(word: int) -> int:
-    return (word & -word).bit_length() - 1
-
-
-def _fill_bits(words: array[int], a: int, b: int, value: bool) -> int:
-    """Set bits [a, b) of ``words`` to ``value``; return how many bits flipped."""
-    if a >= b:
-        return 0
-    wa, wb = a >> 6, (b - 1) >> 6
-    head = (_M64 << (a & 63)) & _M64
-    tail = _M64 >> (63 - ((b - 1) & 63))
-    if wa == wb:
-        return _fill_word(words, wa, head & tail, value)
-    flipped = _fill_word(words, wa, head, value) + _fill_word(words, wb, tail, value)
-    # Whole words in the middle: slice assignment, chunked so that neither the
-    # popcount temporary nor the source array grows with the range.
-    w = wa + 1
-    while w < wb:
-        n = min(_CHUNK, wb - w)
-        ones = _words_to_int(words, w, w + n).bit_count()
-        flipped += 64 * n - ones if value else ones
-        src = _ONES if value else _ZEROS
-        words[w : w + n] = src if n == _CHUNK else src[:n]
-        w += n
-    return flipped
-
-
-def _fill_word(words: array[int], w: int, mask: int, value: bool) -> int:
-    old = words[w]
-    new = old | mask if value else old & ~mask
-    words[w] = new
-    return abs(new.bit_count() - old.bit_count())
-
-
-def _write_bits(words: array[int], lo: int, n: int, value: int) -> None:
-    """Overwrite bits [lo, lo + n) of ``words`` with the n low bits of ``value``."""
-    wa, wb = lo >> 6, (lo + n - 1) >> 6
-    shift = lo & 63
-    keep_head = words[wa] & ((1 << shift) - 1)
-    end = (lo + n - 1) & 63
-    keep_tail = words[wb] & ~(_M64 >> (63 - end)) & _M64
-    span = wb - wa + 1
-    merged = keep_head | (value << shift) | (keep_tail << (64 * (span - 1)))
-    if span == 1:
-        words[wa] = merged
-    else:
-        words[wa : wb + 1] = _words_from_int(merged, span)
-
-
-def _summarize(words: array[int], i: int, j: int, full: bool) -> int:
-    """Summary bits of words [i, j): bit k is 1 if word i+k is non-zero (any
-    tower) or all ones (full tower)."""
-    n = j - i
-    if n <= 4:  # the common case of a small update: plain integer tests
-        bits = 0
-        for k in range(n):
-            word = words[i + k]
-            if (word == _M64) if full else (word != 0):
-                bits |= 1 << k
-        return bits
-    # Bulk case, all at C speed. Byte r of every word, gathered with a stride
-    # of 8, is one integer; OR-ing (AND-ing) the 8 of them leaves byte k equal
-    # to the OR (AND) of word k's bytes. Map those bytes to 0/1 flags and pack
-    # 8 flags per byte with 8 more strided slices.
-    raw = _words_to_bytes(words, i, j)
-    acc = int.from_bytes(raw[0::8], "little")
-    for r in range(1, 8):
-        part = int.from_bytes(raw[r::8], "little")
-        acc = acc & part if full else acc | part
-    flags = acc.to_bytes(n, "little").translate(_IS_FF if full else _IS_NONZERO) + bytes(-n % 8)
-    packed = 0
-    for r in range(8):
-        packed |= int.from_bytes(flags[r::8], "little") << r
-    return packed
-
-
-def _find(levels: list[array[int]], value: int, pos: int) -> int | None:
-    """First bit >= pos of levels[0] equal to ``value``, or None.
-
-    ``levels[k + 1]`` must summarise ``levels[k]``: its bit w equals ``value``
-    exactly when word w of ``levels[k]`` holds a bit equal to ``value``. The
-    search climbs while the current word has nothing at or after ``pos``, then
-    descends through words that are known to hold a match.
-    """
-    k = 0
-    top = len(levels) - 1
-    while True:
-        level = levels[k]
-        w = pos >> 6
-        if w >= len(level):
-            return None
-        word = level[w] if value else ~level[w]
-        word &= (_M64 << (pos & 63)) & _M64
-        if word:
-            pos = (w << 6) + _lowest_bit(word)
-            break
-        if k == top:
-            return None
-        pos = w + 1
-        k += 1
-    while k > 0:
-        k -= 1
-        word = levels[k][pos] if value else ~levels[k][pos] & _M64
-        pos = (pos << 6) + _lowest_bit(word)
-    return pos
-
-
-def _tower_bits(bits: int) -> list[int]:
-    """Number of bits in each level above level 0 (the top level has one word)."""
-    sizes = []
-    while bits > 64:
-        bits = (bits + 63) >> 6
-        sizes.append(bits)
-    return sizes
 
 
 class DirtyBitmap:
@@ -243,15 +97,15 @@ class DirtyBitmap:
         # update methods change _l0, _count and the towers in place.
         self._size = size
         self._bits = (size + self._granularity - 1) >> self._shift
-        self._l0: array[int] = _zero_words((self._bits + 63) >> 6)
+        self._l0: array[int] = zero_words((self._bits + 63) >> 6)
         self._count = 0  # set bits of level 0, kept exact by every update
         self._any: list[array[int]] = []
         self._full: list[array[int]] = []
-        for nbits in _tower_bits(self._bits):
+        for nbits in tower_bits(self._bits):
             nwords = (nbits + 63) >> 6
-            self._any.append(_zero_words(nwords))
-            full = _zero_words(nwords)
-            _fill_bits(full, nbits, 64 * nwords, True)  # padding of the full tower
+            self._any.append(zero_words(nwords))
+            full = zero_words(nwords)
+            fill_bits(full, nbits, 64 * nwords, True)  # padding of the full tower
             self._full.append(full)
         # A clean level 0 has no non-zero and no full word, so zeroed towers
         # (plus the padding above) are already correct.
@@ -284,7 +138,7 @@ class DirtyBitmap:
         """Set granules [a, b) to ``value`` and update count and towers."""
         if a >= b:
             return
-        flipped = _fill_bits(self._l0, a, b, value)
+        flipped = fill_bits(self._l0, a, b, value)
         if not flipped:
             return
         self._count += flipped if value else -flipped
@@ -294,7 +148,7 @@ class DirtyBitmap:
                 wl, wh = lo >> 6, hi >> 6
                 # Words strictly inside the range now hold only `value`, so
                 # their summary bit is `value` in both towers.
-                _fill_bits(dst, wl + 1, wh, value)
+                fill_bits(dst, wl + 1, wh, value)
                 changed = self._update_summary(dst, wl, src[wl], full)
                 if wh != wl:
                     self._update_summary(dst, wh, src[wh], full)
@@ -304,7 +158,7 @@ class DirtyBitmap:
 
     @staticmethod
     def _update_summary(dst: array[int], w: int, word: int, full: bool) -> bool:
-        bit = word == _M64 if full else word != 0
+        bit = word == M64 if full else word != 0
         i, mask = w >> 6, 1 << (w & 63)
         old = dst[i]
         new = old | mask if bit else old & ~mask
@@ -318,21 +172,21 @@ class DirtyBitmap:
         for tower, full in ((self._any, False), (self._full, True)):
             src, lo, hi = self._l0, wa, wb  # changed words of `src`, inclusive
             for dst in tower:
-                _write_bits(dst, lo, hi - lo + 1, _summarize(src, lo, hi + 1, full))
+                write_bits(dst, lo, hi - lo + 1, summarize(src, lo, hi + 1, full))
                 src, lo, hi = dst, lo >> 6, hi >> 6
 
     def _rebuild(self) -> None:
         """Recompute count and towers from level 0 (after a bulk load)."""
         words = len(self._l0)
         self._count = 0
-        for w in range(0, words, _CHUNK):
-            end = min(w + _CHUNK, words)
-            self._count += _words_to_int(self._l0, w, end).bit_count()
+        for w in range(0, words, CHUNK):
+            end = min(w + CHUNK, words)
+            self._count += words_to_int(self._l0, w, end).bit_count()
             self._resummarize(w, end - 1)
 
     def _next_nonzero_word(self, w: int) -> int | None:
         if self._any:
-            return _find(self._any, 1, w)
+            return find(self._any, 1, w)
         return w if w < len(self._l0) and self._l0[w] else None
 
     def _popcount(self, a: int, b: int) -> int:
@@ -341,8 +195,8 @@ class DirtyBitmap:
             return 0
         l0 = self._l0
         wa, wb = a >> 6, (b - 1) >> 6
-        head = (_M64 << (a & 63)) & _M64
-        tail = _M64 >> (63 - ((b - 1) & 63))
+        head = (M64 << (a & 63)) & M64
+        tail = M64 >> (63 - ((b - 1) & 63))
         if wa == wb:
             return (l0[wa] & head & tail).bit_count()
         total = (l0[wa] & head).bit_count() + (l0[wb] & tail).bit_count()
@@ -351,8 +205,8 @@ class DirtyBitmap:
             w = self._next_nonzero_word(w)
             if w is None or w >= wb:
                 break
-            end = min(w + _CHUNK, wb)
-            total += _words_to_int(l0, w, end).bit_count()
+            end = min(w + CHUNK, wb)
+            total += words_to_int(l0, w, end).bit_count()
             w = end
         return total
 
@@ -361,9 +215,9 @@ class DirtyBitmap:
         if gi >= self._bits:
             return None
         if value:  # a dirty granule: follow "word has a set bit"
-            return _find([self._l0, *self._any], 1, gi)
+            return find([self._l0, *self._any], 1, gi)
         # a clean granule: follow "word is not all ones", i.e. a 0 in the full tower
-        return _find([self._l0, *self._full], 0, gi)
+        return find([self._l0, *self._full], 0, gi)
 
     # -- modification ----------------------------------------------------------
 
@@ -436,11 +290,11 @@ class DirtyBitmap:
             w = other._next_nonzero_word(w)
             if w is None:
                 break
-            end = min(w + _CHUNK, words)
-            mine = _words_to_int(self._l0, w, end)
-            merged = mine | _words_to_int(other._l0, w, end)
+            end = min(w + CHUNK, words)
+            mine = words_to_int(self._l0, w, end)
+            merged = mine | words_to_int(other._l0, w, end)
             if merged != mine:
-                self._l0[w:end] = _words_from_int(merged, end - w)
+                self._l0[w:end] = words_from_int(merged, end - w)
                 self._count += merged.bit_count() - mine.bit_count()
                 self._resummarize(w, end - 1)
             w = end
@@ -457,7 +311,7 @@ class DirtyBitmap:
         nwords = (keep + 63) >> 6
         self._l0[:nwords] = old_l0[:nwords]
         # Granules past the new end must not survive as level-0 padding.
-        _fill_bits(self._l0, keep, 64 * len(self._l0), False)
+        fill_bits(self._l0, keep, 64 * len(self._l0), False)
         self._rebuild()
 
     # -- queries ---------------------------------------------------------------
@@ -574,7 +428,7 @@ class DirtyBitmap:
     def serialize(self) -> bytes:
         """Level 0 as ``ceil(bits / 8)`` LSB-first bytes (see the module docstring)."""
         nbytes = (self._bits + 7) >> 3
-        if _LITTLE:
+        if LITTLE:
             return memoryview(self._l0).cast("B")[:nbytes].tobytes()
         words = self._l0[:]  # pragma: no cover - big-endian hosts only
         words.byteswap()  # pragma: no cover
@@ -595,9 +449,9 @@ class DirtyBitmap:
         words = bitmap._l0
         with memoryview(words) as view, view.cast("B") as raw:
             raw[:nbytes] = data
-        if not _LITTLE:  # pragma: no cover - big-endian hosts only
+        if not LITTLE:  # pragma: no cover - big-endian hosts only
             words.byteswap()
-        _fill_bits(words, bitmap._bits, 64 * len(words), False)
+        fill_bits(words, bitmap._bits, 64 * len(words), False)
         bitmap._rebuild()
         return bitmap
 
