@@ -110,8 +110,8 @@ class Daemon:
         """``nbd-server-start``: listen for NBD clients on ``addr`` (a QEMU SocketAddress).
 
         ``addr`` is ``{"type": "unix", "path": P}`` or ``{"type": "inet", "host": H, "port": N}``
-        (``port`` a number or a service name).  ``tls_creds`` is a directory of x509 credentials (QEMU
-        takes the id of a ``tls-creds-x509`` object; we have no objects yet), and makes TLS mandatory.
+        (``port`` a number or a service name).  ``tls_creds`` is the id of a ``tls-creds-x509`` object
+        with ``endpoint=server`` (or, ours, a credentials directory), and makes TLS mandatory.
         ``max_connections`` 0 means unlimited.  BlockError with QEMU's message when a server already runs
         or the address is unusable; nothing is left listening on failure.
         """
@@ -121,7 +121,10 @@ class Daemon:
         if max_connections < 0 or max_connections >= 1 << 32:
             raise BlockError("Parameter 'max-connections' expects uint32_t")
         try:
-            ssl_ctx = server_context(tls_creds) if tls_creds is not None else None
+            ssl_ctx = None
+            if tls_creds is not None:
+                creds = self.graph.objects.tls_creds(tls_creds, "server")
+                ssl_ctx = server_context(creds.dir, verify_peer=creds.verify_peer)
         except TLSError as err:
             raise BlockError(str(err)) from None
         server = NBDServer(

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import pytest
+from qemu.qmp import QMPClient
+from qemu.qmp.protocol import ConnectError
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -352,3 +354,22 @@ async def wait_listening(
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return
+
+
+async def connect_qmp(client: QMPClient, path: Path, limit: float = 10.0) -> None:
+    """Connect ``client`` to the monitor at ``path`` (after :func:`wait_listening`), with a deadline.
+
+    qemu-storage-daemon serves one client per monitor socket and may still be closing the connection of
+    wait_listening()'s probe when the next one comes: that one then reads EOF instead of the greeting.
+    Such a connection is retried; anything else, or the deadline, fails.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while True:
+        try:
+            await asyncio.wait_for(client.connect(str(path)), max(deadline - loop.time(), 0.1))
+            return
+        except ConnectError as err:
+            if not isinstance(err.exc, EOFError) or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.05)  # polling for the monitor to be free, with a deadline

@@ -30,7 +30,7 @@ from typing import IO, Any
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from .conftest import MiB, Segment, build_image, cli_command, cli_env, layout, wait_listening
+from .conftest import MiB, Segment, build_image, cli_command, cli_env, connect_qmp, layout, wait_listening
 
 QSD = "qemu-storage-daemon"
 #: Longest a whole script may take on one daemon, and one wait for an event or for start/stop.
@@ -72,7 +72,7 @@ async def daemon(kind: str, workdir: Path, source: Path, log: IO[bytes]) -> Asyn
     client = QMPClient(kind)
     try:
         await wait_listening(sock, proc, f"{kind} daemon (output in {log.name})", WAIT)
-        await asyncio.wait_for(client.connect(str(sock)), WAIT)
+        await connect_qmp(client, sock, WAIT)
         backend = Backend(kind, client, workdir)
         await client.execute("blockdev-add", {"driver": "file", "node-name": "src", "filename": str(source)})
         for n in (0, 1):

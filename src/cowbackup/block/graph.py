@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from cowbackup.block.errors import BlockError
 from cowbackup.block.node import BlockNode, FilterNode
+from cowbackup.objects import ObjectRegistry
 
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 
@@ -59,6 +60,8 @@ class BlockGraph:
 
     def __init__(self) -> None:
         self.nodes: dict[str, BlockNode] = {}
+        #: The user-created objects nodes refer to by id (the TLS credentials of ``nbd`` nodes).
+        self.objects = ObjectRegistry()
         self._auto_names = itertools.count()
 
     # ------------------------------------------------------------------ names

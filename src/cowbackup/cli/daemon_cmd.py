@@ -12,10 +12,14 @@
 Options (each repeatable unless said; each argument a QEMU ``key=value`` list or a JSON object, see
 :mod:`cowbackup.cli.keyval`), processed in command-line order as QEMU does:
 
+``--object [qom-type=]tls-creds-x509,id=I,dir=D[,endpoint=client|server][,verify-peer=on|off]``
+                                    ``object-add``: x509 credentials for ``tls-creds`` below and for
+                                    ``nbd`` nodes (:mod:`cowbackup.objects`)
 ``--blockdev [driver=]D,...``       ``blockdev-add``
 ``--nbd-server addr.type=unix,addr.path=P`` | ``addr.type=inet,addr.host=H,addr.port=N``
-                                    ``nbd-server-start`` (once); ``tls-creds`` is a credentials *directory*
-                                    (QEMU: an object id), ``max-connections`` (0: unlimited)
+                                    ``nbd-server-start`` (once); ``tls-creds`` the id of an object with
+                                    ``endpoint=server`` (or a credentials directory), ``max-connections``
+                                    (0: unlimited)
 ``--export [type=]nbd,id=I,node-name=N[,name=E][,writable=on|off][,description=T]``
                                     ``block-export-add``
 ``--chardev socket,id=I,path=P,server=on[,wait=on|off]``
@@ -62,6 +66,7 @@ _OPTIONS: dict[str, str | None] = {
     "export": "type",
     "monitor": "chardev",
     "nbd-server": None,
+    "object": "qom-type",
     "pidfile": None,
 }
 
@@ -228,6 +233,8 @@ async def apply_option(state: DaemonState, name: str, value: str) -> None:
         await state.daemon.blockdev_add(options)
     elif name == "nbd-server":
         await _nbd_server(state, options)
+    elif name == "object":
+        state.daemon.graph.objects.add(options)
     elif name == "export":
         await state.daemon.block_export_add(options)
     elif name == "chardev":

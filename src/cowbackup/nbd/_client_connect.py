@@ -133,7 +133,7 @@ def tls_context(address: NBDAddress, tls_hostname: str | None) -> ssl.SSLContext
     if not address.tls_certificates:
         raise TLSError("TLS needs a credentials directory (tls-creds, or ?tls-certificates=DIR)")
     check = tls_hostname is not None or address.socket is None
-    return client_context(address.tls_certificates, hostname_check=check)
+    return client_context(address.tls_certificates, hostname_check=check, verify_peer=address.tls_verify_peer)
 
 
 class _Handshake:

@@ -9,7 +9,8 @@
     DIR/client-key.pem     and its private key
 
 ``verify_peer`` (QEMU's ``verify-peer``, default on) makes a server demand a client certificate signed
-by the CA; a client always verifies the server against the CA.  Missing or unreadable files give one
+by the CA, and a client verify the server's against the CA (off: any certificate is taken, as QEMU and
+libnbd do with verify-peer off -- encrypted, but not authenticated).  Missing or unreadable files give one
 clear :class:`TLSError` at start-up, not a failed handshake later.
 """
 
@@ -53,16 +54,21 @@ def server_context(directory: str, *, verify_peer: bool = True) -> ssl.SSLContex
     return ctx
 
 
-def client_context(directory: str, *, hostname_check: bool = False) -> ssl.SSLContext:
+def client_context(
+    directory: str, *, hostname_check: bool = False, verify_peer: bool = True
+) -> ssl.SSLContext:
     """An SSL context for connecting to an NBD server that presents a certificate signed by our CA.
 
-    The chain is always checked.  The host name is checked when ``hostname_check`` is set: the NBD
-    client sets it for TCP addresses (QEMU checks the host or IP against the certificate there) and
-    for an explicit ``tls-hostname``, not for Unix sockets, which have no host name.
+    The chain is checked unless ``verify_peer`` is off.  The host name is checked when
+    ``hostname_check`` is set: the NBD client sets it for TCP addresses (QEMU checks the host or IP
+    against the certificate there) and for an explicit ``tls-hostname``, not for Unix sockets, which
+    have no host name.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = hostname_check
+    ctx.check_hostname = hostname_check and verify_peer
+    if not verify_peer:
+        ctx.verify_mode = ssl.CERT_NONE
     ca = _file(directory, "ca-cert.pem")
     assert ca is not None
     try:

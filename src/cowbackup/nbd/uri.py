@@ -41,6 +41,8 @@ class NBDAddress:
     socket: str | None = None
     tls: bool = False
     tls_certificates: str | None = None
+    #: Check the server's certificate (QEMU's ``verify-peer`` of the client's ``tls-creds-x509``).
+    tls_verify_peer: bool = True
 
     def to_uri(self) -> str:
         scheme = "nbds" if self.tls else "nbd"

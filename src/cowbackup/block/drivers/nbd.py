@@ -9,10 +9,10 @@ Options (QEMU's ``BlockdevOptionsNbd``):
                   ``ipv4``, ``ipv6``, ``keep-alive``, ...) and ``unix`` extras (``abstract``, ``tight``)
                   are refused.
 ``export``        the export name (default ``""``, the default export)
-``tls-creds``     **a directory of x509 credentials** (``ca-cert.pem``, and ``client-cert.pem`` /
-                  ``client-key.pem`` when the server verifies clients), laid out as QEMU's
-                  ``tls-creds-x509`` directory.  In QEMU this names a ``tls-creds-x509`` object; cowbackup
-                  has no QOM objects yet, so it takes the object's ``dir`` directly.  Turns TLS on.
+``tls-creds``     the id of a ``tls-creds-x509`` object with ``endpoint=client`` (:mod:`cowbackup.objects`),
+                  as in QEMU; or, ours, a directory of x509 credentials laid out the same way
+                  (``ca-cert.pem``, and ``client-cert.pem`` / ``client-key.pem`` when the server verifies
+                  clients).  Turns TLS on.
 ``tls-hostname``  the name the server's certificate must carry (default: ``server.host`` for ``inet``;
                   no name check for ``unix``), as in QEMU
 ``read-only``     open read-only.  A read-only export makes the node read-only too (QEMU would refuse to
@@ -52,6 +52,7 @@ from cowbackup.block.options import Options
 from cowbackup.nbd.client_conn import ConnectError, NBDClient
 from cowbackup.nbd.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 from cowbackup.nbd.uri import NBDAddress, URIError, parse_uri
+from cowbackup.objects import TLSCredsX509
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class NBDNode(BlockNode):
 # ---------------------------------------------------------------------- options
 
 
-def _server_address(opts: Options, export: str, tls_dir: str | None) -> NBDAddress:
+def _server_address(opts: Options, export: str, creds: TLSCredsX509 | None) -> NBDAddress:
     """The ``server`` option (QEMU's SocketAddress) as an address; BlockError with QEMU's wording."""
     if not opts.has("server"):
         raise BlockError("Parameter 'server' is missing")
@@ -187,7 +188,7 @@ def _server_address(opts: Options, export: str, tls_dir: str | None) -> NBDAddre
     if kind == "unix":
         path = server.get_str("path")
         server.finish()
-        return NBDAddress(export=export, socket=path, tls=tls_dir is not None, tls_certificates=tls_dir)
+        return NBDAddress(export=export, socket=path, **_tls(creds))
     if kind != "inet":
         raise BlockError(f"server.type={kind} is not supported; use 'unix' or 'inet'")
     host = server.get_str("host")
@@ -201,7 +202,13 @@ def _server_address(opts: Options, export: str, tls_dir: str | None) -> NBDAddre
     if not 0 < port < 65536:
         raise BlockError(f"Parameter 'server.port' expects a port number, not '{port}'")
     server.finish()
-    return NBDAddress(export=export, host=host, port=port, tls=tls_dir is not None, tls_certificates=tls_dir)
+    return NBDAddress(export=export, host=host, port=port, **_tls(creds))
+
+
+def _tls(creds: TLSCredsX509 | None) -> dict[str, Any]:
+    if creds is None:
+        return {}
+    return {"tls": True, "tls_certificates": creds.dir, "tls_verify_peer": creds.verify_peer}
 
 
 async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNode:
@@ -211,10 +218,11 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
     TLS required or refused, or the handshake fails.
     """
     export = opts.get_str("export", "")
-    tls_dir: str | None = opts.get_str("tls-creds", None)
+    tls_ref: str | None = opts.get_str("tls-creds", None)
     tls_hostname: str | None = opts.get_str("tls-hostname", None)
     read_only = opts.get_bool("read-only", False)
-    address = _server_address(opts, export, tls_dir)
+    creds = graph.objects.tls_creds(tls_ref, "client") if tls_ref is not None else None
+    address = _server_address(opts, export, creds)
     try:
         client = await NBDClient.connect(address, tls_hostname=tls_hostname)
     except ConnectError as err:
