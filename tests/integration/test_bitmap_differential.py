@@ -17,8 +17,8 @@ then sleeps far longer than the test; ``block-job-set-speed 0`` lets it go on. A
 the target's write of cluster 4: QEMU's ``blkdebug`` (under a ``raw`` node, whose writes fire
 ``write_aio``), our ``fault-inject`` filter.
 
-While a job runs, QEMU lists internal anonymous bitmaps (the copy engine's, on the source and the filter)
-that we do not have as bitmaps; only named ones are compared then.
+While a job runs, both list the copy engine's anonymous bitmaps too (on the source; the filter's, on a
+node whose generated name differs, are left out), and those are compared with the rest.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from qemu.qmp import QMPClient
 from .nbd_peers import require
 from .test_qmp_differential import (
     CLUSTER,
+    SIZE,
     Backend,
     Obs,
     call,
@@ -58,16 +59,14 @@ def bm(node: str = "src", name: Any = "a", **extra: Any) -> dict[str, Any]:
     return {"node": node, "name": name, **extra}
 
 
-async def bitmaps(c: QMPClient, named_only: bool = False) -> dict[str, Any]:
-    """``dirty-bitmaps`` by node name (nodes without bitmaps left out)."""
+async def bitmaps(c: QMPClient) -> dict[str, Any]:
+    """``dirty-bitmaps`` by node name (nodes without bitmaps, and implicit ones, left out)."""
     out: dict[str, Any] = {}
     nodes: list[dict[str, Any]] = await c.execute("query-named-block-nodes")  # type: ignore[assignment]
     for info in nodes:
         entries = info.get("dirty-bitmaps")
         if entries is None or info["node-name"].startswith("#"):
             continue
-        if named_only:
-            entries = [e for e in entries if "name" in e]
         out[info["node-name"]] = entries
     return out
 
@@ -208,7 +207,7 @@ async def commands_script(b: Backend) -> Obs:
     backup = {"job-id": "j", "device": "src", "target": "tgt0", "sync": "full", "bitmap": "a", **HOLD_ONE}
     assert await call(c, "blockdev-backup", {**backup, "bitmap-mode": "on-success"}) == {}
     obs.append(normalise(await events_until(c, status_is("j", "running"))))
-    obs.append(await bitmaps(c, named_only=True))
+    obs.append(await bitmaps(c))
     obs += [await refusal(c, cmd, args) for cmd, args in WHILE_BUSY]
     assert await call(c, "job-cancel", {"id": "j"}) == {}
     events = normalise(await events_until(c, status_is("j", "null")))
@@ -321,6 +320,55 @@ def test_persistent_bitmaps_on_raw_images_go_beyond_qemu(workdir: Path, source: 
     assert (workdir / "src.img.cowbackup-bitmaps").exists()
 
 
+async def first_chunk_copied(c: QMPClient) -> None:
+    """Wait until held job "j" has copied its first cluster (then it sleeps: the counts stand still)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        jobs = await c.execute("query-jobs")
+        assert isinstance(jobs, list)
+        if any(j["id"] == "j" and j["current-progress"] >= C for j in jobs):
+            return
+        assert loop.time() < deadline, jobs
+        await asyncio.sleep(0.01)  # polling the job's progress, with a deadline
+
+
+def test_copy_engine_bitmaps_are_listed_as_in_qemu(workdir: Path, source: Path) -> None:
+    """During a backup: the copy bitmap on the source (first, before a sync bitmap's successor), the
+    filter's access and done bitmaps; all gone with the job."""
+
+    async def script(b: Backend) -> Obs:
+        c = b.client
+        await export_src(b)
+        obs: Obs = [await call(c, "block-dirty-bitmap-add", bm())]
+        await qemu_io(b, *writes([1, 2, 40], 7))
+        for extra in ({"sync": "full"}, {"sync": "bitmap", "bitmap": "a", "bitmap-mode": "never"}):
+            args = {"job-id": "j", "device": "src", "target": "tgt0", "filter-node-name": "flt"}
+            obs.append(await call(c, "blockdev-backup", {**args, **extra, **HOLD_ONE}))
+            await events_until(c, status_is("j", "running"))
+            await first_chunk_copied(c)
+            await qemu_io(b, *writes([40, 41], 8))  # copy-before-write: done and the copy bitmap move
+            obs.append(await bitmaps(c))
+            assert await call(c, "job-cancel", {"id": "j"}) == {}
+            await events_until(c, status_is("j", "null"))
+            obs.append(await bitmaps(c))
+        return obs
+
+    seen = differential(workdir, source, script)
+    assert seen["ours"] == seen["qemu"]
+    # [bitmap-add, backup, bitmaps during, bitmaps after] for sync=full, then backup, during, after
+    during, after = seen["ours"][2], seen["ours"][3]
+    assert [e.get("name") for e in during["src"]] == [None, "a"]
+    assert [e["count"] for e in during["flt"]] == [SIZE, 2 * C]  # access (all), done (clusters 40, 41)
+    assert "flt" not in after and [e.get("name") for e in after["src"]] == ["a"]
+    during = seen["ours"][5]  # sync=bitmap: the copy bitmap, then the successor of "a", then "a"
+    assert [(e.get("name"), e["recording"], e["busy"]) for e in during["src"]] == [
+        (None, False, False),
+        (None, True, False),
+        ("a", True, True),
+    ]
+
+
 def test_grouped_transactions_refuse_bitmap_actions(workdir: Path, source: Path) -> None:
     async def script(b: Backend) -> Obs:
         args = {
@@ -382,7 +430,7 @@ async def matrix_script(b: Backend, mode: str, outcome: str, sync: str = "bitmap
     obs: Obs = [await call(c, "blockdev-backup", args)]
     obs.append(normalise(await events_until(c, status_is("j", "running"))))
     await qemu_io(b, *writes(DURING, 0x44))
-    obs.append(await bitmaps(c, named_only=True))
+    obs.append(await bitmaps(c))
     if outcome == "cancel":
         await call(c, "job-cancel", {"id": "j"})
     else:

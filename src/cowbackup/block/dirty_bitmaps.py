@@ -417,6 +417,15 @@ class NodeBitmaps:
         self._list.insert(0, bm)
         return bm
 
+    def create_internal(self, bits: DirtyBitmap) -> NodeDirtyBitmap:
+        """An anonymous, disabled bitmap over ``bits``, listed first: one the copy engine or the
+        copy-before-write filter works with, shown as QEMU shows its own (their ``count`` moves as the
+        job goes).  Nobody else can name it; release it with :meth:`release`."""
+        bm = self.create(None, bits.granularity)
+        bm.bits = bits
+        bm.disabled = True
+        return bm
+
     def release(self, bm: NodeDirtyBitmap) -> None:
         """Drop ``bm`` (QEMU's bdrv_release_dirty_bitmap). A frozen bitmap is never released alone."""
         if bm.successor is not None:

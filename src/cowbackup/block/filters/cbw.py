@@ -104,6 +104,9 @@ class CopyBeforeWriteNode(FilterNode):
         self.access: DirtyBitmap | None = None
         self.done: DirtyBitmap | None = None
         self._frozen: list[_FrozenRead] = []
+        # The copy engine's bitmaps as QEMU lists them (query-named-block-nodes): the copy bitmap on
+        # the source, and on this filter what was readable at the start and what has been done.
+        self._shown: list[NodeDirtyBitmap] = []
 
     def describe(self) -> dict[str, object]:
         return {"file": self.child.node_name}
@@ -131,7 +134,8 @@ class CopyBeforeWriteNode(FilterNode):
                 return
         if self.done is not None:
             self.done.set(start, end - start)
-            await self._wait_frozen(start, end)
+            if self._frozen:
+                await self._wait_frozen(start, end)
 
     async def _copy(self, bcs: BlockCopyState, call: CopyCall) -> None:
         if not self.cbw_timeout:
@@ -175,6 +179,31 @@ class CopyBeforeWriteNode(FilterNode):
 
     # ------------------------------------------------------------------ the snapshot API
 
+    def attach_copy_state(self, bcs: BlockCopyState) -> None:
+        """Take ``bcs`` (its source edge is this filter's ``file``): ``done`` starts empty.
+
+        Its copy bitmap is listed on the source, and ``done`` on this filter, as anonymous bitmaps,
+        as QEMU lists them (they go with :meth:`release_copy_bitmaps`).
+        """
+        self.bcs = bcs
+        self.done = DirtyBitmap(bcs.size, bcs.cluster_size)
+        self._shown = [
+            bcs.source.node.dirty_bitmaps.create_internal(bcs.bitmap),
+            self.dirty_bitmaps.create_internal(self.done),
+        ]
+
+    def show_access(self, bits: DirtyBitmap) -> None:
+        """List ``bits`` on this filter as QEMU lists its access bitmap: what the copy bitmap was when
+        the filter opened (all of the disk for a backup job's filter)."""
+        self._shown.append(self.dirty_bitmaps.create_internal(bits))
+
+    def release_copy_bitmaps(self) -> None:
+        """Stop listing the copy engine's bitmaps (the filter leaves the graph)."""
+        for bm in self._shown:
+            if bm.attached:
+                bm.owner.release(bm)
+        self._shown = []
+
     def init_snapshot(self) -> None:
         """Make the filter readable as a snapshot: what is to copy now is what a reader may read.
 
@@ -182,7 +211,7 @@ class CopyBeforeWriteNode(FilterNode):
         """
         assert self.bcs is not None
         self.access = self.bcs.bitmap.copy()
-        self.done = DirtyBitmap(self.bcs.size, self.bcs.cluster_size)
+        self.show_access(self.access)
 
     def _snapshot_lock(self, offset: int, length: int) -> tuple[BlockNode, int, _FrozenRead | None]:
         """Where to read the snapshot's ``[offset, offset+n)`` from, ``n`` (1..length), and the frozen
@@ -278,6 +307,7 @@ class CopyBeforeWriteNode(FilterNode):
 
     async def _do_close(self) -> None:
         await self.quiesce()
+        self.release_copy_bitmaps()
 
 
 def cbw_append(
@@ -316,7 +346,12 @@ def cbw_append(
         cluster_size or cluster_size_for(target),
         use_copy_range=use_copy_range,
     )
-    filt.bcs = bcs
+    filt.attach_copy_state(bcs)
+    # QEMU's filter opens with everything to copy, and its access bitmap keeps that; the job then sets
+    # the copy bitmap to what its sync mode copies.
+    everything = DirtyBitmap(bcs.size, bcs.cluster_size)
+    everything.set_all()
+    filt.show_access(everything)
     return filt, bcs
 
 
@@ -329,6 +364,7 @@ async def cbw_drop(graph: BlockGraph, filt: CopyBeforeWriteNode) -> None:
 def cbw_detach(graph: BlockGraph, filt: CopyBeforeWriteNode) -> None:
     """Remove the filter from the graph at once (nothing may be in flight through it)."""
     filt.active = False
+    filt.release_copy_bitmaps()
     target = filt.children.get("target")
     if target is not None:
         graph.detach(target)
@@ -397,12 +433,14 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> CopyBef
     # The copy state is built on the edge the filter is about to own; the edge is created by
     # insert_filter, so build it right after, before any await (no request can pass in between).
     graph.insert_filter(filt, source, adopt=True)
-    filt.bcs = BlockCopyState(filt.children["file"], target_edge, cluster)
+    bcs = BlockCopyState(filt.children["file"], target_edge, cluster)
+    filt.attach_copy_state(bcs)
     try:
-        _seed_copy_bitmap(filt.bcs, bitmap)
+        _seed_copy_bitmap(bcs, bitmap)
         if view_map is not None:
             _add_view_bitmap(filt, view_map, bitmap)
     except BlockError:
+        filt.release_copy_bitmaps()
         graph.detach(target_edge)
         graph.drop_filter(filt)
         raise
