@@ -13,8 +13,9 @@ certificate, a client checks the server's) and ``sanity-check`` (accepted; the f
 and checked when the object is made).  ``priority``, ``passwordid`` and ``loaded`` are refused: we load
 only unencrypted keys with the system's TLS defaults.
 
-Where QEMU takes an id, cowbackup also takes a credentials *directory* (a path contains ``/``, which no
-id can): ``cowbackup serve --tls-creds DIR`` and older scripts of ours keep working.
+Where QEMU takes an id, cowbackup also takes a credentials *directory*, when no object has that id:
+scripts of ours written before objects existed keep working, and an NBD URI's ``tls-certificates=DIR``
+can become a node's ``tls-creds``.
 
 As in QEMU, deleting an object that the NBD server uses succeeds: the server keeps the credentials it
 started with.  Messages are QEMU's.
@@ -96,7 +97,7 @@ class ObjectRegistry:
             raise BlockError(f"attempt to add duplicate property '{object_id}' to object (type 'container')")
         if directory is None:
             raise BlockError("Missing 'dir' property value")
-        creds = TLSCredsX509(object_id, os.path.abspath(directory), endpoint, verify_peer)
+        creds = TLSCredsX509(object_id, directory, endpoint, verify_peer)
         _check_files(creds)
         self._objects[object_id] = creds
         return creds
@@ -107,10 +108,11 @@ class ObjectRegistry:
             raise BlockError(f"object '{object_id}' not found")
 
     def tls_creds(self, ref: str, endpoint: Endpoint) -> TLSCredsX509:
-        """The credentials ``ref`` names for ``endpoint``: an object id, or (ours) a directory path."""
+        """The credentials ``ref`` names for ``endpoint``: an object id, or (ours) a directory."""
         creds = self._objects.get(ref)
         if creds is None:
-            if "/" in ref:
+            # An id never contains '/'; a directory might not ("pki"), but then it exists.
+            if "/" in ref or os.path.isdir(ref):
                 return TLSCredsX509(ref, ref, endpoint)
             raise BlockError(f"No TLS credentials with id '{ref}'")
         if creds.endpoint != endpoint:

@@ -13,10 +13,11 @@ import random
 from pathlib import Path
 
 from cowbackup.nbd.client_conn import NBDClient
+from cowbackup.nbd.constants import NBD_CMD_FLAG_FUA, NBD_CMD_WRITE
 from cowbackup.nbd.uri import NBDAddress
 
 from .conftest import KiB, MiB
-from .nbd_server_fixtures import ExportSpec, in_process_server
+from .nbd_server_fixtures import ExportSpec, RawClient, in_process_server
 
 SIZE = 64 * MiB
 
@@ -59,3 +60,26 @@ def test_pipelined_writes_of_every_size_keep_their_data(tmp_path: Path) -> None:
 
     asyncio.run(body())
     assert image.read_bytes() == model
+
+
+def test_zero_length_writes_succeed(tmp_path: Path) -> None:
+    """A WRITE of 0 bytes has no payload: it succeeds (as with qemu-nbd) and the next request is fine."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(MiB))
+
+    async def body() -> None:
+        sock = tmp_path / "nbd.sock"
+        async with in_process_server(sock, [ExportSpec("", image)]):
+            client = await RawClient.connect(sock)
+            try:
+                await client.handshake()
+                client.request(NBD_CMD_WRITE, 1, 4096, 0)
+                client.request(NBD_CMD_WRITE, 2, 0, 3, flags=NBD_CMD_FLAG_FUA)
+                client.writer.write(b"abc")
+                assert await client.reply() == (0, 1, b"")
+                assert await client.reply() == (0, 2, b"")
+            finally:
+                await client.close()
+
+    asyncio.run(body())
+    assert image.read_bytes()[:4] == b"abc\0"

@@ -18,6 +18,7 @@ from typing import IO, Any
 import pytest
 from qemu.qmp import QMPClient
 
+from cowbackup.block.drivers.nbd import nbd_options_from_uri
 from cowbackup.block.errors import BlockError
 from cowbackup.objects import ObjectRegistry
 
@@ -90,6 +91,8 @@ async def _script(kind: str, workdir: Path, creds: Path) -> list[Any]:
                     {"driver": "nbd", "node-name": node, "server": nowhere, "tls-creds": tls_creds},
                 )
             )
+        # The server option is checked before the credentials.
+        obs.append(await call(c, "blockdev-add", {"driver": "nbd", "node-name": "n3", "tls-creds": "nope"}))
         obs.append(await call(c, "object-del", {"id": "srv"}))  # in use by the server: allowed
         obs.append(await call(c, "object-del", {"id": "srv"}))
         obs.append(await call(c, "object-del", {}))
@@ -176,6 +179,20 @@ def test_tls_server_and_client_from_objects(workdir: Path, creds: Path) -> None:
     with qemu_nbd(workdir, remote, tls_dir=creds) as peer:
         run_options = {"server": peer.server_options()}
         asyncio.run(body(run_options))
+
+
+def test_a_directory_without_a_slash_is_still_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pki").mkdir()
+    objects = ObjectRegistry()
+    assert objects.tls_creds("pki", "client").dir == "pki"
+    with pytest.raises(BlockError, match="No TLS credentials with id 'pkx'"):
+        objects.tls_creds("pkx", "client")
+    # From a URI: always a directory, made absolute so it cannot be taken for an id.
+    options = nbd_options_from_uri("nbds+unix:///e?socket=/run/x.sock&tls-certificates=pki")
+    assert options["tls-creds"] == str(tmp_path / "pki")
 
 
 def test_registry_refusals(tmp_path: Path) -> None:

@@ -52,3 +52,16 @@ def test_pool_waits_for_its_budget() -> None:
         assert len(await asyncio.wait_for(huge, 1)) == 1024 * KiB
 
     asyncio.run(body())
+
+
+def test_pool_drop_frees_the_budget_but_not_the_buffer() -> None:
+    async def body() -> None:
+        pool = BufferPool(budget=128 * KiB)
+        first = await pool.get(128 * KiB)
+        owner = first.obj
+        await pool.drop(first)  # something may still use it: never handed out again
+        assert pool.used == 0
+        again = await asyncio.wait_for(pool.get(128 * KiB), 1)
+        assert again.obj is not owner
+
+    asyncio.run(body())

@@ -88,6 +88,12 @@ class BufferPool:
         async with self._released:
             self._released.notify_all()
 
+    async def drop(self, view: memoryview) -> None:
+        """Account for a buffer from :meth:`get` that must not be reused (something may still use it)."""
+        self.used -= _size_class(len(view))
+        async with self._released:
+            self._released.notify_all()
+
     def clear(self) -> None:
         """Drop the buffers kept for reuse (they are freed once no view refers to them)."""
         self._cache.clear()

@@ -404,21 +404,30 @@ class BlockCopyState:
             task.method = CopyMethod.READ_WRITE
         buf = await self._buffers.get(length)
         try:
-            try:
-                await self.source.node.read(offset, buf)
-            except OSError as err:
-                raise CopyError(err, is_read=True) from err
-            if is_zero(buf):
-                await self._write_zeroes(offset, length)
-                return
-            # Zero clusters inside a data extent stay sparse too (only data runs are written).
-            for run, n, zero in zero_runs(buf, self.cluster_size):
-                if zero:
-                    await self._write_zeroes(offset + run, n)
-                else:
-                    await _target_io(target.write(offset + run, buf[run : run + n], self.write_flags))
-        finally:
+            await self._read_write(target, offset, buf)
+        except asyncio.CancelledError:
+            # A pool thread may still be reading into the buffer or writing from it: never again.
+            await self._buffers.drop(buf)
+            raise
+        except BaseException:
             await self._buffers.put(buf)
+            raise
+        await self._buffers.put(buf)
+
+    async def _read_write(self, target: BlockNode, offset: int, buf: memoryview) -> None:
+        try:
+            await self.source.node.read(offset, buf)
+        except OSError as err:
+            raise CopyError(err, is_read=True) from err
+        if is_zero(buf):
+            await self._write_zeroes(offset, len(buf))
+            return
+        # Zero clusters inside a data extent stay sparse too (only data runs are written).
+        for run, n, zero in zero_runs(buf, self.cluster_size):
+            if zero:
+                await self._write_zeroes(offset + run, n)
+            else:
+                await _target_io(target.write(offset + run, buf[run : run + n], self.write_flags))
 
     async def _write_zeroes(self, offset: int, length: int) -> None:
         if not self.target_is_zero:

@@ -166,8 +166,9 @@ class NBDClient:
         """Connect to ``address``, negotiate its export (structured replies, ``base:allocation``).
 
         TLS is used when ``address.tls`` is set or ``address.tls_certificates`` names a credentials
-        directory (laid out as :mod:`cowbackup.nbd.tls` describes).  The server's certificate is checked
-        against the CA, and its name against ``tls_hostname`` or, for TCP, the host (as QEMU does).
+        directory (laid out as :mod:`cowbackup.nbd.tls` describes).  Unless ``address.tls_verify_peer`` is
+        off, the server's certificate is checked against the CA, and its name against ``tls_hostname``
+        or, for TCP, the host (as QEMU does).
         Raises :class:`ConnectError` (unreachable, export unknown, TLS required or refused, handshake
         failure, ``connect_timeout`` seconds passed); nothing stays open then.
         """

@@ -97,8 +97,8 @@ class RequestHandler:
             node = self._node()
             kind = req.type
             if kind == NBD_CMD_WRITE:
-                assert payload is not None
-                await node.write(req.offset, payload, _FUA if req.flags & NBD_CMD_FLAG_FUA else NO_FLAGS)
+                data = b"" if payload is None else payload  # a zero-length write has no payload
+                await node.write(req.offset, data, _FUA if req.flags & NBD_CMD_FLAG_FUA else NO_FLAGS)
             elif kind == NBD_CMD_READ:
                 return await self._read(node, req)
             elif kind == NBD_CMD_WRITE_ZEROES:

@@ -40,8 +40,10 @@ Requests map onto NBD commands as QEMU's client maps them:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
+import os
 from typing import Any
 
 from cowbackup.block.align import align_down, align_up
@@ -52,7 +54,6 @@ from cowbackup.block.options import Options
 from cowbackup.nbd.client_conn import ConnectError, NBDClient
 from cowbackup.nbd.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 from cowbackup.nbd.uri import NBDAddress, URIError, parse_uri
-from cowbackup.objects import TLSCredsX509
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class NBDNode(BlockNode):
 # ---------------------------------------------------------------------- options
 
 
-def _server_address(opts: Options, export: str, creds: TLSCredsX509 | None) -> NBDAddress:
+def _server_address(opts: Options, export: str) -> NBDAddress:
     """The ``server`` option (QEMU's SocketAddress) as an address; BlockError with QEMU's wording."""
     if not opts.has("server"):
         raise BlockError("Parameter 'server' is missing")
@@ -188,7 +189,7 @@ def _server_address(opts: Options, export: str, creds: TLSCredsX509 | None) -> N
     if kind == "unix":
         path = server.get_str("path")
         server.finish()
-        return NBDAddress(export=export, socket=path, **_tls(creds))
+        return NBDAddress(export=export, socket=path)
     if kind != "inet":
         raise BlockError(f"server.type={kind} is not supported; use 'unix' or 'inet'")
     host = server.get_str("host")
@@ -202,13 +203,7 @@ def _server_address(opts: Options, export: str, creds: TLSCredsX509 | None) -> N
     if not 0 < port < 65536:
         raise BlockError(f"Parameter 'server.port' expects a port number, not '{port}'")
     server.finish()
-    return NBDAddress(export=export, host=host, port=port, **_tls(creds))
-
-
-def _tls(creds: TLSCredsX509 | None) -> dict[str, Any]:
-    if creds is None:
-        return {}
-    return {"tls": True, "tls_certificates": creds.dir, "tls_verify_peer": creds.verify_peer}
+    return NBDAddress(export=export, host=host, port=port)
 
 
 async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNode:
@@ -221,8 +216,12 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
     tls_ref: str | None = opts.get_str("tls-creds", None)
     tls_hostname: str | None = opts.get_str("tls-hostname", None)
     read_only = opts.get_bool("read-only", False)
-    creds = graph.objects.tls_creds(tls_ref, "client") if tls_ref is not None else None
-    address = _server_address(opts, export, creds)
+    address = _server_address(opts, export)  # QEMU checks the server before the credentials
+    if tls_ref is not None:
+        creds = graph.objects.tls_creds(tls_ref, "client")
+        address = dataclasses.replace(
+            address, tls=True, tls_certificates=creds.dir, tls_verify_peer=creds.verify_peer
+        )
     try:
         client = await NBDClient.connect(address, tls_hostname=tls_hostname)
     except ConnectError as err:
@@ -242,7 +241,8 @@ def nbd_options_from_uri(uri: str) -> dict[str, Any]:
         raise BlockError(str(err)) from err
     options: dict[str, Any] = {"driver": "nbd", "server": address.server_options(), "export": address.export}
     if address.tls_certificates:
-        options["tls-creds"] = address.tls_certificates
+        # A directory: absolute, so that a relative one is never taken for an object id.
+        options["tls-creds"] = os.path.abspath(address.tls_certificates)
     elif address.tls:
         raise BlockError(f"'{uri}': TLS needs a credentials directory: add ?tls-certificates=DIR")
     return options
