@@ -262,8 +262,9 @@ class BlockNode:
         """
         view = memoryview(buf).cast("B")
         length = len(view)
-        self._check_open()
-        self._check_range("read", offset, length)
+        if self.closed or offset < 0 or offset + length > self._size:
+            self._check_open()
+            self._check_range("read", offset, length)
         if length == 0:
             return
         self._begin()

@@ -236,7 +236,15 @@ class ReplyBuilder:
             raise ValueError(f"{len(data)} bytes of data for a read of {req.length}")
         if not req.length:
             return self.read_segments(req, [])
-        return self.read_segments(req, [(ReadSegment(req.offset, req.length, False), data)])
+        if req.type != NBD_CMD_READ:
+            raise ValueError(f"read reply to {cmd_name(req.type)}")
+        # What read_segments() makes of one data segment, without its checks: this is every small read.
+        if not self.structured:
+            return [SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie), _piece(data)]
+        header = structured_header_with_offset(
+            NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + req.length, req.offset
+        )
+        return [header, _piece(data)]
 
     def read_segments(self, req: Request, parts: Sequence[tuple[ReadSegment, ReadData | None]]) -> Message:
         """A complete successful NBD_CMD_READ reply from consecutive segments covering the request.
