@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cowbackup.block import threadpool
 from cowbackup.block.drivers import file as file_mod
 from cowbackup.block.drivers import open_node
 from cowbackup.block.drivers.file import FileNode, create_file
@@ -348,5 +349,40 @@ def test_block_status_in_memory_and_through_the_pool_agree(
             await node.close()
 
         run(main)
+    finally:
+        path.unlink()
+
+
+def test_punching_in_memory_inline_or_in_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On tmpfs a short punch, or one over holes only, runs on the loop; a long one over data goes to
+    the pool.  Each leaves zeros and holes."""
+    path = Path("/dev/shm") / f"cowbackup-punch-{os.getpid()}-{tmp_path.name}"
+    create_file(str(path), 16 * MiB)
+    pooled: list[int] = []
+    real = threadpool.run_blocking
+
+    async def counting(func: Any, *args: Any) -> Any:
+        if func is file_mod._fallocate:
+            pooled.append(args[3])
+        return await real(func, *args)
+
+    monkeypatch.setattr(file_mod, "run_blocking", counting)
+    try:
+
+        async def main() -> None:
+            node = await open_file(path, discard="unmap")
+            assert node.inline_all
+            await node.write(0, pattern(4 * MiB))
+            await node.write_zeroes(0, 64 * KiB, RequestFlags.MAY_UNMAP)  # short: inline
+            await node.write_zeroes(8 * MiB, 8 * MiB, RequestFlags.MAY_UNMAP)  # holes only: inline
+            assert pooled == []
+            await node.write_zeroes(64 * KiB, 4 * MiB - 64 * KiB, RequestFlags.MAY_UNMAP)  # data: pool
+            assert pooled == [4 * MiB - 64 * KiB]
+            node._data_extents.clear()
+            assert await extents(node) == [(0, 16 * MiB, False)]
+            await node.close()
+
+        run(main)
+        assert path.read_bytes() == bytes(16 * MiB)
     finally:
         path.unlink()

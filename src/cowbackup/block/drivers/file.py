@@ -293,7 +293,10 @@ class FileNode(BlockNode):
     async def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
         """Run fallocate; False (and remember it when permanent) if the mode is not supported here."""
         try:
-            await run_blocking(_fallocate, self.fd, mode, offset, length)
+            if self.inline_all and mode & FALLOC_FL_PUNCH_HOLE and self._cheap_punch(offset, length):
+                _fallocate(self.fd, mode, offset, length)
+            else:
+                await run_blocking(_fallocate, self.fd, mode, offset, length)
         except OSError as err:
             if err.errno in _UNSUPPORTED:
                 if mode & FALLOC_FL_PUNCH_HOLE:
@@ -305,6 +308,17 @@ class FileNode(BlockNode):
                 return False  # e.g. a block device and a range not aligned to its sectors
             raise
         return True
+
+    def _cheap_punch(self, offset: int, length: int) -> bool:
+        """In memory, punching a hole costs ~0.5 us per page that held data and ~2 us where there was
+        none; the hop to the pool costs 50-150 us.  Punch inline what is short (as short writes are
+        done inline) or holds no data at all (a zeroed range of a sparse copy: the usual case)."""
+        if length <= self.inline_max:
+            return True
+        if not self.has_seek_data:
+            return False
+        hole = self._seek_data(offset, length)
+        return hole is not None and not hole.flags & Status.DATA and hole.length >= length
 
     def _forget_extent(self, offset: int, length: int) -> None:
         self._data_extents.forget(offset, offset + length)
