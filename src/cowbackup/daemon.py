@@ -15,7 +15,6 @@ read through :class:`~cowbackup.block.options.Options`, so the messages are QEMU
 from __future__ import annotations
 
 import logging
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from cowbackup.block.errors import BlockError
 from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode
 from cowbackup.block.options import Options
+from cowbackup.ids import is_wellformed_id
 from cowbackup.jobs.backup import BackupJob, BackupParams, backup_job_create
 from cowbackup.jobs.events import Event
 from cowbackup.jobs.job import JobManager, JobTxn
@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 
 BLOCK_EXPORT_DELETED = "BLOCK_EXPORT_DELETED"
 
-#: QEMU's id_wellformed(): a letter, then letters, digits, "-", "." or "_".
-_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 #: nbd-server-start's max-connections 0 means unlimited (QEMU); our listener wants a number.
 _UNLIMITED_CONNECTIONS = 1 << 32
@@ -171,7 +169,7 @@ class Daemon:
             raise BlockError("Invalid parameter type for 'bitmaps', expected: array")
         depth = opts.get_bool("allocation-depth", False)
         opts.finish()
-        if _ID.fullmatch(export_id) is None:
+        if not is_wellformed_id(export_id):
             raise BlockError("Invalid block export id")
         if export_id in self.exports:
             raise BlockError(f"Block export id '{export_id}' is already in use")

@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from cowbackup.block.errors import BlockError
 from cowbackup.block.options import Options
+from cowbackup.ids import is_wellformed_id
 
 __all__ = ["ObjectRegistry", "TLSCredsX509"]
 
 Endpoint = Literal["client", "server"]
 
-#: QEMU's id_wellformed(): a letter, then letters, digits, '-', '.' and '_'.
-_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _REFUSED = ("priority", "passwordid", "loaded")
 
 
@@ -83,7 +81,7 @@ class ObjectRegistry:
         object_id = opts.get_str("id")
         if qom_type != "tls-creds-x509":
             raise BlockError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
-        if not _ID.match(object_id):
+        if not is_wellformed_id(object_id):
             raise BlockError("Parameter 'id' expects an identifier")
         for key in _REFUSED:
             if opts.has(key):

@@ -44,7 +44,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -60,12 +59,11 @@ from cowbackup.cli import argtypes
 from cowbackup.cli.backup import PROGRESS_INTERVAL, _check_nbd_target, _summary, _target_options
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 from cowbackup.cli.progress import Reporter, make_reporter
+from cowbackup.ids import is_wellformed_id
 from cowbackup.nbd.uri import is_nbd_uri
 
 log = logging.getLogger(__name__)
 
-#: QEMU's id_wellformed(): a letter, then letters, digits, "-", "." or "_".
-_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 #: Longest wait for the QMP greeting and capability negotiation.
 CONNECT_TIMEOUT = 10.0
 #: QEMU keeps node names in a char[32]: at most 31 characters.
@@ -358,7 +356,7 @@ def target_node_name(job_id: str) -> str:
 def run_backup(args: argparse.Namespace) -> int:
     """``cowbackup backup --qmp SOCKET NODE TARGET``: a live backup by a running daemon."""
     job_id = args.job_id or f"backup-{args.source}"
-    if _ID.fullmatch(job_id) is None:
+    if not is_wellformed_id(job_id):
         raise UsageError(f"invalid job id '{job_id}' (a letter, then letters, digits, '-', '.' or '_')")
     if args.cluster_size and (args.cluster_size < 65536 or args.cluster_size & (args.cluster_size - 1)):
         raise UsageError(f"--cluster-size must be a power of two of at least 64K, not {args.cluster_size}")

@@ -39,10 +39,10 @@ import asyncio
 import errno
 import logging
 import os
-import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from cowbackup.ids import is_wellformed_id
 from cowbackup.jobs.events import (
     BLOCK_JOB_CANCELLED,
     BLOCK_JOB_COMPLETED,
@@ -85,9 +85,6 @@ log = logging.getLogger(__name__)
 # QEMU's job_is_completed(): run() has returned (or never will).
 _S = JobStatus
 _COMPLETED = frozenset({_S.WAITING, _S.PENDING, _S.ABORTING, _S.CONCLUDED, _S.NULL})
-
-# QEMU's id_wellformed().
-_JOB_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 
 
 def _describe(err: BaseException) -> tuple[int, str]:
@@ -142,7 +139,7 @@ class Job(JobPausePoints, abc.ABC):
         then.  A negative speed is refused as QEMU refuses it: the job is created and dropped at once, so
         its ``created`` and ``null`` status changes are sent before the error.
         """
-        if not _JOB_ID_RE.fullmatch(job_id):
+        if not is_wellformed_id(job_id):
             raise JobError(f"Invalid job ID '{job_id}'")
         if manager.get(job_id) is not None:
             raise JobError(f"Job ID '{job_id}' already in use")
