@@ -253,15 +253,15 @@ class Transmission(asyncio.BufferedProtocol):
         try:
             try:
                 reply = await self._handler.handle(req, payload)
-                # Only now is nothing using the payload.  A request cancelled or failed unexpectedly
-                # skips this: a pool thread may still be writing from its buffer, which must not be
-                # refilled under it.
-                if reusable:
-                    assert payload is not None
-                    self._payload_buffers.give(payload)
             except Exception:
                 self._log.exception("request %s failed unexpectedly", req)
                 reply = self._handler.replies.error(req, NBD_EIO)
+            else:
+                # Only now is nothing using the payload.  A request cancelled or failed unexpectedly
+                # skips this: a pool thread may still be writing from its buffer, which must not be
+                # refilled under it.
+                if reusable and payload is not None:
+                    self._payload_buffers.give(payload)
             self._out.send(reply)
             if self._out.congested():
                 with contextlib.suppress(ConnectionError, OSError):
