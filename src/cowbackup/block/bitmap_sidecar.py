@@ -50,14 +50,12 @@ import os
 import tempfile
 import weakref
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cowbackup.block.bitmap import DirtyBitmap
-from cowbackup.block.dirty_bitmaps import BitmapError, register_bitmap_store
+from cowbackup.block.dirty_bitmaps import BitmapError, BitmapOwner, register_bitmap_store
+from cowbackup.block.node import BlockNode
 from cowbackup.block.threadpool import run_blocking
-
-if TYPE_CHECKING:
-    from cowbackup.block.node import BlockNode
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +219,9 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _store_of(node: BlockNode) -> SidecarStore | None:
+def _store_of(node: BitmapOwner) -> SidecarStore | None:
+    if not isinstance(node, BlockNode):
+        return None
     image = image_path(node)
     return SidecarStore(node, image) if image is not None else None
 

@@ -38,8 +38,7 @@ from cowbackup.block.bitmap import DirtyBitmap
 from cowbackup.block.buffers import BufferPool
 from cowbackup.block.errors import RequestError
 from cowbackup.block.extent_cache import ExtentCache
-from cowbackup.block.graph import Child
-from cowbackup.block.node import BlockNode, Extent, RequestFlags, Status
+from cowbackup.block.node import BlockNode, Child, Extent, RequestFlags, Status
 from cowbackup.block.zero import is_zero, zero_runs
 from cowbackup.jobs.ratelimit import RateLimit
 

@@ -36,6 +36,9 @@ The store's methods that touch storage are coroutines; their blocking calls run 
 
 Thread safety: none needed -- bitmaps belong to the event loop that owns the node (QEMU: BQL plus the
 bitmap mutex).
+
+This module sits below :mod:`cowbackup.block.node` (a node creates its :class:`NodeBitmaps`), so it
+knows nodes and the graph only by what it uses of them: :class:`BitmapOwner` and :class:`NodeLookup`.
 """
 
 from __future__ import annotations
@@ -45,14 +48,11 @@ import enum
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from cowbackup.block.bitmap import DirtyBitmap
 from cowbackup.block.errors import BlockError
-
-if TYPE_CHECKING:
-    from cowbackup.block.graph import BlockGraph
-    from cowbackup.block.node import BlockNode
+from cowbackup.block.request_types import Limits
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,11 @@ __all__ = [
     "MIN_GRANULARITY",
     "BitmapCheck",
     "BitmapError",
+    "BitmapOwner",
     "BitmapStore",
     "NodeBitmaps",
     "NodeDirtyBitmap",
+    "NodeLookup",
     "default_granularity",
     "load_persistent_bitmaps",
     "lookup_bitmap",
@@ -92,7 +94,31 @@ class BitmapCheck(enum.Flag):
     ALLOW_RO = BUSY | INCONSISTENT
 
 
-def default_granularity(node: BlockNode) -> int:
+class BitmapOwner(Protocol):
+    """What the bitmaps use of the node that owns them: a :class:`~cowbackup.block.node.BlockNode`."""
+
+    @property
+    def node_name(self) -> str: ...
+    @property
+    def driver_name(self) -> str: ...
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def limits(self) -> Limits: ...
+    @property
+    def dirty_bitmaps(self) -> NodeBitmaps: ...
+    async def drain(self) -> None: ...
+
+
+class NodeLookup(Protocol):
+    """Finds a node by name: a :class:`~cowbackup.block.graph.BlockGraph`."""
+
+    def find(self, name: str) -> BitmapOwner | None: ...
+
+
+def default_granularity(node: BitmapOwner) -> int:
     """QEMU's bdrv_get_default_bitmap_granularity: the node's cluster size clamped to [4 KiB, 64 KiB],
     64 KiB when the node has no clusters (file, raw over file, null-co)."""
     cluster = node.limits.cluster_size
@@ -299,11 +325,12 @@ class BitmapStore(Protocol):
 
 #: Store factories by driver name: given a node of that driver, its store, or None when this node
 #: cannot store bitmaps (a raw node not over a file...).
-_STORES: dict[str, Callable[[BlockNode], BitmapStore | None]] = {}
+_STORES: dict[str, Callable[[BitmapOwner], BitmapStore | None]] = {}
 
 
-def register_bitmap_store(driver_name: str, factory: Callable[[BlockNode], BitmapStore | None]) -> None:
-    """Let nodes of ``driver_name`` store persistent bitmaps through ``factory(node)``."""
+def register_bitmap_store(driver_name: str, factory: Callable[[BitmapOwner], BitmapStore | None]) -> None:
+    """Let nodes of ``driver_name`` store persistent bitmaps through ``factory(node)``; ``node`` is the
+    :class:`~cowbackup.block.node.BlockNode` whose ``driver_name`` it is."""
     _STORES[driver_name] = factory
 
 
@@ -313,7 +340,7 @@ class NodeBitmaps:
     Owned by the node (``node.dirty_bitmaps``); touched only from the event loop.
     """
 
-    def __init__(self, node: BlockNode) -> None:
+    def __init__(self, node: BitmapOwner) -> None:
         self.node = node
         self._list: list[NodeDirtyBitmap] = []
         #: True once the node's stored bitmaps were loaded (or there was nothing to load): from then on
@@ -448,12 +475,12 @@ class NodeBitmaps:
         return [bm.info() for bm in self._list]
 
 
-async def load_persistent_bitmaps(node: BlockNode) -> None:
+async def load_persistent_bitmaps(node: BitmapOwner) -> None:
     """Load ``node``'s stored bitmaps into its registry (once per node; see :meth:`NodeBitmaps.load`)."""
     await node.dirty_bitmaps.load()
 
 
-def lookup_bitmap(graph: BlockGraph, node_name: str, name: str) -> NodeDirtyBitmap:
+def lookup_bitmap(graph: NodeLookup, node_name: str, name: str) -> NodeDirtyBitmap:
     """The bitmap ``name`` of node ``node_name`` (QEMU's block_dirty_bitmap_lookup and its messages)."""
     node = graph.find(node_name)
     if node is None:

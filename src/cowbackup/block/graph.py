@@ -1,8 +1,9 @@
 """The block graph: named nodes and the edges between them.
 
-An edge (:class:`Child`) joins a parent to a node under a role name (``file``, ``target``, ``root``).
-Parents are nodes (a format over its protocol node, a filter over its source) or :class:`Root` users that
-are not nodes (an NBD export, a job, the CLI).  Users always reach a node *through its edge*, never by
+An edge (:class:`~cowbackup.block.node.Child`, defined with the node that holds it) joins a parent to
+a node under a role name (``file``, ``target``, ``root``).  Parents are nodes (a format over its protocol
+node, a filter over its source) or :class:`~cowbackup.block.node.Root` users that are not nodes (an NBD
+export, a job, the CLI).  Users always reach a node *through its edge*, never by
 keeping a reference to the node, so that re-pointing edges changes where their I/O goes.
 
 Inserting a filter above a node re-points **all** of the node's parents to the filter; this is how an
@@ -20,39 +21,15 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
 
 from cowbackup.block.errors import BlockError
-from cowbackup.block.node import BlockNode, FilterNode
+from cowbackup.block.node import BlockNode, Child, FilterNode, Root
 from cowbackup.objects import ObjectRegistry
 
+#: The edges are defined with the node, which holds them; they are the graph's vocabulary too.
+__all__ = ["BlockGraph", "Child", "Root"]
+
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
-
-
-@dataclass(eq=False)
-class Child:
-    """An edge from ``parent`` to ``node`` in role ``role``.  Mutated only by :class:`BlockGraph`."""
-
-    parent: BlockNode | Root
-    role: str
-    node: BlockNode
-
-
-@dataclass(eq=False)
-class Root:
-    """A parent that is not a node: an export, a job, a one-shot command.
-
-    ``description`` says who it is in "node is busy" errors, e.g. ``"export 'disk0'"``.
-    """
-
-    description: str
-    child: Child | None = field(default=None, repr=False)
-
-    @property
-    def node(self) -> BlockNode:
-        if self.child is None:
-            raise BlockError(f"{self.description} is not attached to a node")
-        return self.child.node
 
 
 class BlockGraph:

@@ -36,11 +36,12 @@ import asyncio
 import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
 
 from cowbackup.block.align import align_down, align_up
 from cowbackup.block.dirty_bitmaps import NodeBitmaps
-from cowbackup.block.errors import RequestError, invalid
+from cowbackup.block.errors import BlockError, RequestError, invalid
 from cowbackup.block.request_types import (
     DEFAULT_MAX_TRANSFER,
     DEFAULT_MAX_ZEROES,
@@ -55,19 +56,18 @@ from cowbackup.block.request_types import (
 from cowbackup.block.tracked_write import TrackedWrite
 from cowbackup.block.zero import is_zero
 
-if TYPE_CHECKING:
-    from cowbackup.block.graph import Child
-
 __all__ = [
     "DEFAULT_MAX_TRANSFER",
     "DEFAULT_MAX_ZEROES",
     "NO_FLAGS",
     "BlockNode",
     "Buffer",
+    "Child",
     "Extent",
     "FilterNode",
     "Limits",
     "RequestFlags",
+    "Root",
     "Status",
     "WriteObserver",
 ]
@@ -572,3 +572,36 @@ class FilterNode(BlockNode):
     async def block_status(self, offset: int, length: int) -> Extent:
         call = lambda: self.child.block_status(offset, length)  # noqa: E731
         return await self._forward("block_status", offset, length, NO_FLAGS, call)
+
+
+# ---------------------------------------------------------------------- edges of the graph
+# Defined here, with the node that holds them, so that the graph imports the node and never the reverse.
+
+
+@dataclass(eq=False)
+class Child:
+    """An edge from ``parent`` to ``node`` in role ``role``.
+
+    Mutated only by :class:`cowbackup.block.graph.BlockGraph`, which owns the edges (see its module).
+    """
+
+    parent: BlockNode | Root
+    role: str
+    node: BlockNode
+
+
+@dataclass(eq=False)
+class Root:
+    """A parent that is not a node: an export, a job, a one-shot command.
+
+    ``description`` says who it is in "node is busy" errors, e.g. ``"export 'disk0'"``.
+    """
+
+    description: str
+    child: Child | None = field(default=None, repr=False)
+
+    @property
+    def node(self) -> BlockNode:
+        if self.child is None:
+            raise BlockError(f"{self.description} is not attached to a node")
+        return self.child.node

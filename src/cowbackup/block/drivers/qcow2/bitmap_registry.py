@@ -28,7 +28,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from cowbackup.block.bitmap import DirtyBitmap
-from cowbackup.block.dirty_bitmaps import BitmapError, NodeDirtyBitmap, register_bitmap_store
+from cowbackup.block.dirty_bitmaps import BitmapError, BitmapOwner, NodeDirtyBitmap, register_bitmap_store
 from cowbackup.block.drivers.qcow2.bitmaps import (
     DIR_ENTRY,
     MAX_BITMAPS,
@@ -170,7 +170,7 @@ def _stored(bm: NodeDirtyBitmap, name: str, extra_data: bytes) -> StoredBitmap:
     return StoredBitmap(name, bits, enabled=enabled, inconsistent=bm.inconsistent, extra_data=extra_data)
 
 
-def _store_of(node: BlockNode) -> Qcow2BitmapStore | None:
+def _store_of(node: BitmapOwner) -> Qcow2BitmapStore | None:
     return Qcow2BitmapStore(node) if isinstance(node, Qcow2Node) else None
 
 
