@@ -53,11 +53,12 @@ class Qcow2Node(BlockNode):
         self.limits = Limits(request_alignment=1, cluster_size=hdr.cluster_size)
         #: Guest cluster ranges ``[first, end)`` being allocated, with the event set when they are done.
         #: A short list (one entry per allocating request in flight), scanned rather than indexed per
-        #: cluster so that a large write costs the same as a small one.  Kept by the ``writes`` module.
-        self._allocating: list[tuple[int, int, asyncio.Event]] = []
+        #: cluster so that a large write costs the same as a small one.  Kept by the ``writes`` module,
+        #: like ``ctail``; nothing else touches them.
+        self.allocating: list[tuple[int, int, asyncio.Event]] = []
         #: Where the next compressed cluster may go inside a partly used host cluster (0: none); set by
         #: compressed writes (``writes``), forgotten by :meth:`_check_ctail`.
-        self._ctail = 0
+        self.ctail = 0
         meta.on_freed = self._check_ctail
         #: The header names a backing file, whether or not it is open (``backing: null`` leaves it
         #: closed, as a backup target into an overlay is opened): zeroing must then mark clusters zero
@@ -158,12 +159,12 @@ class Qcow2Node(BlockNode):
                 nxt += 1
             return UNALLOCATED, min(offset + length, nxt * span) - offset
         entries = table.entries
-        first = self._classify(entries[l2i])
+        first = self.classify_entry(entries[l2i])
         end = (gc + 1) * cs
         if first.kind is not Kind.COMPRESSED:
             k = l2i + 1
             while end < limit:
-                m = self._classify(entries[k])
+                m = self.classify_entry(entries[k])
                 if m.kind is not first.kind or (
                     first.kind is Kind.DATA and m.host != first.host + (k - l2i) * cs
                 ):
@@ -172,7 +173,7 @@ class Qcow2Node(BlockNode):
                 k += 1
         return first, min(end, limit) - offset
 
-    def _classify(self, entry: int) -> Mapping:
+    def classify_entry(self, entry: int) -> Mapping:
         try:
             return classify(entry, self.hdr.version, self.cluster_bits)
         except ValueError as err:
@@ -188,12 +189,12 @@ class Qcow2Node(BlockNode):
                 mapping, n = await self._lookup(offset + pos, len(buf) - pos)
                 meta.reads += 1
             try:
-                await self._read_mapped(mapping, offset + pos, buf[pos : pos + n])
+                await self.read_mapped(mapping, offset + pos, buf[pos : pos + n])
             finally:
                 meta.reads -= 1
             pos += n
 
-    async def _read_mapped(self, m: Mapping, offset: int, view: memoryview) -> None:
+    async def read_mapped(self, m: Mapping, offset: int, view: memoryview) -> None:
         """Read guest bytes at ``offset`` that all map as ``m`` (the run :meth:`_lookup` found)."""
         cs = self.cluster_size
         if m.kind is Kind.DATA:
@@ -264,8 +265,8 @@ class Qcow2Node(BlockNode):
     def _check_ctail(self) -> None:
         """After frees: forget the compressed tail if its host cluster became free (it may be reused)."""
         rc = self.meta.refcounts
-        if self._ctail and rc is not None and rc.get(self._ctail >> self.cluster_bits) == 0:
-            self._ctail = 0
+        if self.ctail and rc is not None and rc.get(self.ctail >> self.cluster_bits) == 0:
+            self.ctail = 0
 
     async def _do_write_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         await zeroing.write_zeroes(self, offset, length, flags)
@@ -276,6 +277,10 @@ class Qcow2Node(BlockNode):
     # ------------------------------------------------------------------ flush and close
 
     async def _do_flush(self) -> None:
+        await self.flush_image()
+
+    async def flush_image(self) -> None:
+        """Write the metadata back and flush the image file (the write half's flush, see ``writes``)."""
         if self.meta.refcounts is None:
             return
         async with self.meta.lock:
@@ -291,7 +296,7 @@ class Qcow2Node(BlockNode):
                 await store.store(store.bitmaps, clean=True)
         if self.meta.refcounts is not None and self.meta.broken is None and self.meta.dirty:
             try:
-                await self._do_flush()
+                await self.flush_image()
             except OSError as err:
                 raise RequestError(err.errno or errno.EIO, f"qcow2: flush at close failed: {err}") from err
         if self.meta.refcounts is not None and self.meta.broken is None:

@@ -10,32 +10,35 @@ The partial clusters at the ends of a write-zeroes are written as zero data
 a backing file, since v2 has no zero flag.  Discard is advisory: it leaves partial clusters alone, and
 does nothing on a v2 image over an open backing file.
 
-Like :mod:`~cowbackup.block.drivers.qcow2.writes`, each function takes the node as its first argument,
+Like :mod:`~cowbackup.block.drivers.qcow2.writes`, each function takes the node (a
+:class:`~cowbackup.block.drivers.qcow2.writes.Qcow2Image`) as its first argument,
 and changes a table only under that module's allocation claims (``lock_range``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from cowbackup.block.drivers.qcow2.format import L2E_ZERO, OFFSET_MASK
 from cowbackup.block.drivers.qcow2.l2cache import Kind
-from cowbackup.block.drivers.qcow2.writes import check_usable, free_mapping, lock_range, segments, write_plain
+from cowbackup.block.drivers.qcow2.writes import (
+    Qcow2Image,
+    check_usable,
+    free_mapping,
+    lock_range,
+    segments,
+    write_plain,
+)
 from cowbackup.block.node import RequestFlags
-
-if TYPE_CHECKING:
-    from cowbackup.block.drivers.qcow2.node import Qcow2Node
 
 _ZERO_CHUNK = 1 << 20
 
 
-async def write_zeroes(node: Qcow2Node, offset: int, length: int, flags: RequestFlags) -> None:
+async def write_zeroes(node: Qcow2Image, offset: int, length: int, flags: RequestFlags) -> None:
     """``Qcow2Node._do_write_zeroes``: make ``[offset, offset+length)`` read as zeros."""
     check_usable(node)
     cs = node.cluster_size
     start = -(-offset // cs) * cs
     end = offset + length
-    full_end = end if end == node._size else end // cs * cs
+    full_end = end if end == node.size else end // cs * cs
     if (node.hdr.version < 3 and (node.backing is not None or node.has_backing_file)) or start >= full_end:
         await _write_zero_data(node, offset, length)
     else:
@@ -47,10 +50,10 @@ async def write_zeroes(node: Qcow2Node, offset: int, length: int, flags: Request
         if full_end < end:
             await _write_zero_data(node, full_end, end - full_end)
     if flags & RequestFlags.FUA:
-        await node._do_flush()
+        await node.flush_image()
 
 
-async def _write_zero_data(node: Qcow2Node, offset: int, length: int) -> None:
+async def _write_zero_data(node: Qcow2Image, offset: int, length: int) -> None:
     zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
     while length:
         n = min(length, len(zeros))
@@ -59,20 +62,20 @@ async def _write_zero_data(node: Qcow2Node, offset: int, length: int) -> None:
         length -= n
 
 
-async def discard(node: Qcow2Node, offset: int, length: int) -> None:
+async def discard(node: Qcow2Image, offset: int, length: int) -> None:
     """``Qcow2Node._do_discard``: drop the whole clusters of ``[offset, offset+length)``."""
     check_usable(node)
     cs = node.cluster_size
     start = -(-offset // cs) * cs
     end = offset + length
-    end = end if end == node._size else end // cs * cs
+    end = end if end == node.size else end // cs * cs
     if node.hdr.version < 3 and node.backing is not None:
         return  # v2 cannot say "zero" over a backing file; discard is advisory
     for seg_off, n in segments(node, start, max(0, end - start)):
         await _zero_segment(node, seg_off, n, discard=True, unmap=True)
 
 
-async def _zero_segment(node: Qcow2Node, offset: int, length: int, *, discard: bool, unmap: bool) -> None:
+async def _zero_segment(node: Qcow2Image, offset: int, length: int, *, discard: bool, unmap: bool) -> None:
     """Make whole clusters read as zeros (v3 zero flag) or unallocated (no backing file) in one table."""
     cb = node.cluster_bits
     meta = node.meta
@@ -96,7 +99,7 @@ async def _zero_segment(node: Qcow2Node, offset: int, length: int, *, discard: b
         entries = table.entries
         for k in range(l2i, l2i + count):
             entry = entries[k]
-            m = node._classify(entry)
+            m = node.classify_entry(entry)
             if discard or not v3:
                 new = L2E_ZERO if has_backing and v3 else 0
             elif m.kind is Kind.DATA and m.copied and not unmap:
