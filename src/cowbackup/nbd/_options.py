@@ -2,15 +2,17 @@
 
 Each handler reads the option data and the connection's negotiation state and returns an
 :class:`Outcome`: the reply bytes and what the state machine in :mod:`cowbackup.nbd.server` does next.
+The handlers see the server only as an :class:`OptionContext`, what they use of it: the server imports
+this module, never the reverse.
 Handlers never raise for bad client input: malformed data is answered with NBD_REP_ERR_INVALID, and
 what cannot be answered (a bad NBD_OPT_EXPORT_NAME) is an ``Outcome.error`` that ends the connection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from cowbackup.nbd.constants import (
     NBD_INFO_BLOCK_SIZE,
@@ -55,10 +57,37 @@ from cowbackup.nbd.wire import (
     option_reply,
 )
 
-if TYPE_CHECKING:
-    from cowbackup.nbd.server import ServerProtocol
+__all__ = ["Negotiation", "OptionContext", "Outcome", "handle"]
 
-__all__ = ["Outcome", "handle"]
+
+@dataclass
+class Negotiation:
+    """Option state that lives until STARTTLS resets it or transmission begins."""
+
+    structured: bool = False
+    #: canonical name of the export the last NBD_OPT_SET_META_CONTEXT was for, and what it selected
+    meta_export: str | None = None
+    meta_contexts: list[tuple[int, str]] = field(default_factory=list)
+
+
+class OptionContext(Protocol):
+    """What the option handlers use of the server connection: a
+    :class:`~cowbackup.nbd.server.ServerProtocol` in the option phase."""
+
+    #: changed by the handlers (NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT)
+    negotiation: Negotiation
+
+    @property
+    def tls(self) -> str:
+        """``off``, ``on`` or ``required``."""
+
+    @property
+    def tls_active(self) -> bool: ...
+    @property
+    def no_zeroes(self) -> bool: ...
+    def lookup(self, name: str, /) -> ExportInfo | None: ...
+    def list_exports(self) -> Sequence[ExportInfo]: ...
+    def max_io(self, info: ExportInfo) -> int: ...
 
 
 @dataclass
@@ -84,7 +113,7 @@ def _ack(option: int) -> bytes:
     return option_reply(option, NBD_REP_ACK)
 
 
-def handle(server: ServerProtocol, option: int, data: bytes) -> Outcome:
+def handle(server: OptionContext, option: int, data: bytes) -> Outcome:
     """Answer ``option`` with ``data`` (TLS policy for FORCEDTLS was applied by the caller)."""
     handler = _HANDLERS.get(option)
     if handler is None:
@@ -92,7 +121,7 @@ def handle(server: ServerProtocol, option: int, data: bytes) -> Outcome:
     return handler(server, option, data)
 
 
-def _export_name(server: ServerProtocol, option: int, data: bytes) -> Outcome:
+def _export_name(server: OptionContext, option: int, data: bytes) -> Outcome:
     try:
         name = decode_string(data)
     except WireError as err:
@@ -107,12 +136,12 @@ def _export_name(server: ServerProtocol, option: int, data: bytes) -> Outcome:
     return Outcome(reply=reply, export=info)
 
 
-def _abort(server: ServerProtocol, option: int, data: bytes) -> Outcome:
+def _abort(server: OptionContext, option: int, data: bytes) -> Outcome:
     # The spec: the server SHOULD ignore data sent with NBD_OPT_ABORT.
     return Outcome(reply=_ack(option), abort=True)
 
 
-def _list(server: ServerProtocol, option: int, data: bytes) -> Outcome:
+def _list(server: OptionContext, option: int, data: bytes) -> Outcome:
     if data:
         return _error(option, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
     parts = [
@@ -123,7 +152,7 @@ def _list(server: ServerProtocol, option: int, data: bytes) -> Outcome:
     return Outcome(reply=b"".join(parts))
 
 
-def _starttls(server: ServerProtocol, option: int, data: bytes) -> Outcome:
+def _starttls(server: OptionContext, option: int, data: bytes) -> Outcome:
     if server.tls == "off":
         return _error(option, NBD_REP_ERR_POLICY, "TLS is not enabled on this server")
     if data:
@@ -133,7 +162,7 @@ def _starttls(server: ServerProtocol, option: int, data: bytes) -> Outcome:
     return Outcome(reply=_ack(option), starttls=True)
 
 
-def _info_go(server: ServerProtocol, option: int, data: bytes) -> Outcome:
+def _info_go(server: OptionContext, option: int, data: bytes) -> Outcome:
     try:
         name, requests = decode_info_request(data)
     except WireError as err:
@@ -165,7 +194,7 @@ def _info_go(server: ServerProtocol, option: int, data: bytes) -> Outcome:
     return Outcome(reply=b"".join(parts), export=info, block_size_agreed=asked_block_size)
 
 
-def _structured_reply(server: ServerProtocol, option: int, data: bytes) -> Outcome:
+def _structured_reply(server: OptionContext, option: int, data: bytes) -> Outcome:
     if data:
         return _error(option, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
     if server.negotiation.structured:
@@ -174,7 +203,7 @@ def _structured_reply(server: ServerProtocol, option: int, data: bytes) -> Outco
     return Outcome(reply=_ack(option))
 
 
-def _meta_context(server: ServerProtocol, option: int, data: bytes) -> Outcome:
+def _meta_context(server: OptionContext, option: int, data: bytes) -> Outcome:
     neg = server.negotiation
     setting = option == NBD_OPT_SET_META_CONTEXT
     if setting:  # replaces the earlier selection, even when it fails
@@ -203,7 +232,7 @@ def _meta_context(server: ServerProtocol, option: int, data: bytes) -> Outcome:
     return Outcome(reply=b"".join(parts))
 
 
-_HANDLERS: dict[int, Callable[[ServerProtocol, int, bytes], Outcome]] = {
+_HANDLERS: dict[int, Callable[[OptionContext, int, bytes], Outcome]] = {
     NBD_OPT_EXPORT_NAME: _export_name,
     NBD_OPT_ABORT: _abort,
     NBD_OPT_LIST: _list,

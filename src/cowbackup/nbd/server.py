@@ -61,11 +61,12 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from cowbackup.nbd import _options
 from cowbackup.nbd._core import ProtocolCore
+from cowbackup.nbd._options import Negotiation
 from cowbackup.nbd.constants import (
     CLIENT_FLAG_NAMES,
     COMMAND_FLAGS_ALLOWED,
@@ -150,16 +151,6 @@ _TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
     ServerState.CLOSED: frozenset({ServerState.ERROR}),
     ServerState.ERROR: frozenset(),
 }
-
-
-@dataclass
-class Negotiation:
-    """Option state that lives until STARTTLS resets it or transmission begins."""
-
-    structured: bool = False
-    #: canonical name of the export the last NBD_OPT_SET_META_CONTEXT was for, and what it selected
-    meta_export: str | None = None
-    meta_contexts: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass
