@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, cast
+import ssl
+from collections.abc import Mapping, Sequence
+from typing import Protocol, cast
 
+from cowbackup.block.node import Root
 from cowbackup.nbd.errors import ProtocolError
 from cowbackup.nbd.events import (
     ConnectionClosed,
@@ -29,14 +32,12 @@ from cowbackup.nbd.events import (
     SendData,
     StartTLS,
 )
-from cowbackup.nbd.handlers import RequestHandler
+from cowbackup.nbd.exports import ExportInfo
+from cowbackup.nbd.handlers import ContextStatus, RequestHandler
 from cowbackup.nbd.replies import FileSegment, Message
-from cowbackup.nbd.server import ServerProtocol
+from cowbackup.nbd.server import ServerProtocol, TLSMode
 from cowbackup.nbd.transmission import Transmission
 from cowbackup.nbd.vector_writer import VectorWriter
-
-if TYPE_CHECKING:
-    from cowbackup.nbd.listener import Export, NBDServer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,39 @@ READ_SIZE = 64 * 1024
 FINISH_GRACE = 2.0
 
 
+class ServedExport(Protocol):
+    """What a connection uses of the export it serves: a :class:`~cowbackup.nbd.listener.Export`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def root(self) -> Root: ...
+    @property
+    def connections(self) -> set[ServerConnection]:
+        """The export's connections: a connection adds itself when it starts serving the export and
+        removes itself when it ends."""
+
+    def context_status(self, name: str) -> ContextStatus: ...
+
+
+class ConnectionHost(Protocol):
+    """What a connection uses of the server that accepted it: a :class:`~cowbackup.nbd.listener.NBDServer`.
+
+    The listener imports this module and passes itself in; this module never imports the listener.
+    """
+
+    @property
+    def exports(self) -> Mapping[str, ServedExport]: ...
+    @property
+    def tls_mode(self) -> TLSMode: ...
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None: ...
+    @property
+    def handshake_timeout(self) -> float: ...
+    def lookup_info(self, name: str) -> ExportInfo | None: ...
+    def list_infos(self) -> Sequence[ExportInfo]: ...
+
+
 class ServerConnection:
     """Serves one client.  Created by :class:`~cowbackup.nbd.listener.NBDServer` for each accepted socket.
 
@@ -58,7 +92,7 @@ class ServerConnection:
     """
 
     def __init__(
-        self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+        self, server: ConnectionHost, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> None:
         # The socket's descriptor for writev, while it is plain (TLS goes through the transport).
         sock = writer.get_extra_info("socket")
@@ -69,7 +103,7 @@ class ServerConnection:
         self.writer = writer
         self.peer = peer
         self.log = log.getChild(peer.replace(".", "_"))
-        self.export: Export | None = None
+        self.export: ServedExport | None = None
         self.proto = ServerProtocol(
             lookup=server.lookup_info,
             list_exports=server.list_infos,
