@@ -18,24 +18,19 @@ import asyncio
 import contextlib
 import os
 import signal
-import stat
-import sys
 import time
 from typing import Any
 
-from cowbackup.block.drivers.nbd import nbd_options_from_uri
 from cowbackup.block.errors import BlockError
-from cowbackup.cli import argtypes
+from cowbackup.cli import argtypes, live
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
-from cowbackup.cli.progress import JsonReporter, Reporter, make_reporter
+from cowbackup.cli.progress import PROGRESS_INTERVAL, Reporter, make_reporter
+from cowbackup.cli.targets import check_nbd_target, source_options, summary, target_options
 from cowbackup.daemon import Daemon
 from cowbackup.jobs.backup import BackupParams, BackupPerf
 from cowbackup.jobs.events import Event
 from cowbackup.jobs.job import JobStatus
 from cowbackup.nbd.uri import is_nbd_uri
-
-#: How often the progress display is refreshed.
-PROGRESS_INTERVAL = 0.2
 
 
 def add_parser(sub: Any) -> None:
@@ -103,107 +98,8 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run, backup_parser=p)
 
 
-def _target_options(
-    path: str, size: int, force: bool, fmt: str = "raw", backing_file: str | None = None
-) -> dict[str, Any]:
-    """Prepare TARGET: create it sparse, or check and truncate an existing one.
-
-    An NBD URI is only turned into options: the export exists already (its size is checked once open).
-    With ``fmt`` qcow2 a regular-file TARGET is (re)created as an empty qcow2 image of ``size`` bytes,
-    over ``backing_file`` if given (see :func:`_qcow2_target`).  UsageError for a combination that
-    makes no sense or a TARGET that must not be overwritten.
-    """
-    from cowbackup.block.drivers.file import create_file
-
-    if backing_file is not None and fmt != "qcow2":
-        raise UsageError("--backing-file needs --target-format qcow2")
-    if is_nbd_uri(path):
-        if fmt != "raw":
-            raise UsageError("--target-format qcow2 needs a file TARGET, not an NBD URI")
-        return nbd_options_from_uri(path)
-    if fmt == "qcow2":
-        return _qcow2_target(path, size, force, backing_file)
-
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        create_file(path, size)
-        return {"driver": "file", "filename": path}
-    if stat.S_ISBLK(st.st_mode):
-        if not force:
-            raise UsageError(f"target '{path}' is a block device; use --force to overwrite it")
-        return {"driver": "raw", "size": size, "file": {"driver": "host_device", "filename": path}}
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"target '{path}' is neither a regular file nor a block device")
-    if st.st_size > 0 and not force:
-        raise UsageError(f"target '{path}' exists and is not empty; use --force to overwrite it")
-    create_file(path, size)  # truncates: a fresh sparse file reads as zeros
-    return {"driver": "file", "filename": path}
-
-
-def _qcow2_target(path: str, size: int, force: bool, backing_file: str | None = None) -> dict[str, Any]:
-    """Create TARGET as an empty qcow2 image of ``size`` bytes; its blockdev-add options.
-
-    With ``backing_file`` (a qcow2 image; a relative name is stored as given and means a file in
-    TARGET's directory, as ``qemu-img create -b`` has it) the header names it with backing format
-    qcow2, and the options say ``backing: null``: a backup job writes only what it copies and never
-    reads the target, so the chain is left closed until someone reads through it.
-    """
-    from cowbackup.block.drivers.qcow2 import create_image
-
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"target '{path}' must be a regular file for --target-format qcow2")
-        if st.st_size > 0 and not force:
-            raise UsageError(f"target '{path}' exists and is not empty; use --force to overwrite it")
-    if backing_file is not None:
-        where = os.path.join(os.path.dirname(os.path.abspath(path)), backing_file)
-        if os.path.realpath(where) == os.path.realpath(path):
-            raise UsageError(f"backing file '{backing_file}' is TARGET itself")
-        if _probe_format(where, what="backing file") != "qcow2":
-            raise UsageError(f"backing file '{backing_file}' ({where}) is not a qcow2 image")
-    create_image(path, size, backing_file=backing_file, backing_fmt="qcow2" if backing_file else None)
-    options: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": path}}
-    if backing_file is not None:
-        options["backing"] = None
-    return options
-
-
-def _probe_format(path: str, what: str = "source") -> str:
-    """qemu-img's probe, reduced to what we read: the qcow2 magic, else raw.  UsageError naming
-    ``what`` if ``path`` cannot be read."""
-    from cowbackup.block.drivers.qcow2.format import QCOW_MAGIC
-
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as err:
-        raise UsageError(f"cannot read {what} '{path}': {err.strerror}") from None
-    return "qcow2" if len(magic) == 4 and int.from_bytes(magic, "big") == QCOW_MAGIC else "raw"
-
-
-def _source_options(path: str, fmt: str | None = None) -> dict[str, Any]:
-    """Options of SOURCE; ``fmt`` None probes the file (never done when the user says raw)."""
-    if is_nbd_uri(path):
-        if fmt == "qcow2":
-            raise UsageError("--source-format qcow2 needs a file SOURCE, not an NBD URI")
-        return {**nbd_options_from_uri(path), "read-only": True}
-    if not os.path.exists(path):
-        raise UsageError(f"source '{path}' does not exist")
-    driver = "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
-    if fmt is None:
-        fmt = _probe_format(path)
-    return {"driver": fmt, "read-only": True, "file": {"driver": driver, "filename": path}}
-
-
 def run(args: argparse.Namespace) -> int:
     if args.qmp is not None:
-        from cowbackup.cli import live  # here: live imports this module
-
         return live.run_backup(args)
     if args.job_id is not None:
         raise UsageError("--job-id needs --qmp")
@@ -228,14 +124,14 @@ async def _backup(args: argparse.Namespace) -> int:
     reporter = make_reporter(args.json)
     daemon = Daemon()
     try:
-        source_opts = _source_options(args.source, args.source_format)
+        source_opts = source_options(args.source, args.source_format)
         source = await daemon.blockdev_add({**source_opts, "node-name": "source"})
-        target_opts = _target_options(
+        target_opts = target_options(
             args.target, source.size, args.force, args.target_format, args.backing_file
         )
         target = await daemon.blockdev_add({**target_opts, "node-name": "target"})
         if is_nbd_uri(args.target):
-            _check_nbd_target(args.target, target.size, source.size, target.read_only)
+            check_nbd_target(args.target, target.size, source.size, target.read_only)
         params = BackupParams(
             job_id="backup0",
             device="source",
@@ -254,17 +150,6 @@ async def _backup(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     finally:
         await daemon.close()
-
-
-def _check_nbd_target(uri: str, size: int, source_size: int, read_only: bool) -> None:
-    """An NBD target is used as it is: it must be writable and exactly as large as the source."""
-    if read_only:
-        raise UsageError(f"target '{uri}' is a read-only NBD export")
-    if size != source_size:
-        raise UsageError(
-            f"target '{uri}' has {size} bytes but the source has {source_size}; "
-            "an NBD target must exist with the source's size"
-        )
 
 
 async def _run_job(daemon: Daemon, params: BackupParams, reporter: Reporter, args: argparse.Namespace) -> int:
@@ -319,22 +204,5 @@ async def _run_job(daemon: Daemon, params: BackupParams, reporter: Reporter, arg
     if outcome.get("error") or outcome.get("event") != "BLOCK_JOB_COMPLETED":
         raise CliError(f"backup failed: {outcome.get('error', 'job did not complete')}", EXIT_FAILED)
     await daemon.graph.get("target").flush()
-    _summary(args, reporter, int(outcome.get("len", 0)), elapsed)
+    summary(args, reporter, int(outcome.get("len", 0)), elapsed)
     return EXIT_OK
-
-
-def _summary(args: argparse.Namespace, reporter: Reporter, length: int, elapsed: float) -> None:
-    try:
-        # Unknown (-1) for an NBD target: what the remote side allocates is its business.
-        allocated = -1 if is_nbd_uri(args.target) else os.stat(args.target).st_blocks * 512
-    except OSError:
-        allocated = -1
-    rate = length / elapsed if elapsed > 0 else 0.0
-    if isinstance(reporter, JsonReporter):
-        reporter.result({"bytes": length, "seconds": elapsed, "rate": rate, "allocated": allocated})
-        return
-    mib = 1024 * 1024
-    where = f"; target allocates {allocated / mib:.1f} MiB" if allocated >= 0 else ""
-    sys.stderr.write(
-        f"cowbackup: backed up {length / mib:.1f} MiB in {elapsed:.2f} s ({rate / mib:.1f} MiB/s){where}\n"
-    )

@@ -54,11 +54,11 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from cowbackup.block.errors import BlockError
 from cowbackup.cli import argtypes
-
-# The one-shot backup's helpers: the same target preparation, NBD target checks and summary line.
-from cowbackup.cli.backup import PROGRESS_INTERVAL, _check_nbd_target, _summary, _target_options
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
-from cowbackup.cli.progress import Reporter, make_reporter
+from cowbackup.cli.progress import PROGRESS_INTERVAL, Reporter, make_reporter
+
+# The one-shot backup's target preparation, NBD target checks and summary line.
+from cowbackup.cli.targets import check_nbd_target, summary, target_options
 from cowbackup.ids import is_wellformed_id
 from cowbackup.nbd.uri import is_nbd_uri
 
@@ -399,7 +399,7 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
             source = await _node(client, args.source)
             size = source["image"]["virtual-size"]
             try:
-                options = _target_options(target, size, args.force, args.target_format, args.backing_file)
+                options = target_options(target, size, args.force, args.target_format, args.backing_file)
             except BlockError as err:
                 raise UsageError(str(err)) from None
             if options["driver"] == "file":
@@ -408,7 +408,7 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
             try:
                 if is_nbd_uri(target):
                     info = await _node(client, node_name)
-                    _check_nbd_target(target, info["image"]["virtual-size"], size, info["ro"])
+                    check_nbd_target(target, info["image"]["virtual-size"], size, info["ro"])
                 backup: dict[str, Any] = {
                     "job-id": job_id,
                     "device": args.source,
@@ -443,8 +443,8 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
         raise CliError(f"backup failed: job '{job_id}' was cancelled", EXIT_FAILED)
     if "error" in outcome:
         raise CliError(f"backup failed: {outcome['error']}", EXIT_FAILED)
-    args.target = target  # _summary stats the file the daemon wrote
-    _summary(args, reporter, int(outcome.get("len", 0)), elapsed)
+    args.target = target  # summary stats the file the daemon wrote
+    summary(args, reporter, int(outcome.get("len", 0)), elapsed)
     return EXIT_OK
 
 

@@ -29,6 +29,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+#: How often the CLI's backups refresh the progress display, in seconds.
+PROGRESS_INTERVAL = 0.2
+
 
 class Reporter(Protocol):
     def start(self, job_id: str, total: int) -> None: ...
