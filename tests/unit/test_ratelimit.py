@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cowbackup.jobs import SLICE_NS, RateLimit
+from cowbackup.block.ratelimit import SLICE_NS, RateLimit
 
 MS = 1_000_000
 

@@ -39,8 +39,8 @@ from cowbackup.block.buffers import BufferPool
 from cowbackup.block.errors import RequestError
 from cowbackup.block.extent_cache import ExtentCache
 from cowbackup.block.node import BlockNode, Child, Extent, RequestFlags, Status
+from cowbackup.block.ratelimit import RateLimit
 from cowbackup.block.zero import is_zero, zero_runs
-from cowbackup.jobs.ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
 

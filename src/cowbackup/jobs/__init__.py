@@ -1,5 +1,10 @@
-"""Jobs: QEMU's job state machine, verbs, events and speed limit; the backup job builds on them."""
+"""Jobs: QEMU's job state machine, verbs and events; the backup job builds on them.
 
+The speed limit a job sets, :class:`RateLimit`, is a block-layer tool (:mod:`cowbackup.block.ratelimit`,
+applied by the copy engine); it is exported here too.
+"""
+
+from cowbackup.block.ratelimit import SLICE_NS, RateLimit
 from cowbackup.jobs.events import (
     BLOCK_JOB_CANCELLED,
     BLOCK_JOB_COMPLETED,
@@ -24,7 +29,6 @@ from cowbackup.jobs.job import (
     JobTxn,
     JobVerb,
 )
-from cowbackup.jobs.ratelimit import SLICE_NS, RateLimit
 
 __all__ = [
     "BLOCK_JOB_CANCELLED",
