@@ -20,7 +20,7 @@ from qemu.qmp import QMPClient
 
 from cowbackup.block.drivers.nbd import nbd_options_from_uri
 from cowbackup.block.errors import BlockError
-from cowbackup.objects import ObjectRegistry
+from cowbackup.block.objects import ObjectRegistry
 
 from .conftest import MiB, cli_command, cli_env, connect_qmp, random_file, wait_listening
 from .nbd_peers import make_tls_creds, qemu_nbd, require

@@ -24,7 +24,7 @@ import re
 
 from cowbackup.block.errors import BlockError
 from cowbackup.block.node import BlockNode, Child, FilterNode, Root
-from cowbackup.objects import ObjectRegistry
+from cowbackup.block.objects import ObjectRegistry
 
 #: The edges are defined with the node, which holds them; they are the graph's vocabulary too.
 __all__ = ["BlockGraph", "Child", "Root"]

@@ -14,7 +14,7 @@ Options (each repeatable unless said; each argument a QEMU ``key=value`` list or
 
 ``--object [qom-type=]tls-creds-x509,id=I,dir=D[,endpoint=client|server][,verify-peer=on|off]``
                                     ``object-add``: x509 credentials for ``tls-creds`` below and for
-                                    ``nbd`` nodes (:mod:`cowbackup.objects`)
+                                    ``nbd`` nodes (:mod:`cowbackup.block.objects`)
 ``--blockdev [driver=]D,...``       ``blockdev-add``
 ``--nbd-server addr.type=unix,addr.path=P`` | ``addr.type=inet,addr.host=H,addr.port=N``
                                     ``nbd-server-start`` (once); ``tls-creds`` the id of an object with

@@ -9,10 +9,10 @@ Options (QEMU's ``BlockdevOptionsNbd``):
                   ``ipv4``, ``ipv6``, ``keep-alive``, ...) and ``unix`` extras (``abstract``, ``tight``)
                   are refused.
 ``export``        the export name (default ``""``, the default export)
-``tls-creds``     the id of a ``tls-creds-x509`` object with ``endpoint=client`` (:mod:`cowbackup.objects`),
-                  as in QEMU; or, ours, a directory of x509 credentials laid out the same way
-                  (``ca-cert.pem``, and ``client-cert.pem`` / ``client-key.pem`` when the server verifies
-                  clients).  Turns TLS on.
+``tls-creds``     the id of a ``tls-creds-x509`` object with ``endpoint=client``
+                  (:mod:`cowbackup.block.objects`), as in QEMU; or, ours, a directory of x509
+                  credentials laid out the same way (``ca-cert.pem``, and ``client-cert.pem`` /
+                  ``client-key.pem`` when the server verifies clients).  Turns TLS on.
 ``tls-hostname``  the name the server's certificate must carry (default: ``server.host`` for ``inet``;
                   no name check for ``unix``), as in QEMU
 ``read-only``     open read-only.  A read-only export makes the node read-only too (QEMU would refuse to

@@ -4,10 +4,10 @@
 ``query-block-exports``.  Handlers check the JSON types (QMP is typed, unlike the command line) and leave
 the rest to :class:`~cowbackup.daemon.Daemon`, whose ``BlockError`` becomes ``GenericError``.
 
-``tls-creds`` names a ``tls-creds-x509`` object (:mod:`cowbackup.objects`), as in QEMU, or a credentials
-directory.  Differences from QEMU, all refusals rather than silent changes: ``tls-authz``, export types
-other than ``nbd`` and export options beyond those :meth:`~cowbackup.daemon.Daemon.block_export_add`
-lists are refused.
+``tls-creds`` names a ``tls-creds-x509`` object (:mod:`cowbackup.block.objects`), as in QEMU, or a
+credentials directory.  Differences from QEMU, all refusals rather than silent changes: ``tls-authz``,
+export types other than ``nbd`` and export options beyond those
+:meth:`~cowbackup.daemon.Daemon.block_export_add` lists are refused.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """User-created object commands (qapi/qom.json): ``object-add`` and ``object-del``.
 
-Only ``qom-type: tls-creds-x509`` exists (:mod:`cowbackup.objects`); its properties are typed here as
-QMP types them, the rest is the registry's, whose BlockError becomes ``GenericError``.
+Only ``qom-type: tls-creds-x509`` exists (:mod:`cowbackup.block.objects`); its properties are typed here
+as QMP types them, the rest is the registry's, whose BlockError becomes ``GenericError``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ can become a node's ``tls-creds``.
 
 As in QEMU, deleting an object that the NBD server uses succeeds: the server keeps the credentials it
 started with.  Messages are QEMU's.
+
+The registry belongs to the block graph (``BlockGraph.objects``), whose nodes name objects, so it lives
+in the block layer and imports nothing above it.
 """
 
 from __future__ import annotations
