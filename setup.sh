@@ -10,10 +10,10 @@
 set -eu
 cd "$(dirname "$0")"
 
-DEBS="python3 python3-venv qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd openssl fio"
+DEBS="python3 python3-venv qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd openssl fio restic borgbackup"
 
 need_debs() {
-    for bin in qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdkit nbdinfo nbdcopy nbdsh openssl fio; do
+    for bin in qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdkit nbdinfo nbdcopy nbdsh openssl fio restic borg; do
         command -v "$bin" >/dev/null 2>&1 || return 0
     done
     /usr/bin/python3 -c 'import ensurepip, nbd' >/dev/null 2>&1 || return 0

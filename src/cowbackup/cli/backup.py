@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from cowbackup.block.errors import BlockError
-from cowbackup.cli import argtypes, live
+from cowbackup.cli import argtypes, live, repo_backup
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 from cowbackup.cli.progress import PROGRESS_INTERVAL, Reporter, make_reporter
 from cowbackup.cli.targets import check_nbd_target, source_options, summary, target_options
@@ -46,7 +46,10 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("source", metavar="SOURCE", help="source image (raw file, block device or NBD URI)")
     p.add_argument(
-        "target", metavar="TARGET", help="target image (created sparse if absent) or NBD URI (must exist)"
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        help="target image (created sparse if absent) or NBD URI (must exist); none with --repo",
     )
     p.add_argument(
         "--sync",
@@ -95,10 +98,15 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="format of SOURCE (default: probed -- qcow2 if it starts with the qcow2 magic, else raw)",
     )
+    repo_backup.add_backup_arguments(p)
     p.set_defaults(func=run, backup_parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repo is not None:
+        return repo_backup.run_backup(args)
+    if args.target is None:
+        args.backup_parser.error("the following arguments are required: TARGET (or --repo)")
     if args.qmp is not None:
         return live.run_backup(args)
     if args.job_id is not None:

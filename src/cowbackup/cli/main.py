@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 from cowbackup import __version__
 from cowbackup.block.errors import BlockError
-from cowbackup.cli import backup, bitmap_cmd, daemon_cmd, demo, live, pull, serve
+from cowbackup.cli import backup, bitmap_cmd, daemon_cmd, demo, live, pull, repo_backup, repo_cmd, serve
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from cowbackup.jobs.job import JobError
+from cowbackup.repo.errors import RepoError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     live.add_parsers(sub)
     pull.add_parser(sub)
+    repo_cmd.add_parsers(sub)
+    repo_backup.add_restore_parser(sub)
     serve.add_parser(sub)
     return parser
 
@@ -56,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except CliError as err:
         sys.stderr.write(f"cowbackup: {err.message}\n")
+        return err.exit_code
+    except RepoError as err:
+        sys.stderr.write(f"cowbackup: {err}\n")
         return err.exit_code
     except (BlockError, JobError) as err:
         sys.stderr.write(f"cowbackup: {err}\n")

@@ -1,0 +1,159 @@
+"""The local cache of chunks known to be in a repository: a known chunk costs no request at all.
+
+One file per repository, ``$COWBACKUP_CACHE_DIR`` or ``~/.cache/cowbackup/<repository id>/chunks``::
+
+    line 1   JSON {"repository": ID, "gc_seq": N, "count": M}
+    then     M records of 68 bytes: chunk id (32), stored size (u32 BE), SHA-256 of the stored bytes (32)
+
+Safe to delete; never trusted blindly.  ``gc_seq`` is the highest gc record number up to which every
+record has been applied (the objects it names were dropped from the cache).  On load, newer swept and
+quarantine records are applied; if records the cache never saw were pruned meanwhile, the cache is thrown
+away and rebuilt from a listing of ``chunks/`` and the refs segments of the snapshots (which carry the
+stored checksums).  Several processes may share the file: each writes it whole, atomically, at its end;
+the last one wins, and what the others learnt is merely not cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+
+from cowbackup.repo import gc
+from cowbackup.repo.errors import CorruptObject, MissingObject
+from cowbackup.repo.index import ENTRY, ENTRY_SIZE
+from cowbackup.repo.repository import Repository, chunk_name, id_from_name
+
+log = logging.getLogger(__name__)
+
+#: chunk id -> packed index entry (id, stored size, stored checksum)
+Known = dict[bytes, bytes]
+
+
+def cache_dir(repo_id: str) -> str:
+    base = os.environ.get("COWBACKUP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cowbackup"
+    )
+    return os.path.join(base, repo_id)
+
+
+class ChunkCache:
+    """The known chunks of one repository, loaded and brought up to date with its gc records."""
+
+    def __init__(self, repo: Repository, *, enabled: bool = True) -> None:
+        self.repo = repo
+        self.enabled = enabled
+        self.path = os.path.join(cache_dir(repo.config.id), "chunks")
+        self.known: Known = {}
+        self.gc_seq = 0
+        self.rebuilt = False
+
+    def load(self, state: gc.GcState) -> None:
+        """Read the file and apply ``state`` (the gc records a session saw after writing its record)."""
+        if not self.enabled:
+            return
+        fresh = self._read_file()
+        lowest = min(state.records, default=0)
+        if fresh and (self.gc_seq > state.highest or (state.records and self.gc_seq < lowest - 1)):
+            log.info("chunk cache: gc records were pruned since it was written; rebuilding it")
+            fresh = False
+        if fresh:
+            self._apply(state)
+            return
+        self._rebuild()
+        # The rebuilt cache reflects the store after every record swept so far.
+        for seq in sorted(state.records):
+            if not state.is_swept(seq):
+                break
+            self.gc_seq = seq
+
+    def _read_file(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                header = json.loads(f.readline())
+                if header.get("repository") != self.repo.config.id:
+                    return False
+                count = int(header["count"])
+                data = f.read(count * ENTRY_SIZE + 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if len(data) != count * ENTRY_SIZE:
+            return False
+        self.gc_seq = int(header.get("gc_seq", 0))
+        view = memoryview(data)
+        self.known = {
+            bytes(view[i : i + 32]): bytes(view[i : i + ENTRY_SIZE]) for i in range(0, len(data), ENTRY_SIZE)
+        }
+        return True
+
+    def _rebuild(self) -> None:
+        """From the store: chunks that exist, with checksums from the snapshots' refs segments."""
+        self.rebuilt = True
+        self.known = {}
+        self.gc_seq = 0
+        sizes: dict[bytes, int] = {}
+        for info in self.repo.store.list("chunks/"):
+            cid = id_from_name(info.name)
+            if cid is not None:
+                sizes[cid] = info.size
+        if not sizes:
+            return
+        seen: set[bytes] = set()
+        for sid in self.repo.snapshot_ids():
+            try:
+                snap = self.repo.load_manifest(sid)
+            except (MissingObject, CorruptObject):
+                continue
+            for disk in snap.disks:
+                for seg in disk.segments:
+                    if seg.refs_id in seen:
+                        continue
+                    seen.add(seg.refs_id)
+                    try:
+                        refs = self.repo.read_refs(seg, seg.entries)
+                    except (MissingObject, CorruptObject):
+                        continue
+                    for e in refs:
+                        if sizes.get(e.chunk_id) == e.stored_size:
+                            self.known[e.chunk_id] = e.pack()
+
+    def _apply(self, state: gc.GcState) -> None:
+        for seq in sorted(state.records):
+            if seq <= self.gc_seq:
+                continue
+            if not state.is_swept(seq):
+                break  # pending: its objects still exist; a later session applies it
+            kind = "quarantine" if "quarantine" in state.records[seq] else "condemned"
+            try:
+                names = gc.read_names(self.repo.store, seq, kind)
+            except MissingObject:
+                self.known.clear()  # pruned under us: trust nothing
+                names = []
+            for name in names:
+                cid = id_from_name(name)
+                if cid is not None and name == chunk_name(cid):
+                    self.known.pop(cid, None)
+            self.gc_seq = seq
+
+    def save(self) -> None:
+        if not self.enabled:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{secrets.token_hex(4)}.tmp"
+        header = {"repository": self.repo.config.id, "gc_seq": self.gc_seq, "count": len(self.known)}
+        try:
+            with open(tmp, "wb") as f:
+                f.write(json.dumps(header).encode() + b"\n")
+                f.write(b"".join(self.known.values()))
+            os.replace(tmp, self.path)
+        except OSError as err:
+            log.warning("chunk cache not saved: %s", err)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def unpack(packed: bytes) -> tuple[bytes, int, bytes]:
+    cid, size, checksum = ENTRY.unpack(packed)
+    return cid, size, checksum

@@ -1,0 +1,100 @@
+"""Wrapped master keys: ``keys/repokey`` in the repository, or a key file kept by the user.
+
+A key object is JSON::
+
+    {"format": "cowbackup-key", "version": 1, "repository": "<repo id>",
+     "kdf": {"name": "scrypt", "n": 32768, "r": 8, "p": 1, "salt": "<base64, 16 bytes>"},
+     "nonce": "<base64, 12 bytes>", "wrapped": "<base64: AES-256-GCM(master) || tag>"}
+
+The wrapping key is scrypt(passphrase, salt); the associated data is ``"cowbackup-key:" + repository id``,
+so a key file is only accepted by its own repository.  A wrong passphrase fails authentication.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from typing import Any
+
+from cowbackup.repo.crypto import (
+    MASTER_SIZE,
+    NONCE_SIZE,
+    SCRYPT_N,
+    SCRYPT_P,
+    SCRYPT_R,
+    AuthenticationFailed,
+    decrypt,
+    encrypt,
+    passphrase_key,
+)
+from cowbackup.repo.errors import CorruptObject, RepoUsageError, WrongPassphrase
+
+REPOKEY_NAME = "keys/repokey"
+KEY_FORMAT = "cowbackup-key"
+#: scrypt parameters we accept from a key object: enough for any sane setting, bounded for a hostile one.
+MAX_SCRYPT_N = 1 << 20
+MAX_KEY_SIZE = 16 * 1024
+
+
+def _aad(repo_id: str) -> bytes:
+    return b"cowbackup-key:" + repo_id.encode()
+
+
+def wrap_master(master: bytes, repo_id: str, passphrase: bytes, n: int = SCRYPT_N) -> bytes:
+    """The key object (JSON bytes) holding ``master`` wrapped by ``passphrase``."""
+    salt = os.urandom(16)
+    wrapping = passphrase_key(passphrase, salt, n, SCRYPT_R, SCRYPT_P)
+    nonce, wrapped = encrypt(wrapping, master, _aad(repo_id))
+    doc = {
+        "format": KEY_FORMAT,
+        "version": 1,
+        "repository": repo_id,
+        "kdf": {"name": "scrypt", "n": n, "r": SCRYPT_R, "p": SCRYPT_P, "salt": _b64(salt)},
+        "nonce": _b64(nonce),
+        "wrapped": _b64(wrapped),
+    }
+    return json.dumps(doc, indent=1).encode() + b"\n"
+
+
+def unwrap_master(key_object: bytes, repo_id: str, passphrase: bytes, where: str) -> bytes:
+    """The master secret.  WrongPassphrase if it does not authenticate; CorruptObject naming ``where`` if
+    the key object is malformed or belongs to another repository."""
+    if len(key_object) > MAX_KEY_SIZE:
+        raise CorruptObject(where, "too large for a key")
+    try:
+        doc: Any = json.loads(key_object)
+        kdf = doc["kdf"]
+        if doc["format"] != KEY_FORMAT or kdf["name"] != "scrypt":
+            raise CorruptObject(where, "not a cowbackup key")
+        n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
+        salt = base64.b64decode(kdf["salt"], validate=True)
+        nonce = base64.b64decode(doc["nonce"], validate=True)
+        wrapped = base64.b64decode(doc["wrapped"], validate=True)
+        owner = doc["repository"]
+    except (ValueError, KeyError, TypeError, binascii.Error) as err:
+        raise CorruptObject(where, f"malformed key ({err})") from None
+    if owner != repo_id:
+        raise RepoUsageError(f"the key in '{where}' belongs to repository {owner}, not {repo_id}")
+    if not (2 <= n <= MAX_SCRYPT_N and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
+        raise CorruptObject(where, f"scrypt parameters out of range (n={n}, r={r}, p={p})")
+    if len(nonce) != NONCE_SIZE or len(wrapped) != MASTER_SIZE + 16:
+        raise CorruptObject(where, "wrapped key of the wrong size")
+    wrapping = passphrase_key(passphrase, salt, n, r, p)
+    try:
+        return decrypt(wrapping, nonce, wrapped, _aad(repo_id))
+    except AuthenticationFailed:
+        raise WrongPassphrase("wrong passphrase (the repository key does not open with it)") from None
+
+
+def keyfile_path(repo_id: str) -> str:
+    """Where ``--encryption keyfile`` keeps the key: ``$COWBACKUP_KEYS_DIR`` or ~/.config/cowbackup/keys."""
+    base = os.environ.get("COWBACKUP_KEYS_DIR") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "cowbackup", "keys"
+    )
+    return os.path.join(base, repo_id)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

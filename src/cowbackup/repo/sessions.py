@@ -1,0 +1,132 @@
+"""Backup sessions: a record that says "a backup is running and may commit", for garbage collection.
+
+A backup creates ``sessions/<id>`` (JSON: host, boot id, pid, the pid's start time) *before* it decides
+that any chunk exists, and deletes it when it has committed or given up.  While it runs, a heartbeat
+thread rewrites ``sessions/<id>.alive`` every :data:`HEARTBEAT` seconds.  The record's last-modified
+time (the store's clock) is the session's start; GC compares it with its own markers (``gc.py``).
+
+A session is *live* unless it is provably dead:
+
+* on this machine (same host name and boot id): its process is gone (pid absent, or reused by a process
+  that started at another time) -- so a backup killed with SIGKILL stops counting at once;
+* elsewhere: neither the record nor its heartbeat changed for :data:`LEASE` seconds of store time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import threading
+from dataclasses import dataclass
+
+from cowbackup.repo.errors import MissingObject, StoreError
+from cowbackup.repo.store import Store
+
+SESSIONS = "sessions/"
+HEARTBEAT = 60.0
+LEASE = 600.0
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> str:
+    """The start time of ``pid`` in clock ticks since boot ("" if there is no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: split after its closing one.
+    return stat.rpartition(")")[2].split()[19]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    id: str
+    host: str
+    boot_id: str
+    pid: int
+    pid_start: str
+    started: float  # store time
+    last_seen: float  # store time of the latest heartbeat (or the start)
+
+    def is_live(self, store_now: float) -> bool:
+        if self.host == socket.gethostname() and self.boot_id and self.boot_id == boot_id():
+            return process_start(self.pid) == self.pid_start
+        return store_now - self.last_seen < LEASE
+
+
+class Session:
+    """A backup session of this process; :meth:`end` removes it (safe to call twice)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.id = secrets.token_hex(16)
+        self.name = SESSIONS + self.id
+        record = {
+            "host": socket.gethostname(),
+            "boot_id": boot_id(),
+            "pid": os.getpid(),
+            "pid_start": process_start(os.getpid()),
+        }
+        store.put_if_absent(self.name, json.dumps(record).encode(), durable=True)
+        info = store.stat(self.name)
+        if info is None:
+            raise StoreError(f"the session record {self.name} vanished right after it was written")
+        self.started = info.mtime
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"session-{self.id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            with contextlib.suppress(StoreError):
+                self.store.put(self.name + ".alive", b"", durable=False)
+
+    def end(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        with contextlib.suppress(StoreError):
+            self.store.delete([self.name + ".alive", self.name])
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+
+def list_sessions(store: Store) -> list[SessionInfo]:
+    """Every session record, with its heartbeat."""
+    records: dict[str, float] = {}
+    beats: dict[str, float] = {}
+    for info in store.list(SESSIONS):
+        base = info.name[len(SESSIONS) :]
+        if base.endswith(".alive"):
+            beats[base[: -len(".alive")]] = info.mtime
+        else:
+            records[base] = info.mtime
+    found = []
+    for sid, started in records.items():
+        try:
+            doc = json.loads(store.get(SESSIONS + sid))
+            host, boot, pid, pid_start = doc["host"], doc["boot_id"], int(doc["pid"]), str(doc["pid_start"])
+        except MissingObject:
+            continue  # ended while we listed
+        except (ValueError, KeyError, TypeError):
+            # A record we cannot read is live until its lease runs out: never assume a backup is dead.
+            host, boot, pid, pid_start = "", "", 0, ""
+        found.append(
+            SessionInfo(sid, str(host), str(boot), pid, pid_start, started, max(started, beats.get(sid, 0)))
+        )
+    return found

@@ -1,0 +1,199 @@
+"""The local-directory backend: one file per object under a root directory.
+
+Writes go to a temporary file in the object's directory (names starting with ``.`` are never listed),
+then are renamed into place (``put``) or hard-linked (``put_if_absent``: ``link`` fails if the name
+exists, which makes it atomic even between processes).  ``sync_level`` decides when data reaches the
+disk (as Proxmox Backup Server's datastore option):
+
+* ``file``: every object and its directory entry are fsynced as they are written;
+* ``filesystem`` (default): objects written with ``durable=False`` are not fsynced one by one;
+  :meth:`LocalStore.sync` runs ``syncfs`` on the repository's filesystem before a commit;
+* ``none``: nothing is fsynced (tests, tmpfs); a crash may lose or truncate recent objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+
+from cowbackup.repo.errors import MissingObject, RepoUsageError, StoreError
+from cowbackup.repo.store import ObjectInfo, Store, check_name
+
+SYNC_LEVELS = ("none", "file", "filesystem")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _store_error(err: OSError, what: str) -> StoreError:
+    if err.errno == errno.ENOSPC:
+        return StoreError(f"{what}: no space left on the repository's device")
+    return StoreError(f"{what}: {err.strerror or err}")
+
+
+class LocalStore(Store):
+    def __init__(self, root: str, sync_level: str = "filesystem") -> None:
+        if sync_level not in SYNC_LEVELS:
+            raise RepoUsageError(f"unknown sync level '{sync_level}' (choose from {', '.join(SYNC_LEVELS)})")
+        self.root = os.path.abspath(root)
+        self.location = self.root
+        self.sync_level = sync_level
+        self._made_dirs: set[str] = set()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, check_name(name))
+
+    def get(self, name: str) -> bytes:
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise MissingObject(name) from None
+        except OSError as err:
+            raise _store_error(err, f"cannot read '{name}'") from err
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY)
+        except FileNotFoundError:
+            raise MissingObject(name) from None
+        except OSError as err:
+            raise _store_error(err, f"cannot read '{name}'") from err
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as err:
+            raise _store_error(err, f"cannot read '{name}'") from err
+        finally:
+            os.close(fd)
+
+    def _makedirs(self, directory: str) -> None:
+        if directory in self._made_dirs:
+            return
+        os.makedirs(directory, exist_ok=True)
+        self._made_dirs.add(directory)
+
+    def _write_temp(self, path: str, data: bytes | bytearray | memoryview, durable: bool) -> str:
+        directory = os.path.dirname(path)
+        self._makedirs(directory)
+        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.sync_level == "file" or (durable and self.sync_level != "none"):
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def _sync_dir(self, path: str, durable: bool) -> None:
+        if self.sync_level == "file" or (durable and self.sync_level != "none"):
+            fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def put(self, name: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
+        path = self._path(name)
+        try:
+            tmp = self._write_temp(path, data, durable)
+            os.replace(tmp, path)
+            self._sync_dir(path, durable)
+        except OSError as err:
+            raise _store_error(err, f"cannot write '{name}'") from err
+
+    def put_if_absent(self, name: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> bool:
+        path = self._path(name)
+        if os.path.exists(path):
+            return False
+        try:
+            tmp = self._write_temp(path, data, durable)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            self._sync_dir(path, durable)
+            return True
+        except OSError as err:
+            raise _store_error(err, f"cannot write '{name}'") from err
+
+    def stat(self, name: str) -> ObjectInfo | None:
+        try:
+            st = os.stat(self._path(name))
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise _store_error(err, f"cannot stat '{name}'") from err
+        return ObjectInfo(name, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        if prefix:
+            check_name(prefix.rstrip("/"))
+        base = os.path.join(self.root, prefix) if prefix.endswith("/") or not prefix else None
+        if base is None:
+            # A prefix inside a name: list its directory and filter.
+            head, _, _tail = prefix.rpartition("/")
+            yield from (
+                info
+                for info in self._walk(os.path.join(self.root, head), head)
+                if info.name.startswith(prefix)
+            )
+            return
+        yield from self._walk(base, prefix.rstrip("/"))
+
+    def _walk(self, directory: str, relative: str) -> Iterator[ObjectInfo]:
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise _store_error(err, f"cannot list '{relative or '/'}'") from err
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = f"{relative}/{entry.name}" if relative else entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    yield from self._walk(entry.path, name)
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    yield ObjectInfo(name, st.st_size, st.st_mtime)
+            except FileNotFoundError:
+                continue  # deleted while we listed
+
+    def delete(self, names: Iterable[str]) -> None:
+        for name in names:
+            try:
+                os.unlink(self._path(name))
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise _store_error(err, f"cannot delete '{name}'") from err
+
+    def sync(self) -> None:
+        if self.sync_level == "none":
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _syncfs(fd)
+        except OSError as err:
+            raise _store_error(err, "cannot sync the repository") from err
+        finally:
+            os.close(fd)

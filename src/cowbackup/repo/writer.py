@@ -1,0 +1,372 @@
+"""Writing snapshots: read disks chunk by chunk, store what the repository lacks, commit the manifest.
+
+A :class:`BackupRun` is one backup session::
+
+    run = await BackupRun.start(repo)          session record, wait out sweeps, load the chunk cache
+    disk = await run.write_disk("disk0", node)  per disk: chunks, then index and refs segments
+    snap = await run.commit(name, [disk])       sync, then the manifest (the commit point)
+    await run.close()                           end the session (always; a run not committed leaves
+                                                only garbage for gc)
+
+Per chunk position: block status says it is a hole or reads as zeros -> a zero entry, nothing read.
+Otherwise the chunk is read into a pooled buffer, and a worker thread checks it for zeros, hashes it,
+and -- unless the id is known (cache, or stored earlier in this run) -- compresses, encrypts and
+uploads it with put-if-absent.  Identical chunks in flight at once are stored once: the first claims
+the id, the others wait for its entry.  Memory is bounded by the window of chunks in flight and one
+index segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import hashlib
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cowbackup.block.node import BlockNode
+from cowbackup.block.zero import is_zero
+from cowbackup.repo import blob, crypto, gc
+from cowbackup.repo.blob import Kind
+from cowbackup.repo.cache import ChunkCache
+from cowbackup.repo.errors import CorruptObject, RepoError
+from cowbackup.repo.index import ENTRY, ZERO_ENTRY, Entry, SegmentBuilder
+from cowbackup.repo.manifest import DiskRecord, Manifest, SegmentRef, check_disk_name, check_snapshot_name
+from cowbackup.repo.repository import Repository, chunk_name, index_name, refs_name
+from cowbackup.repo.sessions import Session
+from cowbackup.repo.store import CountingStore
+
+#: Called with the number of bytes of the disk just dealt with.
+Progress = Callable[[int], None]
+#: For incremental backups: is anything in ``[offset, offset + length)`` changed since the parent?
+DirtyTest = Callable[[int, int], bool]
+
+
+def default_workers() -> int:
+    return max(4, 2 * (os.cpu_count() or 2))
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class DiskStats:
+    size: int = 0
+    data_bytes: int = 0
+    zero_bytes: int = 0
+    reused_bytes: int = 0
+    chunks: int = 0
+    new_chunks: int = 0
+    new_stored_bytes: int = 0
+    stored_bytes: int = 0
+    healed_chunks: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Claims:
+    """Ids being stored right now, so that a chunk met twice at once is stored once."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: dict[bytes, concurrent.futures.Future[bytes]] = field(default_factory=dict)
+
+
+class BackupRun:
+    """One backup session into ``repo`` (see the module docstring for the life cycle)."""
+
+    def __init__(
+        self, repo: Repository, session: Session, cache: ChunkCache, workers: int, level: int | None
+    ):
+        self.repo = repo
+        self.store = repo.store
+        self.session = session
+        self.cache = cache
+        self.known = cache.known
+        self.level = repo.level if level is None else level
+        self.workers = workers
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cowbackup-repo")
+        self._claims = _Claims()
+        self._stats_lock = threading.Lock()
+        self._buffers: list[bytearray] = []
+        self._closed = False
+
+    @classmethod
+    async def start(
+        cls, repo: Repository, *, use_cache: bool = True, workers: int = 0, level: int | None = None
+    ) -> BackupRun:
+        repo.require_key()
+        loop = asyncio.get_running_loop()
+        session = await loop.run_in_executor(None, Session, repo.store)
+        try:
+            state = await loop.run_in_executor(None, gc.wait_for_sweeps, repo.store, session.started)
+            cache = ChunkCache(repo, enabled=use_cache)
+            await loop.run_in_executor(None, cache.load, state)
+        except BaseException:
+            await loop.run_in_executor(None, session.end)
+            raise
+        return cls(repo, session, cache, workers or default_workers(), level)
+
+    async def _run(self, func: Callable[..., bytes], *args: object) -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+
+    # -- one disk ---------------------------------------------------------------------------------
+
+    async def write_disk(
+        self,
+        name: str,
+        node: BlockNode,
+        *,
+        source: str = "",
+        parent: DiskRecord | None = None,
+        dirty: DirtyTest | None = None,
+        changes: dict[str, object] | None = None,
+        progress: Progress | None = None,
+    ) -> DiskRecord:
+        """Store disk ``name`` read from ``node``; its record for the manifest.
+
+        With ``parent`` and ``dirty`` (an incremental), a position that ``dirty`` calls clean takes the
+        parent's entry without being read, and a segment with no dirty position is the parent's segment.
+        """
+        check_disk_name(name)
+        size = node.size
+        cs = self.repo.config.chunk_size
+        per_segment = self.repo.config.segment_entries
+        positions = -(-size // cs)
+        stats = DiskStats(size=size)
+        report = progress or (lambda _n: None)
+        usable_parent = (
+            parent
+            if parent is not None
+            and dirty is not None
+            and parent.size == size
+            and parent.chunk_size == cs
+            and parent.segment_entries == per_segment
+            else None
+        )
+        segments: list[SegmentRef] = []
+        for s in range(-(-positions // per_segment)):
+            first = s * per_segment
+            count = min(per_segment, positions - first)
+            start, end = first * cs, min(size, (first + count) * cs)
+            if usable_parent is not None and dirty is not None and not dirty(start, end - start):
+                segments.append(usable_parent.segments[s])
+                stats.reused_bytes += end - start
+                report(end - start)
+                continue
+            parent_entries = None
+            if usable_parent is not None:
+                parent_entries = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self.repo.read_index, usable_parent.segments[s]
+                )
+            builder = SegmentBuilder(count)
+            await self._write_positions(node, first, count, builder, parent_entries, dirty, stats, report)
+            segments.append(await self._store_segment(builder))
+        return DiskRecord(
+            name=name,
+            size=size,
+            chunk_size=cs,
+            segment_entries=per_segment,
+            segments=segments,
+            changes=dict(changes) if changes else {"method": "full"},
+            stats=stats.as_dict(),
+            source=source,
+        )
+
+    async def _write_positions(
+        self,
+        node: BlockNode,
+        first: int,
+        count: int,
+        builder: SegmentBuilder,
+        parent_entries: list[Entry] | None,
+        dirty: DirtyTest | None,
+        stats: DiskStats,
+        report: Progress,
+    ) -> None:
+        cs = self.repo.config.chunk_size
+        size = node.size
+        window = asyncio.Semaphore(self.workers + 2)
+
+        async def one(i: int) -> None:
+            try:
+                offset = (first + i) * cs
+                length = min(cs, size - offset)
+                if parent_entries is not None and dirty is not None and not dirty(offset, length):
+                    builder.set_packed(i, parent_entries[i].pack())
+                    stats.reused_bytes += length
+                elif await _reads_as_zero(node, offset, length):
+                    stats.zero_bytes += length
+                else:
+                    packed = await self._read_and_store(node, offset, length, stats)
+                    builder.set_packed(i, packed)
+                report(length)
+            finally:
+                window.release()
+
+        async with asyncio.TaskGroup() as tasks:
+            for i in range(count):
+                await window.acquire()
+                tasks.create_task(one(i))
+
+    async def _read_and_store(self, node: BlockNode, offset: int, length: int, stats: DiskStats) -> bytes:
+        buf = self._buffers.pop() if self._buffers else bytearray(self.repo.config.chunk_size)
+        view = memoryview(buf)[:length]
+        try:
+            await node.read(offset, view)
+            packed = await self._run(self._store_chunk, view, stats)
+        except BaseException:
+            # A worker thread may still be reading this buffer (we were cancelled): never reuse it.
+            raise
+        self._buffers.append(buf)
+        return packed
+
+    def _store_chunk(self, data: memoryview, stats: DiskStats) -> bytes:
+        """In a worker thread: the packed index entry of ``data``, stored if the repository lacks it."""
+        if is_zero(data):
+            with self._stats_lock:
+                stats.zero_bytes += len(data)
+            return ZERO_ENTRY
+        cid = self.repo.hash(data)
+        packed = self.known.get(cid)
+        if packed is None:
+            packed = self._claim_and_store(cid, data, stats)
+        with self._stats_lock:
+            stats.data_bytes += len(data)
+            stats.chunks += 1
+            stats.stored_bytes += ENTRY.unpack(packed)[1]
+        return packed
+
+    def _claim_and_store(self, cid: bytes, data: memoryview, stats: DiskStats) -> bytes:
+        claims = self._claims
+        with claims.lock:
+            future = claims.pending.get(cid)
+            mine = future is None
+            if future is None:
+                future = claims.pending[cid] = concurrent.futures.Future()
+        if not mine:
+            return future.result()
+        try:
+            packed = self._store_new(cid, data, stats)
+        except BaseException as err:
+            future.set_exception(err)
+            with claims.lock:
+                del claims.pending[cid]
+            raise
+        self.known[cid] = packed
+        future.set_result(packed)
+        return packed
+
+    def _store_new(self, cid: bytes, data: memoryview, stats: DiskStats) -> bytes:
+        name = chunk_name(cid)
+        stored = self.repo.seal(Kind.CHUNK, cid, data, self.level)
+        if self.store.put_if_absent(name, stored, durable=False):
+            with self._stats_lock:
+                stats.new_chunks += 1
+                stats.new_stored_bytes += len(stored)
+            return ENTRY.pack(cid, len(stored), blob.stored_checksum(stored))
+        # Stored by someone else (another disk, host, or an earlier run whose cache we lack): use their
+        # copy if it is sound, else replace it with ours -- a backup heals what verify would flag.
+        existing = self.store.get(name)
+        entry = Entry(cid, len(existing), blob.stored_checksum(existing))
+        try:
+            self.repo.unseal_chunk(entry, existing, len(data))
+            return entry.pack()
+        except CorruptObject:
+            self.store.put(name, stored, durable=False)
+            with self._stats_lock:
+                stats.healed_chunks += 1
+                stats.new_stored_bytes += len(stored)
+            return ENTRY.pack(cid, len(stored), blob.stored_checksum(stored))
+
+    async def _store_segment(self, builder: SegmentBuilder) -> SegmentRef:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._store_segment_sync, builder)
+
+    def _store_segment_sync(self, builder: SegmentBuilder) -> SegmentRef:
+        index_plain = builder.index_plaintext()
+        refs_plain = builder.refs_plaintext()
+        index_id = self.repo.hash(index_plain)
+        refs_id = crypto.chunk_id(None, refs_plain)
+        index_stored = self._put_object(
+            index_name(index_id), self.repo.seal(Kind.INDEX, index_id, index_plain)
+        )
+        refs_stored = self._put_object(
+            refs_name(refs_id), blob.seal(Kind.REFS, refs_id, refs_plain, None, self.repo.level or 3)
+        )
+        return SegmentRef(
+            entries=builder.count,
+            index_id=index_id,
+            index_size=len(index_stored),
+            index_sha256=hashlib.sha256(index_stored).digest(),
+            refs_id=refs_id,
+            refs_size=len(refs_stored),
+            refs_sha256=hashlib.sha256(refs_stored).digest(),
+        )
+
+    def _put_object(self, name: str, stored: bytes) -> bytes:
+        """Store a content-addressed segment; the stored bytes that are in the store afterwards."""
+        if self.store.put_if_absent(name, stored, durable=False):
+            return stored
+        return self.store.get(name)
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    async def commit(
+        self,
+        name: str,
+        disks: list[DiskRecord],
+        *,
+        tags: list[str] | None = None,
+        parent: str | None = None,
+        time: str | None = None,
+    ) -> Manifest:
+        """Write the manifest: the snapshot exists from here on."""
+        if self._closed:
+            raise RepoError("the backup session is closed")
+        check_snapshot_name(name)
+        totals: dict[str, int] = {}
+        for disk in disks:
+            for key, value in disk.stats.items():
+                totals[key] = totals.get(key, 0) + value
+        if isinstance(self.store, CountingStore):
+            totals.update({f"requests_{k}": v for k, v in self.store.counts.items()})
+        snap = Manifest(
+            id=secrets.token_hex(16),
+            repository=self.repo.config.id,
+            name=name,
+            time=time or utc_now(),
+            host=socket.gethostname(),
+            tags=sorted(set(tags or [])),
+            parent=parent,
+            disks=disks,
+            stats=totals,
+        )
+        await asyncio.get_running_loop().run_in_executor(None, self.repo.commit, snap)
+        await asyncio.get_running_loop().run_in_executor(None, self.cache.save)
+        return snap
+
+    async def close(self) -> None:
+        """End the session (a run not committed leaves only garbage for gc); safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.session.end)
+
+
+async def _reads_as_zero(node: BlockNode, offset: int, length: int) -> bool:
+    """True if block status says ``[offset, offset + length)`` reads as zeros (holes, zero clusters)."""
+    end = offset + length
+    while offset < end:
+        ext = await node.block_status(offset, end - offset)
+        if not ext.is_zero:
+            return False
+        offset = ext.end
+    return True
