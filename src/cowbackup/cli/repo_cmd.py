@@ -240,7 +240,8 @@ def snapshot_row(snap: Manifest, damaged: bool) -> dict[str, Any]:
         "tags": snap.tags,
         "parent": snap.parent,
         "size": size,
-        "stored_bytes": snap.stats.get("new_stored_bytes", 0),
+        "stored_bytes": snap.stats.get("stored_bytes", 0),
+        "added_bytes": snap.stats.get("new_stored_bytes", 0),
         "status": "damaged" if damaged else "ok",
         "disks": [
             {"name": d.name, "size": d.size, "changes": d.changes, "stats": d.stats} for d in snap.disks

@@ -120,12 +120,16 @@ class ChunkCache:
                             self.known[e.chunk_id] = e.pack()
 
     def _apply(self, state: gc.GcState) -> None:
+        """Forget the objects of every record newer than ``gc_seq``.  Pending condemned records count too:
+        a sweep that died half-way has deleted some of their objects without writing ``.done``."""
+        swept_prefix = True
         for seq in sorted(state.records):
             if seq <= self.gc_seq:
                 continue
-            if not state.is_swept(seq):
-                break  # pending: its objects still exist; a later session applies it
-            kind = "quarantine" if "quarantine" in state.records[seq] else "condemned"
+            kinds = state.records[seq]
+            kind = "quarantine" if "quarantine" in kinds else "condemned" if "condemned" in kinds else None
+            if kind is None:
+                continue  # markers of a record being written right now
             try:
                 names = gc.read_names(self.repo.store, seq, kind)
             except MissingObject:
@@ -135,7 +139,10 @@ class ChunkCache:
                 cid = id_from_name(name)
                 if cid is not None and name == chunk_name(cid):
                     self.known.pop(cid, None)
-            self.gc_seq = seq
+            # gc_seq only moves over finished records: a pending one is applied again next time.
+            swept_prefix = swept_prefix and state.is_swept(seq)
+            if swept_prefix:
+                self.gc_seq = seq
 
     def save(self) -> None:
         if not self.enabled:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from cowbackup.repo.errors import ConcurrentChange, CorruptObject, MissingObject, RepoError
 from cowbackup.repo.repository import (
+    DAMAGE,
     Repository,
     chunk_name,
     index_name,
@@ -213,6 +214,9 @@ def collect(
         hook("condemned")
         _sweep(repo, seq, clock_skew, hook, result, sizes)
     _prune_records(store)
+    # Damage records of snapshots that were forgotten since.
+    live = set(repo.snapshot_ids())
+    store.delete(info.name for info in store.list(DAMAGE) if info.name[len(DAMAGE) :] not in live)
     return result
 
 
@@ -238,26 +242,30 @@ def _sweep(
         store.delete([marker])
         result.postponed.append(seq)
         return
-    hook("sessions-checked")
-    keep = referenced(repo)
-    hook("rereferenced")
-    doomed = [n for n in names if n not in keep]
-    for i in range(0, len(doomed), 1000):
-        if time.monotonic() - started > SWEEP_LEASE / 2:
-            # Backups treat our marker as dead after SWEEP_LEASE: stop well before; a later gc goes on.
-            log.warning("gc: sweep of record %d took too long; a later gc finishes it", seq)
-            result.postponed.append(seq)
-            return
-        batch = doomed[i : i + 1000]
-        store.delete(batch)
-        result.deleted += len(batch)
-        if sizes is not None:
-            result.deleted_bytes += sum(sizes.get(n, 0) for n in batch)
-    hook("deleted")
-    store.put(record_name(seq, "done"), b"", durable=True)
-    with contextlib.suppress(RepoError):
-        store.delete([marker])
-    result.swept.append(seq)
+    try:
+        hook("sessions-checked")
+        keep = referenced(repo)
+        hook("rereferenced")
+        doomed = [n for n in names if n not in keep]
+        for i in range(0, len(doomed), 1000):
+            if time.monotonic() - started > SWEEP_LEASE / 2:
+                # Backups treat our marker as dead after SWEEP_LEASE: stop well before; a later gc goes on
+                # (the record stays pending, and chunk caches forget pending records' objects too).
+                log.warning("gc: sweep of record %d took too long; a later gc finishes it", seq)
+                result.postponed.append(seq)
+                return
+            batch = doomed[i : i + 1000]
+            store.delete(batch)
+            result.deleted += len(batch)
+            if sizes is not None:
+                result.deleted_bytes += sum(sizes.get(n, 0) for n in batch)
+        hook("deleted")
+        store.put(record_name(seq, "done"), b"", durable=True)
+        result.swept.append(seq)
+    finally:
+        # Waiting backups go on once the marker is gone (or, if we die here, once it is stale).
+        with contextlib.suppress(RepoError):
+            store.delete([marker])
 
 
 def _prune_records(store: Store) -> None:

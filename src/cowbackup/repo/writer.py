@@ -201,9 +201,11 @@ class BackupRun:
                 length = min(cs, size - offset)
                 if parent_entries is not None and dirty is not None and not dirty(offset, length):
                     builder.set_packed(i, parent_entries[i].pack())
-                    stats.reused_bytes += length
+                    with self._stats_lock:
+                        stats.reused_bytes += length
                 elif await _reads_as_zero(node, offset, length):
-                    stats.zero_bytes += length
+                    with self._stats_lock:
+                        stats.zero_bytes += length
                 else:
                     packed = await self._read_and_store(node, offset, length, stats)
                     builder.set_packed(i, packed)
@@ -219,12 +221,10 @@ class BackupRun:
     async def _read_and_store(self, node: BlockNode, offset: int, length: int, stats: DiskStats) -> bytes:
         buf = self._buffers.pop() if self._buffers else bytearray(self.repo.config.chunk_size)
         view = memoryview(buf)[:length]
-        try:
-            await node.read(offset, view)
-            packed = await self._run(self._store_chunk, view, stats)
-        except BaseException:
-            # A worker thread may still be reading this buffer (we were cancelled): never reuse it.
-            raise
+        await node.read(offset, view)
+        packed = await self._run(self._store_chunk, view, stats)
+        # Only now back to the pool: if we were cancelled above, a worker thread may still be hashing
+        # or sealing this buffer, and new data in it would be stored under the old id.
         self._buffers.append(buf)
         return packed
 
@@ -247,6 +247,9 @@ class BackupRun:
     def _claim_and_store(self, cid: bytes, data: memoryview, stats: DiskStats) -> bytes:
         claims = self._claims
         with claims.lock:
+            known = self.known.get(cid)
+            if known is not None:  # stored by another thread since our first look
+                return known
             future = claims.pending.get(cid)
             mine = future is None
             if future is None:
