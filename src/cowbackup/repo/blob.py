@@ -51,6 +51,12 @@ ENCRYPTION_NONE = 0
 ENCRYPTION_AES_GCM = 1
 
 
+def max_stored_size(plaintext_limit: int) -> int:
+    """The largest stored object a plaintext of ``plaintext_limit`` bytes can become: the header, a
+    nonce and a tag, and the plaintext itself (compression is only kept when it shrinks)."""
+    return HEADER.size + NONCE_SIZE + plaintext_limit + TAG_SIZE
+
+
 def seal(
     kind: Kind, object_id: bytes, plaintext: bytes | bytearray | memoryview, keys: Keys | None, level: int
 ) -> bytes:

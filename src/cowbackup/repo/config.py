@@ -89,7 +89,7 @@ def load_config(store: Store) -> RepoConfig:
         raise NotARepository(f"'{store.location}' is not a cowbackup repository (no config object)")
     if info.size > MAX_CONFIG_SIZE:
         raise CorruptObject(CONFIG_NAME, f"{info.size} bytes, more than a config can be")
-    raw = store.get(CONFIG_NAME)
+    raw = store.get(CONFIG_NAME, limit=MAX_CONFIG_SIZE)
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:

@@ -60,6 +60,9 @@ SWEEP_LEASE = 300.0
 DEFAULT_CLOCK_SKEW = 1.0
 #: How many records are kept; a chunk cache that missed more than this many is rebuilt.
 KEEP_RECORDS = 200
+_GARBAGE_NAME = re.compile(r"(chunks|index|refs)/([0-9a-f]{2})/\2[0-9a-f]{62}")
+#: A condemned list of 4 million names; larger records are refused as corrupt.
+MAX_RECORD = 512 * 1024 * 1024
 _RECORD = re.compile(r"gc/(\d{10})\.(condemned|quarantine|sweep|done)")
 
 #: Called at each step of a gc with the step's name (deterministic interleaving in tests).
@@ -105,13 +108,14 @@ def read_names(store: Store, seq: int, kind: str) -> list[str]:
     """The object names of record ``seq``; CorruptObject if it is malformed."""
     name = record_name(seq, kind)
     try:
-        doc = json.loads(store.get(name))
+        doc = json.loads(store.get(name, limit=MAX_RECORD))
         names = doc["names"]
         if doc["seq"] != seq or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("bad fields")
     except (ValueError, KeyError, TypeError) as err:
         raise CorruptObject(name, f"malformed gc record ({err})") from None
-    return [n for n in names if n.startswith(GARBAGE_PREFIXES)]
+    # Only well-formed object names: a hostile record cannot make gc delete anything else.
+    return [n for n in names if _GARBAGE_NAME.fullmatch(n)]
 
 
 def write_record(store: Store, kind: str, names: Iterable[str]) -> int:

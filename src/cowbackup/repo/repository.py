@@ -44,6 +44,7 @@ from cowbackup.repo.store import Store
 PassphraseSource = Callable[[], bytes]
 
 SNAPSHOTS = "snapshots/"
+MAX_DAMAGE_RECORD = 16 * 1024 * 1024
 DAMAGE = "damage/"
 
 
@@ -146,7 +147,7 @@ class Repository:
     def _key_object(store: Store, config: RepoConfig) -> tuple[str, bytes]:
         if config.encryption == "repokey":
             try:
-                return keys.REPOKEY_NAME, store.get(keys.REPOKEY_NAME)
+                return keys.REPOKEY_NAME, store.get(keys.REPOKEY_NAME, limit=keys.MAX_KEY_SIZE)
             except MissingObject:
                 raise RepoError(
                     f"the repository's key ({keys.REPOKEY_NAME}) is missing; 'repo key import' a saved copy"
@@ -154,7 +155,7 @@ class Repository:
         path = keys.keyfile_path(config.id)
         try:
             with open(path, "rb") as f:
-                return path, f.read()
+                return path, f.read(keys.MAX_KEY_SIZE + 1)
         except FileNotFoundError:
             raise RepoUsageError(
                 f"no key file for repository {config.id} at {path}; 'repo key import' it"
@@ -229,7 +230,8 @@ class Repository:
         return data
 
     def read_chunk(self, entry: Entry, length: int) -> bytes:
-        return self.unseal_chunk(entry, self.store.get(chunk_name(entry.chunk_id)), length)
+        stored = self.store.get(chunk_name(entry.chunk_id), limit=blob.max_stored_size(length))
+        return self.unseal_chunk(entry, stored, length)
 
     # -- segments ---------------------------------------------------------------------------------
 
@@ -263,7 +265,7 @@ class Repository:
             raise CorruptObject(name, str(err)) from None
 
     def _get_checked(self, name: str, size: int, checksum: bytes) -> bytes:
-        stored = self.store.get(name)
+        stored = self.store.get(name, limit=size)
         if len(stored) != size:
             raise CorruptObject(name, f"{len(stored)} bytes stored, the manifest says {size}")
         if not hmac.compare_digest(blob.stored_checksum(stored), checksum):
@@ -282,7 +284,8 @@ class Repository:
     def load_manifest(self, snapshot_id: str) -> Manifest:
         """The manifest, authenticated when the key is at hand (checksummed in a plain repository)."""
         name = snapshot_name(snapshot_id)
-        parsed, canonical, mac = manifest.decode(self.store.get(name), name)
+        raw = self.store.get(name, limit=manifest.MAX_MANIFEST_SIZE)
+        parsed, canonical, mac = manifest.decode(raw, name)
         if parsed.repository != self.config.id:
             raise CorruptObject(name, f"belongs to repository {parsed.repository}")
         if self.has_key and not hmac.compare_digest(crypto.manifest_mac(self.keys, canonical), mac):
@@ -339,11 +342,11 @@ class Repository:
         found: dict[str, dict[str, Any]] = {}
         for info in self.store.list(DAMAGE):
             sid = info.name[len(DAMAGE) :]
-            if not manifest.is_snapshot_id(sid) or info.size > 16 * 1024 * 1024:
+            if not manifest.is_snapshot_id(sid) or info.size > MAX_DAMAGE_RECORD:
                 continue
             try:
-                doc = json.loads(self.store.get(info.name))
-            except (MissingObject, ValueError):
+                doc = json.loads(self.store.get(info.name, limit=MAX_DAMAGE_RECORD))
+            except (MissingObject, CorruptObject, ValueError):
                 continue
             if isinstance(doc, dict):
                 found[sid] = doc

@@ -22,12 +22,13 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from cowbackup.repo.errors import MissingObject, StoreError
+from cowbackup.repo.errors import CorruptObject, MissingObject, StoreError
 from cowbackup.repo.store import Store
 
 SESSIONS = "sessions/"
 HEARTBEAT = 60.0
 LEASE = 600.0
+MAX_RECORD = 64 * 1024
 
 
 def boot_id() -> str:
@@ -119,11 +120,11 @@ def list_sessions(store: Store) -> list[SessionInfo]:
     found = []
     for sid, started in records.items():
         try:
-            doc = json.loads(store.get(SESSIONS + sid))
+            doc = json.loads(store.get(SESSIONS + sid, limit=MAX_RECORD))
             host, boot, pid, pid_start = doc["host"], doc["boot_id"], int(doc["pid"]), str(doc["pid_start"])
         except MissingObject:
             continue  # ended while we listed
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, CorruptObject):
             # A record we cannot read is live until its lease runs out: never assume a backup is dead.
             host, boot, pid, pid_start = "", "", 0, ""
         found.append(

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from cowbackup.repo.errors import RepoUsageError
+from cowbackup.repo.errors import CorruptObject, RepoUsageError
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
 
@@ -34,6 +34,12 @@ class ObjectInfo:
     name: str
     size: int
     mtime: float
+
+
+def check_size(name: str, size: int, limit: int | None) -> None:
+    """CorruptObject if an object of ``size`` bytes exceeds ``limit`` (None: no limit)."""
+    if limit is not None and size > limit:
+        raise CorruptObject(name, f"{size} bytes, more than the {limit} an object of its kind may have")
 
 
 def check_name(name: str) -> str:
@@ -54,8 +60,9 @@ class Store(abc.ABC):
     location: str
 
     @abc.abstractmethod
-    def get(self, name: str) -> bytes:
-        """The whole object."""
+    def get(self, name: str, *, limit: int | None = None) -> bytes:
+        """The whole object.  With ``limit``, an object larger than ``limit`` bytes is CorruptObject
+        before it is read: a hostile repository never makes us allocate without bound."""
 
     @abc.abstractmethod
     def get_range(self, name: str, offset: int, length: int) -> bytes:
@@ -102,9 +109,9 @@ class CountingStore(Store):
         with self._lock:
             self.counts[kind] += n
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, *, limit: int | None = None) -> bytes:
         self._count("get")
-        return self.inner.get(name)
+        return self.inner.get(name, limit=limit)
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
         self._count("get")

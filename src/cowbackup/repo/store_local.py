@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 
 from cowbackup.repo.errors import MissingObject, RepoUsageError, StoreError
-from cowbackup.repo.store import ObjectInfo, Store, check_name
+from cowbackup.repo.store import ObjectInfo, Store, check_name, check_size
 
 SYNC_LEVELS = ("none", "file", "filesystem")
 
@@ -52,9 +52,10 @@ class LocalStore(Store):
     def _path(self, name: str) -> str:
         return os.path.join(self.root, check_name(name))
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, *, limit: int | None = None) -> bytes:
         try:
             with open(self._path(name), "rb") as f:
+                check_size(name, os.fstat(f.fileno()).st_size, limit)
                 return f.read()
         except FileNotFoundError:
             raise MissingObject(name) from None

@@ -112,9 +112,11 @@ def verify(
         def check(name: str) -> tuple[str, int, str | None]:
             entry = chunks[name]
             try:
-                stored = store.get(name)
+                stored = store.get(name, limit=entry.stored_size)
             except MissingObject:
                 return name, 0, "missing"
+            except CorruptObject as err:
+                return name, 0, err.problem
             if len(stored) != entry.stored_size or not hmac.compare_digest(
                 blob.stored_checksum(stored), entry.stored_sha256
             ):
@@ -190,11 +192,11 @@ def _repair(repo: Repository, report: VerifyReport, checked: list[str]) -> None:
         if problem == "missing" or name.startswith("snapshots/"):
             continue
         try:
-            data = store.get(name)
+            data = store.get(name, limit=blob.max_stored_size(repo.config.chunk_size) + (64 << 20))
             store.put(f"{QUARANTINE}{name.replace('/', '.')}.{stamp}", data)
             store.delete([name])
             moved.append(name)
-        except (MissingObject, StoreError):
+        except (MissingObject, CorruptObject, StoreError):
             continue
     if moved:
         gc.write_record(store, "quarantine", moved)

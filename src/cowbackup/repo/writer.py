@@ -277,7 +277,7 @@ class BackupRun:
             return ENTRY.pack(cid, len(stored), blob.stored_checksum(stored))
         # Stored by someone else (another disk, host, or an earlier run whose cache we lack): use their
         # copy if it is sound, else replace it with ours -- a backup heals what verify would flag.
-        existing = self.store.get(name)
+        existing = self.store.get(name, limit=blob.max_stored_size(len(data)))
         entry = Entry(cid, len(existing), blob.stored_checksum(existing))
         try:
             self.repo.unseal_chunk(entry, existing, len(data))
@@ -298,10 +298,12 @@ class BackupRun:
         index_id = self.repo.hash(index_plain)
         refs_id = crypto.chunk_id(None, refs_plain)
         index_stored = self._put_object(
-            index_name(index_id), self.repo.seal(Kind.INDEX, index_id, index_plain)
+            index_name(index_id), self.repo.seal(Kind.INDEX, index_id, index_plain), len(index_plain)
         )
         refs_stored = self._put_object(
-            refs_name(refs_id), blob.seal(Kind.REFS, refs_id, refs_plain, None, self.repo.level or 3)
+            refs_name(refs_id),
+            blob.seal(Kind.REFS, refs_id, refs_plain, None, self.repo.level or 3),
+            len(refs_plain),
         )
         return SegmentRef(
             entries=builder.count,
@@ -313,11 +315,12 @@ class BackupRun:
             refs_sha256=hashlib.sha256(refs_stored).digest(),
         )
 
-    def _put_object(self, name: str, stored: bytes) -> bytes:
-        """Store a content-addressed segment; the stored bytes that are in the store afterwards."""
+    def _put_object(self, name: str, stored: bytes, plaintext_size: int) -> bytes:
+        """Store a content-addressed segment; the stored bytes that are in the store afterwards (another
+        writer's copy of the same plaintext, if it was there first)."""
         if self.store.put_if_absent(name, stored, durable=False):
             return stored
-        return self.store.get(name)
+        return self.store.get(name, limit=blob.max_stored_size(plaintext_size))
 
     # -- the end ----------------------------------------------------------------------------------
 
