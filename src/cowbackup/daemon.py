@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import cowbackup.block.bitmap_sidecar  # noqa: F401  (registers the raw/file bitmap store)
 from cowbackup.block.dirty_bitmaps import NodeDirtyBitmap, load_persistent_bitmaps
-from cowbackup.block.drivers import open_node
+from cowbackup.block.drivers import open_node, register_driver
 from cowbackup.block.errors import BlockError
 from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode
@@ -34,8 +34,12 @@ from cowbackup.jobs.job import JobManager, JobTxn
 from cowbackup.nbd.contexts import ALLOCATION_DEPTH, allocation_depth, bitmap_contexts, export_bitmaps
 from cowbackup.nbd.listener import NBDServer
 from cowbackup.nbd.tls import TLSError, server_context
+from cowbackup.repo import target_node
 
 log = logging.getLogger(__name__)
+
+# The repository's backup target is a driver of the daemon, not of the block layer below it.
+register_driver(target_node.RepoTargetNode.driver_name, target_node.__name__)
 
 BLOCK_EXPORT_DELETED = "BLOCK_EXPORT_DELETED"
 

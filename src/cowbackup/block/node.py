@@ -140,6 +140,18 @@ class BlockNode:
         as QEMU drops such a discard before it is tracked."""
         return True
 
+    # ------------------------------------------------------------------ backup target hooks
+
+    async def backup_target_prepare(self) -> None:
+        """A backup job that wrote this node as its target succeeded (QEMU's job *prepare* phase).
+
+        A target that makes its contents final in one step does it here -- a repository target commits
+        its snapshot.  Raising fails the job, and with it every job of its transaction.
+        """
+
+    async def backup_target_abort(self) -> None:
+        """The backup job writing this node failed or was cancelled: nothing may become final."""
+
     # ------------------------------------------------------------------ driver hooks
 
     async def _do_read(self, offset: int, buf: memoryview) -> None:

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from cowbackup.block.errors import BlockError
-from cowbackup.cli import argtypes, live, repo_backup
+from cowbackup.cli import argtypes, live, live_repo, repo_backup
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 from cowbackup.cli.progress import PROGRESS_INTERVAL, Reporter, make_reporter
 from cowbackup.cli.targets import check_nbd_target, source_options, summary, target_options
@@ -104,6 +104,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.repo is not None:
+        if args.qmp is not None:
+            return live_repo.run(args)
         return repo_backup.run_backup(args)
     if args.target is None:
         args.backup_parser.error("the following arguments are required: TARGET (or --repo)")

@@ -69,7 +69,7 @@ CONNECT_TIMEOUT = 10.0
 #: QEMU keeps node names in a char[32]: at most 31 characters.
 _MAX_NODE_NAME = 31
 #: Events a live backup follows (filtered further by job id).
-_JOB_EVENTS = (
+JOB_EVENTS = (
     "BLOCK_JOB_COMPLETED",
     "BLOCK_JOB_CANCELLED",
     "BLOCK_JOB_ERROR",
@@ -380,7 +380,7 @@ def _perf(args: argparse.Namespace) -> dict[str, Any]:
     return perf
 
 
-async def _node(client: QMPClient, name: str) -> dict[str, Any]:
+async def query_node(client: QMPClient, name: str) -> dict[str, Any]:
     """The ``query-named-block-nodes`` entry of ``name``; CliError if the daemon has no such node."""
     nodes: list[dict[str, Any]] = await execute(client, "query-named-block-nodes", {"flat": True})
     for node in nodes:
@@ -394,9 +394,9 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
     node_name = target_node_name(job_id)
     interrupted: list[int] = []
     async with connect(args.qmp) as client:
-        listener = EventListener(_JOB_EVENTS)
+        listener = EventListener(JOB_EVENTS)
         with client.listen(listener):
-            source = await _node(client, args.source)
+            source = await query_node(client, args.source)
             size = source["image"]["virtual-size"]
             try:
                 options = target_options(target, size, args.force, args.target_format, args.backing_file)
@@ -407,7 +407,7 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
             await execute(client, "blockdev-add", {**options, "node-name": node_name})
             try:
                 if is_nbd_uri(target):
-                    info = await _node(client, node_name)
+                    info = await query_node(client, node_name)
                     check_nbd_target(target, info["image"]["virtual-size"], size, info["ro"])
                 backup: dict[str, Any] = {
                     "job-id": job_id,
@@ -422,7 +422,7 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
                     backup["x-perf"] = perf
                 # Until here Ctrl-C is a KeyboardInterrupt (exit 130, the target node removed); from
                 # here on a signal must cancel the job first.
-                with _signals_to(interrupted):
+                with signals_to(interrupted):
                     started = time.monotonic()
                     fallback = _fallback_actions(args, source, backup)
                     if fallback is None:
@@ -432,10 +432,10 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
                             ref = {"node": args.source, "name": args.bitmap}
                             await execute(client, "block-dirty-bitmap-remove", ref)
                         await execute(client, "transaction", {"actions": fallback})
-                    outcome = await _follow(client, listener, job_id, size, reporter, interrupted)
+                    outcome = await follow_job(client, listener, job_id, size, reporter, interrupted)
                     elapsed = time.monotonic() - started
             finally:
-                await _blockdev_del(client, node_name)
+                await blockdev_del_quietly(client, node_name)
     if interrupted:
         name = signal.Signals(interrupted[0]).name
         raise CliError(f"interrupted by {name}: backup cancelled, '{target}' is incomplete", EXIT_INTERRUPTED)
@@ -449,7 +449,7 @@ async def _live_backup(args: argparse.Namespace, job_id: str, target: str) -> in
 
 
 @contextlib.contextmanager
-def _signals_to(received: list[int]) -> Iterator[None]:
+def signals_to(received: list[int]) -> Iterator[None]:
     """While inside, SIGINT and SIGTERM only append their number to ``received`` (the first one)."""
     loop = asyncio.get_running_loop()
 
@@ -466,7 +466,7 @@ def _signals_to(received: list[int]) -> Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
-async def _blockdev_del(client: QMPClient, node_name: str) -> None:
+async def blockdev_del_quietly(client: QMPClient, node_name: str) -> None:
     """Remove the target node; a failure is a warning (the backup's own outcome decides the status)."""
     try:
         await execute(client, "blockdev-del", {"node-name": node_name})
@@ -474,7 +474,7 @@ async def _blockdev_del(client: QMPClient, node_name: str) -> None:
         sys.stderr.write(f"cowbackup: warning: could not remove target node '{node_name}': {err.message}\n")
 
 
-async def _follow(
+async def follow_job(
     client: QMPClient,
     listener: EventListener,
     job_id: str,

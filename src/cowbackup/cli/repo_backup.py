@@ -121,11 +121,6 @@ def run_backup(args: argparse.Namespace) -> int:
         raise UsageError("with --repo there is no TARGET: the snapshot goes into the repository")
     if not args.name:
         raise UsageError("--repo needs --name NAME (for example host1/vm7/disk0)")
-    if args.qmp is not None:
-        raise UsageError(
-            "--repo backs up an image nobody writes; a live backup into a repository over --qmp "
-            "is not built yet"
-        )
     try:
         check_snapshot_name(args.name)
         check_disk_name(args.disk)

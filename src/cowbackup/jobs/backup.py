@@ -159,11 +159,15 @@ class BackupJob(Job):
             self._call.cancel()
         self.enter()
 
+    async def prepare(self) -> None:
+        await self.bcs.target.node.backup_target_prepare()
+
     async def commit(self) -> None:
         self._cleanup_sync_bitmap(success=True)
 
     async def abort(self) -> None:
         self._cleanup_sync_bitmap(success=False)
+        await self.bcs.target.node.backup_target_abort()
 
     async def clean(self) -> None:
         await cbw_drop(self.graph, self.filt)

@@ -180,6 +180,69 @@ class BackupRun:
             source=source,
         )
 
+    async def store_chunk(self, data: memoryview, stats: DiskStats) -> bytes:
+        """The packed index entry of one chunk's ``data``, stored if the repository lacks it -- for
+        targets that are handed their chunks one by one (a backup job's repository target node).
+        ``data`` must stay untouched until this returns."""
+        return await self._run(self._store_chunk, data, stats)
+
+    async def finish_disk(
+        self,
+        name: str,
+        size: int,
+        written: dict[int, bytes],
+        stats: DiskStats,
+        *,
+        parent: DiskRecord | None = None,
+        changes: dict[str, object] | None = None,
+        source: str = "",
+    ) -> DiskRecord:
+        """The record of a disk whose chunks were given one by one: ``written`` maps positions to packed
+        entries; a position never written reads as zeros, or -- with ``parent`` (an incremental) -- as the
+        parent's.  A segment with no written position is the parent's segment, not even read."""
+        check_disk_name(name)
+        cs = self.repo.config.chunk_size
+        per_segment = self.repo.config.segment_entries
+        positions = -(-size // cs)
+        if parent is not None and (
+            parent.size != size or parent.chunk_size != cs or parent.segment_entries != per_segment
+        ):
+            raise RepoError(
+                f"disk '{name}': the parent's geometry differs; an incremental cannot build on it"
+            )
+        touched = {pos // per_segment for pos in written}
+        segments: list[SegmentRef] = []
+        loop = asyncio.get_running_loop()
+        for s in range(-(-positions // per_segment)):
+            first = s * per_segment
+            count = min(per_segment, positions - first)
+            if parent is not None and s not in touched:
+                segments.append(parent.segments[s])
+                stats.reused_bytes += min(size, (first + count) * cs) - first * cs
+                continue
+            builder = SegmentBuilder(count)
+            if parent is not None:
+                entries = await loop.run_in_executor(self._pool, self.repo.read_index, parent.segments[s])
+                for i, entry in enumerate(entries):
+                    if first + i not in written:
+                        builder.set_packed(i, entry.pack())
+                        stats.reused_bytes += min(cs, size - (first + i) * cs)
+            for i in range(count):
+                packed = written.get(first + i)
+                if packed is not None:
+                    builder.set_packed(i, packed)
+            segments.append(await self._store_segment(builder))
+        return DiskRecord(
+            name=name,
+            size=size,
+            chunk_size=cs,
+            segment_entries=per_segment,
+            segments=segments,
+            changes=dict(changes) if changes else {"method": "full"},
+            stats=stats.as_dict(),
+            source=source,
+        )
+
     async def _write_positions(
         self,
         node: BlockNode,
@@ -332,6 +395,7 @@ class BackupRun:
         tags: list[str] | None = None,
         parent: str | None = None,
         time: str | None = None,
+        snapshot_id: str | None = None,
     ) -> Manifest:
         """Write the manifest: the snapshot exists from here on."""
         if self._closed:
@@ -344,7 +408,7 @@ class BackupRun:
         if isinstance(self.store, CountingStore):
             totals.update({f"requests_{k}": v for k, v in self.store.counts.items()})
         snap = Manifest(
-            id=secrets.token_hex(16),
+            id=snapshot_id or secrets.token_hex(16),
             repository=self.repo.config.id,
             name=name,
             time=time or utc_now(),

@@ -36,6 +36,12 @@ DRIVER_MODULES: dict[str, str] = {
 _DETECT_ZEROES = ("off", "on", "unmap")
 
 
+def register_driver(driver: str, module_name: str) -> None:
+    """Make ``driver`` open with ``module_name``'s ``open_node``: how a layer above the block layer (the
+    repository's target node) offers a driver without the block layer importing it."""
+    DRIVER_MODULES.setdefault(driver, module_name)
+
+
 def _opener(driver: str) -> Opener:
     module_name = DRIVER_MODULES.get(driver)
     if module_name is None:

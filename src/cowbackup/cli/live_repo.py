@@ -1,0 +1,282 @@
+"""``cowbackup backup --qmp SOCKET NODE --repo REPO --name NAME``: a live backup into a repository.
+
+The daemon's own backup job (copy-before-write and all) writes into a ``cowbackup-repo`` target node, which
+stores chunks as they come and commits the snapshot when the job succeeds -- never when it fails or is
+cancelled.
+
+Change tracking that cannot lie.  With ``--bitmap STEM`` every snapshot is bound to a dirty bitmap made for
+it alone, ``STEM-<first 16 digits of the snapshot id>``, persistent, created in the same transaction that
+starts the backup: it provably records every write from the snapshot's instant on.  The manifest records
+the bitmap, the node and the image.  ``--incremental`` trusts that bitmap only if
+
+* the parent (the newest snapshot of NAME) exists and is not recorded damaged, and its index is present;
+* it names this node and image, and a bitmap of that exact name;
+* the daemon still has the bitmap, enabled (recording), not in use by another job, and not inconsistent
+  (a persistent bitmap that was in use when its daemon died is inconsistent);
+
+then the job copies only the clusters the bitmap marks (``sync=bitmap``, ``bitmap-mode=never``, so the
+bitmap stays intact if anything fails), and every chunk the job does not write is the parent's.  Anything
+else is a clear reason: with ``--fallback-full`` the backup reads the whole disk (dedup still stores only
+what changed) and arms a new bitmap at its instant; without it the command fails.  On success the parent's
+bitmap is removed; on failure the new one is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+
+from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
+from cowbackup.cli.live import (
+    JOB_EVENTS,
+    blockdev_del_quietly,
+    connect,
+    execute,
+    follow_job,
+    query_node,
+    signals_to,
+)
+from cowbackup.cli.progress import JsonReporter, make_reporter
+from cowbackup.cli.repo_common import human, open_repository, read_passphrase
+from cowbackup.repo.errors import MissingObject, RepoError
+from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name, check_snapshot_name
+from cowbackup.repo.repository import Repository, index_name
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.target is not None:
+        raise UsageError("with --repo there is no TARGET: the snapshot goes into the repository")
+    if not args.name:
+        raise UsageError("--repo needs --name NAME (for example host1/vm7)")
+    try:
+        check_snapshot_name(args.name)
+        check_disk_name(args.disk)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.sync != "full":
+        raise UsageError("into a repository, a backup is full or --incremental; --sync is not for it")
+    if args.incremental and not args.bitmap:
+        raise UsageError("--incremental needs --bitmap STEM (the bitmaps are STEM-<snapshot id>)")
+    # The daemon opens the repository from its own working directory.
+    args.repo = os.path.abspath(args.repo)
+    repo = open_repository(args)
+    return asyncio.run(_run(args, repo))
+
+
+def tracking_bitmap(stem: str, snapshot_id: str) -> str:
+    return f"{stem}-{snapshot_id[:16]}"
+
+
+def _image(node: dict[str, Any]) -> str:
+    return str(node.get("file") or node.get("image", {}).get("filename", ""))
+
+
+def trust_problem(
+    repo: Repository, parent: Manifest | None, disk: str, node: dict[str, Any], stem: str
+) -> tuple[str | None, DiskRecord | None, str | None]:
+    """``(reason, parent disk, bitmap)``: reason None when the parent's bitmap may drive an incremental."""
+    if parent is None:
+        return "no earlier snapshot of this name", None, None
+    if parent.id in repo.damage():
+        return f"the parent snapshot {parent.id[:8]} is recorded damaged", None, None
+    try:
+        record = parent.disk(disk)
+    except KeyError as err:
+        return str(err.args[0]), None, None
+    for seg in record.segments:
+        if repo.store.stat(index_name(seg.index_id)) is None:
+            return f"the parent snapshot {parent.id[:8]} lost an index segment", None, None
+    tracking = record.changes.get("tracking")
+    if not isinstance(tracking, dict):
+        return f"the parent snapshot {parent.id[:8]} was not bound to a dirty bitmap", None, None
+    name = tracking.get("bitmap")
+    if tracking.get("node") != node.get("node-name") or tracking.get("image") != _image(node):
+        return (
+            f"the parent snapshot {parent.id[:8]} tracked node '{tracking.get('node')}' "
+            f"({tracking.get('image')}), not this one",
+            None,
+            None,
+        )
+    if name != tracking_bitmap(stem, parent.id):
+        return f"the parent snapshot's bitmap '{name}' is not of stem '{stem}'", None, None
+    entry = next((b for b in node.get("dirty-bitmaps", []) if b.get("name") == name), None)
+    if entry is None:
+        return f"bitmap '{name}' is gone (deleted, or the daemon was restarted without it)", None, None
+    if entry.get("inconsistent"):
+        return f"bitmap '{name}' is inconsistent (its daemon stopped while it was in use)", None, None
+    if not entry.get("recording", True):
+        return f"bitmap '{name}' was disabled: writes may have gone unrecorded", None, None
+    if entry.get("busy"):
+        return f"bitmap '{name}' is in use by another job", None, None
+    return None, record, name
+
+
+async def _run(args: argparse.Namespace, repo: Repository) -> int:
+    loop = asyncio.get_running_loop()
+    parents = [s for s in await loop.run_in_executor(None, repo.snapshots) if s.name == args.name]
+    parent = parents[-1] if parents else None
+    snapshot_id = secrets.token_hex(16)
+    job_id = args.job_id or f"backup-{args.source}"
+    target = f"repo-{snapshot_id[:8]}"
+    reporter = make_reporter(args.json)
+    interrupted: list[int] = []
+    async with connect(args.qmp) as client:
+        listener = EventListener(JOB_EVENTS)
+        with client.listen(listener):
+            node = await query_node(client, args.source)
+            size = int(node["image"]["virtual-size"])
+            changes: dict[str, Any] = {"method": "full"}
+            old_bitmap = None
+            parent_disk = None
+            if args.incremental:
+                reason, parent_disk, old_bitmap = await loop.run_in_executor(
+                    None, trust_problem, repo, parent, args.disk, node, args.bitmap
+                )
+                if reason is not None:
+                    if not args.fallback_full:
+                        raise CliError(
+                            f"cannot back up incrementally: {reason} (--fallback-full reads it all)"
+                        )
+                    sys.stderr.write(f"cowbackup: full backup instead of incremental: {reason}\n")
+                    changes["fallback"] = reason
+                    await _drop_unusable(client, args, node, parent)
+                else:
+                    changes = {"method": "bitmap", "bitmap": old_bitmap}
+            new_bitmap = tracking_bitmap(args.bitmap, snapshot_id) if args.bitmap else None
+            if new_bitmap is not None:
+                changes["tracking"] = {"bitmap": new_bitmap, "node": args.source, "image": _image(node)}
+            options: dict[str, Any] = {
+                "driver": "cowbackup-repo",
+                "node-name": target,
+                "repo": args.repo,
+                "name": args.name,
+                "size": size,
+                "disk": args.disk,
+                "snapshot-id": snapshot_id,
+                "changes": json.dumps(changes),
+                "sync-level": args.sync_level,
+            }
+            if parent_disk is not None and parent is not None:
+                options["parent"] = parent.id
+            if args.tag:
+                options["tag"] = args.tag[0]
+            with _password_file(args, repo) as password_file:
+                if password_file is not None:
+                    options["password-file"] = password_file
+                await execute(client, "blockdev-add", options)
+            committed = False
+            try:
+                backup: dict[str, Any] = {
+                    "job-id": job_id,
+                    "device": args.source,
+                    "target": target,
+                    "sync": "bitmap" if old_bitmap else "full",
+                    "speed": args.speed,
+                    "auto-finalize": True,
+                    "auto-dismiss": True,
+                }
+                if old_bitmap:
+                    backup.update(bitmap=old_bitmap, **{"bitmap-mode": "never"})
+                actions: list[dict[str, Any]] = []
+                if new_bitmap is not None:
+                    add = {"node": args.source, "name": new_bitmap, "persistent": True}
+                    actions.append({"type": "block-dirty-bitmap-add", "data": add})
+                actions.append({"type": "blockdev-backup", "data": backup})
+                with signals_to(interrupted):
+                    started = time.monotonic()
+                    await execute(client, "transaction", {"actions": actions})
+                    outcome = await follow_job(client, listener, job_id, size, reporter, interrupted)
+                    elapsed = time.monotonic() - started
+                committed = outcome.get("event") == "BLOCK_JOB_COMPLETED" and "error" not in outcome
+            finally:
+                await blockdev_del_quietly(client, target)
+                if new_bitmap is not None:
+                    stale = old_bitmap if committed else new_bitmap
+                    if stale is not None:
+                        await _remove_bitmap(client, args.source, stale)
+    if interrupted:
+        name = signal.Signals(interrupted[0]).name
+        raise CliError(f"interrupted by {name}: backup cancelled, no snapshot committed", EXIT_INTERRUPTED)
+    if not committed:
+        why = outcome.get("error") or f"job '{job_id}' was cancelled"
+        raise CliError(f"backup failed: {why}; no snapshot committed", EXIT_FAILED)
+    try:
+        snap = await loop.run_in_executor(None, repo.load_manifest, snapshot_id)
+    except (MissingObject, RepoError) as err:
+        raise CliError(f"the job completed but snapshot {snapshot_id[:8]} is not readable: {err}") from None
+    _report(args, reporter, snap, size, elapsed)
+    return EXIT_OK
+
+
+async def _drop_unusable(
+    client: QMPClient, args: argparse.Namespace, node: dict[str, Any], parent: Manifest | None
+) -> None:
+    """Remove the parent's bitmap if it exists but cannot be trusted: it would only grow."""
+    if parent is None:
+        return
+    name = tracking_bitmap(args.bitmap, parent.id)
+    if any(b.get("name") == name for b in node.get("dirty-bitmaps", [])):
+        await _remove_bitmap(client, args.source, name)
+
+
+async def _remove_bitmap(client: QMPClient, node: str, name: str) -> None:
+    try:
+        await execute(client, "block-dirty-bitmap-remove", {"node": node, "name": name})
+    except CliError as err:
+        sys.stderr.write(f"cowbackup: warning: could not remove bitmap '{name}': {err.message}\n")
+
+
+class _password_file:
+    """A private temporary file with the passphrase for the daemon's target node (removed at exit)."""
+
+    def __init__(self, args: argparse.Namespace, repo: Repository) -> None:
+        self.args = args
+        self.repo = repo
+        self.path: str | None = None
+
+    def __enter__(self) -> str | None:
+        if not self.repo.encrypted:
+            return None
+        if self.args.password_file:
+            return str(os.path.abspath(self.args.password_file))
+        fd, self.path = tempfile.mkstemp(prefix="cowbackup-key-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(read_passphrase(self.args) + b"\n")
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            os.unlink(self.path)
+
+
+def _report(args: argparse.Namespace, reporter: Any, snap: Manifest, size: int, elapsed: float) -> None:
+    disk = snap.disks[0]
+    result = {
+        "snapshot": snap.id,
+        "name": snap.name,
+        "bytes": size,
+        "seconds": elapsed,
+        "rate": size / elapsed if elapsed > 0 else 0.0,
+        "changes": disk.changes,
+        "stats": snap.stats,
+    }
+    if isinstance(reporter, JsonReporter):
+        reporter.result(result)
+        return
+    s = snap.stats
+    how = "incremental" if disk.changes.get("method") == "bitmap" else "full"
+    sys.stderr.write(
+        f"cowbackup: snapshot {snap.id[:8]} of {snap.name} ({how}): {human(size)} in {elapsed:.2f} s; "
+        f"{human(s.get('data_bytes', 0))} copied, {human(s.get('reused_bytes', 0))} from the parent, "
+        f"{s.get('new_chunks', 0)} new chunk(s) ({human(s.get('new_stored_bytes', 0))} stored)\n"
+    )
