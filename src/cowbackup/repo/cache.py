@@ -6,11 +6,12 @@ One file per repository, ``$COWBACKUP_CACHE_DIR`` or ``~/.cache/cowbackup/<repos
     then     M records of 68 bytes: chunk id (32), stored size (u32 BE), SHA-256 of the stored bytes (32)
 
 Safe to delete; never trusted blindly.  ``gc_seq`` is the highest gc record number up to which every
-record has been applied (the objects it names were dropped from the cache).  On load, newer swept and
-quarantine records are applied; if records the cache never saw were pruned meanwhile, the cache is thrown
-away and rebuilt from a listing of ``chunks/`` and the refs segments of the snapshots (which carry the
-stored checksums).  Several processes may share the file: each writes it whole, atomically, at its end;
-the last one wins, and what the others learnt is merely not cached.
+record has been applied and swept (the objects it names were dropped from the cache).  On load, the
+chunks named by every newer record -- swept or still pending -- are dropped; if records the cache never
+saw were pruned meanwhile, the cache is thrown away and rebuilt from a listing of ``chunks/`` and the
+refs segments of the snapshots (which carry the stored checksums).  Several processes may share the
+file: each writes it whole, atomically, at its end; the last one wins, and what the others learnt is
+merely not cached.
 """
 
 from __future__ import annotations
@@ -55,19 +56,18 @@ class ChunkCache:
         if not self.enabled:
             return
         fresh = self._read_file()
-        lowest = min(state.records, default=0)
-        if fresh and (self.gc_seq > state.highest or (state.records and self.gc_seq < lowest - 1)):
-            log.info("chunk cache: gc records were pruned since it was written; rebuilding it")
+        seen_all = self.gc_seq <= state.highest and all(
+            seq in state.records for seq in range(self.gc_seq + 1, state.highest + 1)
+        )
+        if fresh and not seen_all:
+            log.info("chunk cache: gc records it never saw were pruned (or gc/ was reset); rebuilding it")
             fresh = False
-        if fresh:
-            self._apply(state)
-            return
-        self._rebuild()
-        # The rebuilt cache reflects the store after every record swept so far.
-        for seq in sorted(state.records):
-            if not state.is_swept(seq):
-                break
-            self.gc_seq = seq
+        if not fresh:
+            # The rebuilt cache reflects the store after every deletion so far; applying the records
+            # still drops the names of pending ones (they may yet delete) and sets gc_seq.
+            self._rebuild()
+            self.gc_seq = min(state.records, default=1) - 1
+        self._apply(state)
 
     def _read_file(self) -> bool:
         try:
@@ -120,28 +120,28 @@ class ChunkCache:
                             self.known[e.chunk_id] = e.pack()
 
     def _apply(self, state: gc.GcState) -> None:
-        """Forget the objects of every record newer than ``gc_seq``.  Pending condemned records count too:
-        a sweep that died half-way has deleted some of their objects without writing ``.done``."""
-        swept_prefix = True
+        """Forget the chunks of every record above ``gc_seq``, pending ones included: a sweep that died
+        or ran out of time may already have deleted part of a pending record, and one numbered above a
+        pending record may be swept already.  ``gc_seq`` only moves over swept records, so pending ones
+        are applied again by every later load until they are swept."""
+        advancing = True
         for seq in sorted(state.records):
             if seq <= self.gc_seq:
                 continue
-            kinds = state.records[seq]
-            kind = "quarantine" if "quarantine" in kinds else "condemned" if "condemned" in kinds else None
-            if kind is None:
-                continue  # markers of a record being written right now
-            try:
-                names = gc.read_names(self.repo.store, seq, kind)
-            except MissingObject:
-                self.known.clear()  # pruned under us: trust nothing
-                names = []
-            for name in names:
-                cid = id_from_name(name)
-                if cid is not None and name == chunk_name(cid):
-                    self.known.pop(cid, None)
-            # gc_seq only moves over finished records: a pending one is applied again next time.
-            swept_prefix = swept_prefix and state.is_swept(seq)
-            if swept_prefix:
+            for kind in ("condemned", "quarantine"):  # one number may hold both (gc.write_record)
+                if kind not in state.records[seq]:
+                    continue
+                try:
+                    names = gc.read_names(self.repo.store, seq, kind)
+                except MissingObject:
+                    self.known.clear()  # pruned under us: trust nothing
+                    names = []
+                for name in names:
+                    cid = id_from_name(name)
+                    if cid is not None and name == chunk_name(cid):
+                        self.known.pop(cid, None)
+            advancing = advancing and state.is_swept(seq)
+            if advancing:
                 self.gc_seq = seq
 
     def save(self) -> None:

@@ -80,8 +80,10 @@ class GcState:
         return max(self.records, default=0)
 
     def is_swept(self, seq: int) -> bool:
+        """Record ``seq`` will delete nothing more: its condemned part (if any; a quarantine record may
+        share the number) is done.  A number left with markers only (pruning cut short) is swept."""
         kinds = self.records.get(seq, {})
-        return "quarantine" in kinds or ("condemned" in kinds and "done" in kinds)
+        return "condemned" not in kinds or "done" in kinds
 
     def sweeps_in_progress(self, now: float) -> list[int]:
         return [
@@ -276,4 +278,8 @@ def _prune_records(store: Store) -> None:
     state = read_state(store)
     cutoff = state.highest - KEEP_RECORDS
     old = [s for s in state.records if s <= cutoff and state.is_swept(s)]
-    store.delete(record_name(s, kind) for s in old for kind in state.records[s])
+    # Records before markers: cut short, this leaves inert markers, never a condemned record without
+    # its ``done`` (which a later gc would sweep again behind the caches' backs).
+    first = ("condemned", "quarantine")
+    store.delete(record_name(s, kind) for s in old for kind in first if kind in state.records[s])
+    store.delete(record_name(s, kind) for s in old for kind in state.records[s] if kind not in first)

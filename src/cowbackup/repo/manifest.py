@@ -170,7 +170,11 @@ def decode(raw: bytes, name: str) -> tuple[Manifest, bytes, str]:
         raise CorruptObject(name, f"malformed manifest: {err}") from None
     if name.rpartition("/")[2] != manifest.id:
         raise CorruptObject(name, f"holds snapshot {manifest.id}, not the one its name says")
-    return manifest, canonical(body), mac
+    try:
+        return manifest, canonical(body), mac
+    except UnicodeEncodeError:
+        # A "\ud800" escape parses to a lone surrogate, which has no UTF-8 (so no canonical form).
+        raise CorruptObject(name, "holds text that is not valid Unicode") from None
 
 
 def _int(value: Any, what: str, low: int = 0, high: int = 1 << 62) -> int:
