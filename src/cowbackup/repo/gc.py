@@ -45,7 +45,7 @@ from cowbackup.repo.repository import (
     index_name,
     refs_name,
 )
-from cowbackup.repo.sessions import list_sessions
+from cowbackup.repo.sessions import SESSIONS, list_sessions
 from cowbackup.repo.store import Store
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,15 @@ def write_record(store: Store, kind: str, names: Iterable[str]) -> int:
             return seq
         seq = max(seq + 1, read_state(store).highest + 1)
     raise ConcurrentChange("could not take a gc sequence number (too many concurrent writers)")
+
+
+def store_now(store: Store) -> float:
+    """The store's clock: the last-modified time of an object written just now."""
+    store.put(GC + "clock", b"", durable=False)
+    info = store.stat(GC + "clock")
+    if info is None:
+        raise ConcurrentChange("gc/clock vanished right after it was written")
+    return info.mtime
 
 
 def wait_for_sweeps(store: Store, session_started: float, timeout: float = SWEEP_LEASE) -> GcState:
@@ -220,6 +229,15 @@ def collect(
         hook("condemned")
         _sweep(repo, seq, clock_skew, hook, result, sizes)
     _prune_records(store)
+    # Records of dead sessions (killed backups): they can no longer commit (a live one would have kept
+    # its heartbeat), so they protect nothing.
+    now = store_now(store)
+    store.delete(
+        f"{SESSIONS}{s.id}{suffix}"
+        for s in list_sessions(store)
+        if not s.is_live(now)
+        for suffix in ("", ".alive")
+    )
     # Damage records of snapshots that were forgotten since.
     live = set(repo.snapshot_ids())
     store.delete(info.name for info in store.list(DAMAGE) if info.name[len(DAMAGE) :] not in live)

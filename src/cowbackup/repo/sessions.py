@@ -20,9 +20,10 @@ import os
 import secrets
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
-from cowbackup.repo.errors import CorruptObject, MissingObject, StoreError
+from cowbackup.repo.errors import ConcurrentChange, CorruptObject, MissingObject, StoreError
 from cowbackup.repo.store import Store
 
 SESSIONS = "sessions/"
@@ -84,14 +85,29 @@ class Session:
         if info is None:
             raise StoreError(f"the session record {self.name} vanished right after it was written")
         self.started = info.mtime
+        #: When the store last confirmed we are alive (monotonic clock): the record, then each heartbeat.
+        self.last_confirmed = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"session-{self.id[:8]}", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT):
+            sent = time.monotonic()
             with contextlib.suppress(StoreError):
                 self.store.put(self.name + ".alive", b"", durable=False)
+                self.last_confirmed = sent
+
+    def check_fresh(self) -> None:
+        """ConcurrentChange if other hosts may have declared this session dead: its last confirmed
+        heartbeat is older than the lease minus a margin (the process was stopped, or the store did not
+        take our heartbeats).  Then a gc may have swept chunks this backup reuses: it must not commit."""
+        age = time.monotonic() - self.last_confirmed
+        if age > LEASE - 2 * HEARTBEAT:
+            raise ConcurrentChange(
+                f"this backup's session was not confirmed for {age:.0f} s (lease {LEASE:.0f} s); a gc may "
+                "have removed chunks it reuses, so it does not commit -- run it again"
+            )
 
     def end(self) -> None:
         self._stop.set()

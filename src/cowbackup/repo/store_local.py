@@ -18,6 +18,7 @@ import ctypes
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Iterator
 
 from cowbackup.repo.errors import MissingObject, RepoUsageError, StoreError
@@ -48,13 +49,31 @@ class LocalStore(Store):
         self.location = self.root
         self.sync_level = sync_level
         self._made_dirs: set[str] = set()
+        #: Directories (relative names) checked to be real directories, not links.
+        self._real_dirs: set[str] = set()
 
     def _path(self, name: str) -> str:
-        return os.path.join(self.root, check_name(name))
+        """The file of ``name``.  Its directories inside the root must be real directories, not symbolic
+        links: whoever can write into a repository must not steer a delete (gc) or a write outside it."""
+        check_name(name)
+        directory = name.rpartition("/")[0]
+        if directory and directory not in self._real_dirs:
+            path = self.root
+            for part in directory.split("/"):
+                path = os.path.join(path, part)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    break  # created by us later, as a directory
+                if not stat.S_ISDIR(st.st_mode):
+                    raise StoreError(f"'{path}' is not a directory (a symbolic link?): refusing '{name}'")
+            else:
+                self._real_dirs.add(directory)
+        return os.path.join(self.root, name)
 
     def get(self, name: str, *, limit: int | None = None) -> bytes:
         try:
-            with open(self._path(name), "rb") as f:
+            with open(os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
                 check_size(name, os.fstat(f.fileno()).st_size, limit)
                 return f.read()
         except FileNotFoundError:
@@ -64,7 +83,7 @@ class LocalStore(Store):
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
         try:
-            fd = os.open(self._path(name), os.O_RDONLY)
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise MissingObject(name) from None
         except OSError as err:
@@ -137,7 +156,7 @@ class LocalStore(Store):
 
     def stat(self, name: str) -> ObjectInfo | None:
         try:
-            st = os.stat(self._path(name))
+            st = os.lstat(self._path(name))
         except FileNotFoundError:
             return None
         except OSError as err:

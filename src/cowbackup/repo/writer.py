@@ -34,7 +34,7 @@ from cowbackup.block.zero import is_zero
 from cowbackup.repo import blob, crypto, gc
 from cowbackup.repo.blob import Kind
 from cowbackup.repo.cache import ChunkCache
-from cowbackup.repo.errors import CorruptObject, RepoError
+from cowbackup.repo.errors import CorruptObject, MissingObject, RepoError
 from cowbackup.repo.index import ENTRY, ZERO_ENTRY, Entry, SegmentBuilder
 from cowbackup.repo.manifest import DiskRecord, Manifest, SegmentRef, check_disk_name, check_snapshot_name
 from cowbackup.repo.repository import Repository, chunk_name, index_name, refs_name
@@ -361,12 +361,18 @@ class BackupRun:
         index_id = self.repo.hash(index_plain)
         refs_id = crypto.chunk_id(None, refs_plain)
         index_stored = self._put_object(
-            index_name(index_id), self.repo.seal(Kind.INDEX, index_id, index_plain), len(index_plain)
+            index_name(index_id),
+            Kind.INDEX,
+            index_id,
+            self.repo.seal(Kind.INDEX, index_id, index_plain),
+            index_plain,
         )
         refs_stored = self._put_object(
             refs_name(refs_id),
+            Kind.REFS,
+            refs_id,
             blob.seal(Kind.REFS, refs_id, refs_plain, None, self.repo.level or 3),
-            len(refs_plain),
+            refs_plain,
         )
         return SegmentRef(
             entries=builder.count,
@@ -378,12 +384,21 @@ class BackupRun:
             refs_sha256=hashlib.sha256(refs_stored).digest(),
         )
 
-    def _put_object(self, name: str, stored: bytes, plaintext_size: int) -> bytes:
-        """Store a content-addressed segment; the stored bytes that are in the store afterwards (another
-        writer's copy of the same plaintext, if it was there first)."""
+    def _put_object(self, name: str, kind: Kind, object_id: bytes, stored: bytes, plaintext: bytes) -> bytes:
+        """Store a content-addressed segment; the stored bytes that are in the store afterwards: another
+        writer's copy of the same plaintext if it was there first and is sound, else ours over it (its
+        stored checksum goes into our manifest, so a rotten copy must not be adopted)."""
         if self.store.put_if_absent(name, stored, durable=False):
             return stored
-        return self.store.get(name, limit=blob.max_stored_size(plaintext_size))
+        try:
+            existing = self.store.get(name, limit=blob.max_stored_size(len(plaintext)))
+            keys = self.repo.keys if kind == Kind.INDEX else None
+            if blob.unseal(name, kind, object_id, existing, keys, len(plaintext)) == plaintext:
+                return existing
+        except (CorruptObject, MissingObject):
+            pass
+        self.store.put(name, stored, durable=False)
+        return stored
 
     # -- the end ----------------------------------------------------------------------------------
 
@@ -418,6 +433,7 @@ class BackupRun:
             disks=disks,
             stats=totals,
         )
+        self.session.check_fresh()
         await asyncio.get_running_loop().run_in_executor(None, self.repo.commit, snap)
         await asyncio.get_running_loop().run_in_executor(None, self.cache.save)
         return snap
