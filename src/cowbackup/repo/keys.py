@@ -77,7 +77,13 @@ def unwrap_master(key_object: bytes, repo_id: str, passphrase: bytes, where: str
         raise CorruptObject(where, f"malformed key ({err})") from None
     if owner != repo_id:
         raise RepoUsageError(f"the key in '{where}' belongs to repository {owner}, not {repo_id}")
-    if not (2 <= n <= MAX_SCRYPT_N and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
+    if not (
+        2 <= n <= MAX_SCRYPT_N
+        and n & (n - 1) == 0
+        and 1 <= r <= 32
+        and 1 <= p <= 16
+        and 128 * n * r <= 1 << 30
+    ):
         raise CorruptObject(where, f"scrypt parameters out of range (n={n}, r={r}, p={p})")
     if len(nonce) != NONCE_SIZE or len(wrapped) != MASTER_SIZE + 16:
         raise CorruptObject(where, "wrapped key of the wrong size")
