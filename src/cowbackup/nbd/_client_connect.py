@@ -81,6 +81,7 @@ async def negotiate(
     tls_hostname: str | None,
     connect_timeout: float,
     parent_log: logging.Logger,
+    meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,),
 ) -> Negotiated:
     """Connect to ``address`` and negotiate its export: the first half of ``NBDClient.connect()``.
 
@@ -103,7 +104,9 @@ async def negotiate(
                 host = address.host or "localhost"
                 reader, writer = await asyncio.open_connection(host, address.port, limit=STREAM_LIMIT)
             proto = ClientProtocol(logger=client_log)
-            handshake = _Handshake(address, reader, writer, proto, logger=client_log)
+            handshake = _Handshake(
+                address, reader, writer, proto, logger=client_log, meta_contexts=meta_contexts
+            )
             server_hostname = tls_hostname or (address.host if address.socket is None else None)
             export = await handshake.run(ctx, server_hostname)
     except ConnectError:
@@ -147,8 +150,10 @@ class _Handshake:
         proto: ClientProtocol,
         *,
         logger: logging.Logger,
+        meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,),
     ) -> None:
         self.address = address
+        self._meta_contexts = meta_contexts
         self.name = address.to_uri()
         self._reader = reader
         self._writer = writer
@@ -195,7 +200,7 @@ class _Handshake:
 
     def _go(self, export: str) -> bytes:
         try:
-            return self._proto.go(export, meta_contexts=(BASE_ALLOCATION,))
+            return self._proto.go(export, meta_contexts=self._meta_contexts)
         except ValueError as err:  # export name too long or not UTF-8
             self._fail_connect(f"invalid export name: {err}", err)
 

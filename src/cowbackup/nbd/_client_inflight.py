@@ -40,10 +40,14 @@ class Pending:
     the data is then read and dropped).  Owned by the reader task once registered.
     """
 
-    __slots__ = ("buf", "error", "extents", "future", "length", "offset", "type")
+    __slots__ = ("buf", "context_id", "error", "extents", "future", "length", "offset", "type")
 
-    def __init__(self, type: int, offset: int, length: int, buf: memoryview | None) -> None:
+    def __init__(
+        self, type: int, offset: int, length: int, buf: memoryview | None, context_id: int | None = None
+    ) -> None:
         self.type = type
+        #: For BLOCK_STATUS: the metadata context whose extents the caller wants (others are dropped).
+        self.context_id = context_id
         self.offset = offset
         self.length = length
         self.buf = buf
@@ -85,13 +89,12 @@ async def route_replies(
     proto: ClientProtocol,
     reader: asyncio.StreamReader,
     in_flight: dict[int, Pending],
-    alloc_id: int | None,
     complete: Callable[[int], None],
 ) -> str:
     """Route replies until the connection ends; return why it ended.
 
-    ``in_flight`` is the client's cookie -> request table; ``alloc_id`` the id the server gave the
-    ``base:allocation`` context (extents of other contexts are dropped); ``complete(cookie)`` is
+    ``in_flight`` is the client's cookie -> request table (a BLOCK_STATUS request keeps the extents of
+    the context it asked for and drops the others); ``complete(cookie)`` is
     called once the last chunk of a reply was applied.  Socket errors and EOF in the middle of READ
     data propagate.
     """
@@ -110,8 +113,9 @@ async def route_replies(
             if dest is not None:
                 _zero_fill(dest)
         elif isinstance(event, BlockStatusChunk):
-            if event.context_id == alloc_id:
-                in_flight[event.cookie].extents = event.extents
+            pending = in_flight[event.cookie]
+            if event.context_id == pending.context_id:
+                pending.extents = event.extents
         elif isinstance(event, ErrorChunk):
             pending = in_flight[event.cookie]
             if pending.error is None:

@@ -162,8 +162,10 @@ class NBDClient:
         tls_hostname: str | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        extra_contexts: tuple[str, ...] = (),
     ) -> NBDClient:
-        """Connect to ``address``, negotiate its export (structured replies, ``base:allocation``).
+        """Connect to ``address``, negotiate its export (structured replies, ``base:allocation`` and any
+        ``extra_contexts``, read with :meth:`context_status`).
 
         TLS is used when ``address.tls`` is set or ``address.tls_certificates`` names a credentials
         directory (laid out as :mod:`cowbackup.nbd.tls` describes).  Unless ``address.tls_verify_peer`` is
@@ -173,7 +175,11 @@ class NBDClient:
         failure, ``connect_timeout`` seconds passed); nothing stays open then.
         """
         conn = await negotiate(
-            address, tls_hostname=tls_hostname, connect_timeout=connect_timeout, parent_log=log
+            address,
+            tls_hostname=tls_hostname,
+            connect_timeout=connect_timeout,
+            parent_log=log,
+            meta_contexts=(BASE_ALLOCATION, *extra_contexts),
         )
         try:
             client = cls(
@@ -347,7 +353,20 @@ class NBDClient:
         """
         if self._alloc_id is None:
             raise OSError(errno.ENOTSUP, f"{self.name}: the server has no base:allocation context")
-        return await self._request(NBD_CMD_BLOCK_STATUS, 0, offset, min(length, self.max_effect))
+        return await self._request(
+            NBD_CMD_BLOCK_STATUS, 0, offset, min(length, self.max_effect), context_id=self._alloc_id
+        )
+
+    async def context_status(self, context: str, offset: int, length: int) -> Extents:
+        """The extents of metadata context ``context`` from ``offset`` (one of those :meth:`connect` was
+        asked to negotiate, e.g. ``qemu:dirty-bitmap:NAME``; flag 1 means dirty there).  ENOTSUP if the
+        server did not select it.  Same shape as :meth:`block_status`."""
+        context_id = self.export.meta_contexts.get(context)
+        if context_id is None:
+            raise OSError(errno.ENOTSUP, f"{self.name}: the server has no {context} context")
+        return await self._request(
+            NBD_CMD_BLOCK_STATUS, 0, offset, min(length, self.max_effect), context_id=context_id
+        )
 
     @staticmethod
     async def _all(coros: list[Coroutine[Any, Any, Extents]]) -> None:
@@ -373,6 +392,7 @@ class NBDClient:
         *,
         buf: memoryview | None = None,
         payload: memoryview | None = None,
+        context_id: int | None = None,
     ) -> Extents:
         """Send one request and wait for its reply (see the module docstring for the routing)."""
         self._check_running()
@@ -383,7 +403,7 @@ class NBDClient:
                 header = self._proto.request_bytes(cmd, flags, offset, length, cookie)
             except ValueError as err:
                 raise OSError(errno.EINVAL, f"{self.name}: {cmd_name(cmd)} refused: {err}") from err
-            pending = Pending(cmd, offset, length, buf)
+            pending = Pending(cmd, offset, length, buf, context_id)
             self._pending[cookie] = pending
             self._idle.clear()
             release.disarm()  # the reader (or the failure path) releases the slot from now on
@@ -419,9 +439,7 @@ class NBDClient:
         """The reader task: parse replies and route them until the connection ends."""
         reason = "the reader stopped"
         try:
-            reason = await route_replies(
-                self._proto, self._reader, self._pending, self._alloc_id, self._complete
-            )
+            reason = await route_replies(self._proto, self._reader, self._pending, self._complete)
         except asyncio.CancelledError:
             reason = "the connection was closed"
             raise
