@@ -6,11 +6,11 @@ One file per repository, ``$COWBACKUP_CACHE_DIR`` or ``~/.cache/cowbackup/<repos
     then     M records of 68 bytes: chunk id (32), stored size (u32 BE), SHA-256 of the stored bytes (32)
 
 Safe to delete; never trusted blindly.  ``gc_seq`` is the highest gc record number up to which every
-record has been applied (the objects it names were dropped from the cache).  On load, newer swept and
-quarantine records are applied; if records the cache never saw were pruned meanwhile, the cache is thrown
-away and rebuilt from a listing of ``chunks/`` and the refs segments of the snapshots (which carry the
-stored checksums).  Several processes may share the file: each writes it whole, atomically, at its end;
-the last one wins, and what the others learnt is merely not cached.
+record has been swept and applied (the objects it names were dropped from the cache).  On load, every
+newer record is applied, swept or pending; if records the cache never saw were pruned meanwhile, the
+cache is thrown away and rebuilt from a listing of ``chunks/`` and the refs segments of the snapshots
+(which carry the stored checksums).  Several processes may share the file: each writes it whole,
+atomically, at its end; the last one wins, and what the others learnt is merely not cached.
 """
 
 from __future__ import annotations
@@ -120,22 +120,33 @@ class ChunkCache:
                             self.known[e.chunk_id] = e.pack()
 
     def _apply(self, state: gc.GcState) -> None:
+        """Forget the chunks named by every record after ``gc_seq``.
+
+        Records not swept yet are forgotten too, and records after them are not skipped: a record
+        postponed by one backup may be followed by one swept once that backup ended, and a gc that died
+        while deleting leaves a record half swept and never marked done.  Forgetting costs only a
+        put-if-absent later.  ``gc_seq`` advances only over the swept records before the first pending
+        one, so that pending records are applied again by later sessions.
+        """
+        settled = True
         for seq in sorted(state.records):
             if seq <= self.gc_seq:
                 continue
-            if not state.is_swept(seq):
-                break  # pending: its objects still exist; a later session applies it
-            kind = "quarantine" if "quarantine" in state.records[seq] else "condemned"
-            try:
-                names = gc.read_names(self.repo.store, seq, kind)
-            except MissingObject:
-                self.known.clear()  # pruned under us: trust nothing
-                names = []
-            for name in names:
-                cid = id_from_name(name)
-                if cid is not None and name == chunk_name(cid):
-                    self.known.pop(cid, None)
-            self.gc_seq = seq
+            kinds = state.records[seq]
+            kind = "quarantine" if "quarantine" in kinds else "condemned" if "condemned" in kinds else None
+            if kind is not None:
+                try:
+                    names = gc.read_names(self.repo.store, seq, kind)
+                except MissingObject:
+                    self.known.clear()  # pruned under us: trust nothing
+                    names = []
+                for name in names:
+                    cid = id_from_name(name)
+                    if cid is not None and name == chunk_name(cid):
+                        self.known.pop(cid, None)
+            settled = settled and state.is_swept(seq)
+            if settled:
+                self.gc_seq = seq
 
     def save(self) -> None:
         if not self.enabled:
