@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
+
+import pytest
 
 from cowbackup.repo import gc
 from cowbackup.repo.cache import ChunkCache
@@ -12,7 +15,7 @@ from cowbackup.repo.repository import Repository, chunk_name, snapshot_name
 from cowbackup.repo.verify import verify
 from cowbackup.repo.writer import BackupRun
 
-from .helpers import CHUNK, backup, data, flip_byte, new_repo, restore
+from .helpers import CHUNK, backup, data, flip_byte, new_repo, object_path, restore
 
 X, Y = data(1), data(2)
 
@@ -127,3 +130,27 @@ def test_a_disabled_cache_reads_and_writes_nothing(tmp_path: Path) -> None:
     cache.known[b"\x02" * 32] = b"\x02" * 32 + bytes(36)
     cache.save()
     assert not os.path.exists(cache.path) and CHUNK
+
+
+def test_a_gc_killed_while_deleting_does_not_leave_the_cache_believing(tmp_path: Path) -> None:
+    """A gc killed after deleting but before ``done``, whose marker's lease then ran out: its record is
+    pending forever after, yet its objects are gone; the next backup must not reuse them from cache."""
+    repo = new_repo(tmp_path / "repo")
+    snap = asyncio.run(backup(repo, {"d": X}))
+    repo.store.delete([snapshot_name(snap.id)])
+
+    class Killed(Exception):
+        pass
+
+    def kill(step: str) -> None:
+        if step == "deleted":
+            raise Killed
+
+    with pytest.raises(Killed):
+        gc.collect(repo, step=kill)
+    marker = object_path(repo, gc.record_name(1, "sweep"))
+    expired = time.time() - gc.SWEEP_LEASE - 1
+    os.utime(marker, (expired, expired))
+    assert repo.hash(X) not in loaded(repo).known
+    again = asyncio.run(backup(repo, {"d": X}))
+    assert asyncio.run(restore(repo, again)) == X
