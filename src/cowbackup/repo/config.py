@@ -94,6 +94,8 @@ def load_config(store: Store) -> RepoConfig:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise CorruptObject(CONFIG_NAME, f"not JSON ({err})") from None
+    except RecursionError:
+        raise CorruptObject(CONFIG_NAME, "not JSON (nested too deeply)") from None
     return parse_config(doc)
 
 

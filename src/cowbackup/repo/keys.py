@@ -75,6 +75,8 @@ def unwrap_master(key_object: bytes, repo_id: str, passphrase: bytes, where: str
         owner = doc["repository"]
     except (ValueError, KeyError, TypeError, binascii.Error) as err:
         raise CorruptObject(where, f"malformed key ({err})") from None
+    except RecursionError:
+        raise CorruptObject(where, "malformed key (nested too deeply)") from None
     if owner != repo_id:
         raise RepoUsageError(f"the key in '{where}' belongs to repository {owner}, not {repo_id}")
     if not (

@@ -157,6 +157,9 @@ def decode(raw: bytes, name: str) -> tuple[Manifest, bytes, str]:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise CorruptObject(name, f"not JSON ({err})") from None
+    except RecursionError:
+        # Arrays nested a hundred thousand deep: the parser gives up, and so do we.
+        raise CorruptObject(name, "not JSON (nested too deeply)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise CorruptObject(name, "not a snapshot manifest")
     if doc.get("version") != FORMAT_VERSION:

@@ -21,16 +21,11 @@ def parse_time(text: str) -> datetime.datetime:
 
 
 def _period(rule: str) -> Callable[[datetime.datetime], str]:
-    def last(t: datetime.datetime) -> str:
-        return t.isoformat()  # every snapshot is its own period
-
     def weekly(t: datetime.datetime) -> str:
         year, week, _ = t.isocalendar()
         return f"{year}/{week}"
 
     formats = {"hourly": "%Y/%m/%d/%H", "daily": "%Y/%m/%d", "monthly": "%Y/%m", "yearly": "%Y"}
-    if rule == "last":
-        return last
     if rule == "weekly":
         return weekly
     fmt = formats[rule]
@@ -43,6 +38,10 @@ class Item:
     time: str
 
 
+def _item_period(of_time: Callable[[datetime.datetime], str]) -> Callable[[Item], str]:
+    return lambda item: of_time(parse_time(item.time))
+
+
 def select(items: Sequence[Item], keep: dict[str, int]) -> tuple[list[str], list[str]]:
     """``(kept ids, forgotten ids)``, newest first.  ``keep`` maps a rule of :data:`RULES` to N."""
     ordered = sorted(items, key=lambda i: (parse_time(i.time), i.id), reverse=True)
@@ -51,14 +50,15 @@ def select(items: Sequence[Item], keep: dict[str, int]) -> tuple[list[str], list
         count = keep.get(rule, 0)
         if count <= 0:
             continue
-        period = _period(rule)
+        # keep-last: every snapshot is its own period, even two taken at the same instant.
+        period = (lambda i: i.id) if rule == "last" else _item_period(_period(rule))
         # Periods in which earlier rules already kept a snapshot are not this rule's to count.
-        covered = {period(parse_time(i.time)) for i in ordered if marks.get(i.id)}
+        covered = {period(i) for i in ordered if marks.get(i.id)}
         chosen: set[str] = set()
         for item in ordered:
             if item.id in marks:
                 continue
-            key = period(parse_time(item.time))
+            key = period(item)
             if key in covered:
                 continue
             if key not in chosen:
