@@ -349,6 +349,7 @@ def run_verify(args: argparse.Namespace) -> int:
         "damaged": report.damaged,
         "quarantined": report.quarantined,
         "healed": report.healed,
+        "unconfirmed": report.unconfirmed,
     }
     if args.json:
         emit_json(out)
@@ -357,6 +358,11 @@ def run_verify(args: argparse.Namespace) -> int:
             sys.stdout.write(f"bad object {name}: {problem}\n")
         for sid in sorted(report.damaged):
             sys.stdout.write(f"damaged snapshot {sid}\n")
+        for sid, names in sorted(report.unconfirmed.items()):
+            sys.stdout.write(
+                f"snapshot {sid}: {len(names)} chunk(s) were stored again since it was taken; "
+                "only a verify with the key can confirm them\n"
+            )
         read = f", {report.chunks_read} chunk(s) read ({human(report.bytes_read)})" if args.read_data else ""
         state = (
             "ok"

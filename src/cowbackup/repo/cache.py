@@ -17,6 +17,7 @@ merely not cached.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -46,7 +47,9 @@ class ChunkCache:
     def __init__(self, repo: Repository, *, enabled: bool = True) -> None:
         self.repo = repo
         self.enabled = enabled
-        self.path = os.path.join(cache_dir(repo.config.id), "chunks")
+        # One file per location too: two copies of a repository share its id but not its chunks.
+        where = hashlib.sha256(repo.store.location.encode()).hexdigest()[:16]
+        self.path = os.path.join(cache_dir(repo.config.id), f"chunks-{where}")
         self.known: Known = {}
         self.gc_seq = 0
         self.rebuilt = False
@@ -77,7 +80,7 @@ class ChunkCache:
                     return False
                 count = int(header["count"])
                 data = f.read(count * ENTRY_SIZE + 1)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return False
         if len(data) != count * ENTRY_SIZE:
             return False

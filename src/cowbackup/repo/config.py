@@ -103,8 +103,8 @@ def parse_config(doc: Any) -> RepoConfig:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise CorruptObject(CONFIG_NAME, "not a cowbackup repository config")
     version = doc.get("version")
-    if not isinstance(version, int):
-        raise CorruptObject(CONFIG_NAME, "no format version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptObject(CONFIG_NAME, f"format version {version!r} is not a positive integer")
     if version > FORMAT_VERSION:
         raise UnsupportedFormat(
             f"the repository has format version {version}; this cowbackup reads up to {FORMAT_VERSION}"

@@ -114,8 +114,8 @@ def read_names(store: Store, seq: int, kind: str) -> list[str]:
         names = doc["names"]
         if doc["seq"] != seq or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("bad fields")
-    except (ValueError, KeyError, TypeError) as err:
-        raise CorruptObject(name, f"malformed gc record ({err})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise CorruptObject(name, f"malformed gc record ({type(err).__name__})") from None
     # Only well-formed object names: a hostile record cannot make gc delete anything else.
     return [n for n in names if _GARBAGE_NAME.fullmatch(n)]
 

@@ -13,6 +13,7 @@ put-if-absent, after every object it references is durable; it is never changed 
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from dataclasses import dataclass, field
@@ -192,6 +193,18 @@ def _str(value: Any, what: str) -> str:
     return value
 
 
+def _time(value: Any) -> str:
+    """An ISO 8601 time with a time zone (``2026-12-05T07:00:00.123Z``): forget compares them."""
+    text = _str(value, "time")
+    try:
+        parsed = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"time: {text!r} is not an ISO 8601 time") from None
+    if parsed.tzinfo is None:
+        raise ValueError(f"time: {text!r} has no time zone")
+    return text
+
+
 def _hex(value: Any, what: str) -> bytes:
     if not isinstance(value, str) or not _HEX64.fullmatch(value):
         raise ValueError(f"{what}: not 64 hex digits")
@@ -218,7 +231,7 @@ def _parse_body(body: dict[str, Any]) -> Manifest:
         id=sid,
         repository=_str(body["repository"], "repository"),
         name=check_snapshot_name(_str(body["name"], "name")),
-        time=_str(body["time"], "time"),
+        time=_time(body["time"]),
         host=_str(body.get("host", ""), "host"),
         tags=tags,
         parent=parent,

@@ -346,7 +346,7 @@ class Repository:
                 continue
             try:
                 doc = json.loads(self.store.get(info.name, limit=MAX_DAMAGE_RECORD))
-            except (MissingObject, CorruptObject, ValueError):
+            except (MissingObject, CorruptObject, ValueError, RecursionError):
                 continue
             if isinstance(doc, dict):
                 found[sid] = doc

@@ -140,7 +140,7 @@ def list_sessions(store: Store) -> list[SessionInfo]:
             host, boot, pid, pid_start = doc["host"], doc["boot_id"], int(doc["pid"]), str(doc["pid_start"])
         except MissingObject:
             continue  # ended while we listed
-        except (ValueError, KeyError, TypeError, CorruptObject):
+        except (ValueError, KeyError, TypeError, RecursionError, CorruptObject):
             # A record we cannot read is live until its lease runs out: never assume a backup is dead.
             host, boot, pid, pid_start = "", "", 0, ""
         found.append(

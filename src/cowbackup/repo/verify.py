@@ -46,6 +46,9 @@ class VerifyReport:
     damaged: dict[str, list[str]] = field(default_factory=dict)
     quarantined: list[str] = field(default_factory=list)
     healed: list[str] = field(default_factory=list)
+    #: snapshot id -> chunks stored again since that snapshot recorded them (the copy differs from its
+    #: record, matches another snapshot's): sound if authenticated, which needs the key
+    unconfirmed: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -79,29 +82,41 @@ def verify(
             report.damaged[sid] = [snapshot_name(sid)]
     report.snapshots = len(snaps) + len(report.damaged)
 
-    # Segments: exist, right size and checksum, refs consistent with the index (with the key).
+    # Segments: exist, right size and checksum, refs consistent with the index (with the key).  A chunk
+    # stored again (healed, with a fresh nonce) has other stored bytes than older snapshots recorded:
+    # every (size, checksum) some snapshot recorded for a name is a copy we may find.
     chunks: dict[str, Entry] = {}
-    segment_chunks: dict[bytes, list[str]] = {}  # refs id -> chunk names (a segment shared is read once)
-    needs: dict[str, set[str]] = {}  # snapshot id -> names of the objects it needs
+    records: dict[str, set[tuple[int, bytes]]] = {}  # chunk name -> recorded (stored size, checksum)
+    segment_chunks: dict[bytes, list[Entry]] = {}  # refs id -> its records (a shared segment is read once)
+    needs: dict[str, set[str]] = {}  # snapshot id -> names of the segments it needs
+    needs_chunks: dict[str, list[bytes]] = {}  # snapshot id -> refs ids of its segments
     for snap in snaps:
         wanted = needs.setdefault(snap.id, set())
         for disk in snap.disks:
             for seg in disk.segments:
                 wanted.update((index_name(seg.index_id), refs_name(seg.refs_id)))
-                names = segment_chunks.get(seg.refs_id)
-                if names is None:
-                    names = segment_chunks[seg.refs_id] = _check_segment(repo, seg, listing, report, chunks)
-                wanted.update(names)
-    del segment_chunks
+                if seg.refs_id not in segment_chunks:
+                    segment_chunks[seg.refs_id] = _check_segment(repo, seg, listing, report)
+                needs_chunks.setdefault(snap.id, []).append(seg.refs_id)
+    for entries in segment_chunks.values():
+        for entry in entries:
+            name = chunk_name(entry.chunk_id)
+            chunks.setdefault(name, entry)
+            records.setdefault(name, set()).add((entry.stored_size, entry.stored_sha256))
+    if not repo.has_key and snapshot_ids is not None:
+        # Without the key only a record tells a sound copy from a rotten one: the copy a later backup
+        # stored may be recorded by snapshots we were not asked to check.
+        _add_other_records(repo, set(ids), records)
 
     # Chunks: presence and size from the listing; the data of a sample, each read once.
-    for name, entry in chunks.items():
+    for name in chunks:
         report.objects += 1
         size = listing.get(name)
         if size is None:
             report.bad[name] = "missing"
-        elif size != entry.stored_size:
-            report.bad[name] = f"{size} bytes stored, the index says {entry.stored_size}"
+        elif all(size != recorded for recorded, _ in records[name]):
+            report.bad[name] = f"{size} bytes stored, the index says {chunks[name].stored_size}"
+    present: dict[str, tuple[int, bytes]] = {}  # what the chunks read hold now
     if read_data is not None:
         candidates = sorted(n for n in chunks if n not in report.bad)
         if read_data < 100:
@@ -109,49 +124,79 @@ def verify(
             candidates = rng.sample(candidates, round(len(candidates) * read_data / 100))
         limit = repo.config.chunk_size
 
-        def check(name: str) -> tuple[str, int, str | None]:
+        def check(name: str) -> tuple[str, int, bytes, str | None]:
             entry = chunks[name]
             try:
-                stored = store.get(name, limit=entry.stored_size)
+                stored = store.get(name, limit=max(size for size, _ in records[name]))
             except MissingObject:
-                return name, 0, "missing"
+                return name, 0, b"", "missing"
             except CorruptObject as err:
-                return name, 0, err.problem
-            if len(stored) != entry.stored_size or not hmac.compare_digest(
-                blob.stored_checksum(stored), entry.stored_sha256
-            ):
-                return name, len(stored), "stored checksum mismatch (bit rot or tampering)"
+                return name, 0, b"", err.problem
+            checksum = blob.stored_checksum(stored)
+            if (len(stored), checksum) not in records[name] and not repo.has_key:
+                return name, len(stored), checksum, "stored checksum mismatch (bit rot or tampering)"
             if repo.has_key:
+                # A copy stored again after these snapshots recorded theirs: authentication decides.
                 try:
                     data = blob.unseal(name, blob.Kind.CHUNK, entry.chunk_id, stored, repo.keys, limit)
                     if repo.keys is None and not hmac.compare_digest(repo.hash(data), entry.chunk_id):
-                        return name, len(stored), "its contents do not hash to its id"
+                        return name, len(stored), checksum, "its contents do not hash to its id"
                 except CorruptObject as err:
-                    return name, len(stored), err.problem
-            return name, len(stored), None
+                    return name, len(stored), checksum, err.problem
+            return name, len(stored), checksum, None
 
         with concurrent.futures.ThreadPoolExecutor(workers or default_workers()) as pool:
-            for name, nbytes, problem in pool.map(check, candidates):
+            for name, nbytes, checksum, problem in pool.map(check, candidates):
                 report.chunks_read += 1
                 report.bytes_read += nbytes
                 if problem is not None:
                     report.bad[name] = problem
+                else:
+                    present[name] = (nbytes, checksum)
                 if progress is not None:
                     progress(nbytes)
 
     for sid, wanted in needs.items():
-        lost = sorted(n for n in wanted if n in report.bad)
+        lost = {n for n in wanted if n in report.bad}
+        restored = set()
+        for refs_id in needs_chunks.get(sid, ()):
+            for entry in segment_chunks[refs_id]:
+                name = chunk_name(entry.chunk_id)
+                if name in report.bad:
+                    lost.add(name)
+                elif name in present and present[name] != (entry.stored_size, entry.stored_sha256):
+                    restored.add(name)
         if lost:
-            report.damaged[sid] = lost
+            report.damaged[sid] = sorted(lost)
+        if restored and not repo.has_key:
+            report.unconfirmed[sid] = sorted(restored)
     if repair:
         _repair(repo, report, [s.id for s in snaps])
     return report
 
 
+def _add_other_records(
+    repo: Repository, checked: set[str], records: dict[str, set[tuple[int, bytes]]]
+) -> None:
+    for sid in repo.snapshot_ids():
+        if sid in checked:
+            continue
+        try:
+            snap = repo.load_manifest(sid)
+            for disk in snap.disks:
+                for seg in disk.segments:
+                    for entry in repo.read_refs(seg, seg.entries):
+                        name = chunk_name(entry.chunk_id)
+                        if name in records:
+                            records[name].add((entry.stored_size, entry.stored_sha256))
+        except (MissingObject, CorruptObject):
+            continue
+
+
 def _check_segment(
-    repo: Repository, seg: SegmentRef, listing: dict[str, int], report: VerifyReport, chunks: dict[str, Entry]
-) -> list[str]:
-    """Check one index segment and its refs; the names of the chunks it needs (added to ``chunks``)."""
+    repo: Repository, seg: SegmentRef, listing: dict[str, int], report: VerifyReport
+) -> list[Entry]:
+    """Check one index segment and its refs; the records of the chunks it needs."""
     iname, rname = index_name(seg.index_id), refs_name(seg.refs_id)
     report.objects += 2
     try:
@@ -162,16 +207,19 @@ def _check_segment(
     except CorruptObject as err:
         report.bad[rname] = err.problem
         refs = []
-    names = []
-    for entry in refs:
-        name = chunk_name(entry.chunk_id)
-        chunks.setdefault(name, entry)
-        names.append(name)
     if iname not in listing:
         report.bad[iname] = "missing"
     elif not repo.has_key:
-        if listing[iname] != seg.index_size:
-            report.bad[iname] = f"{listing[iname]} bytes stored, the manifest says {seg.index_size}"
+        try:
+            stored = repo.store.get(iname, limit=seg.index_size)
+            if len(stored) != seg.index_size or not hmac.compare_digest(
+                blob.stored_checksum(stored), seg.index_sha256
+            ):
+                report.bad[iname] = "stored checksum mismatch (bit rot or tampering)"
+        except MissingObject:
+            report.bad[iname] = "missing"
+        except CorruptObject as err:
+            report.bad[iname] = err.problem
     else:
         try:
             entries = repo.read_index(seg)
@@ -180,7 +228,7 @@ def _check_segment(
         else:
             if refs and refs_of(b"".join(e.pack() for e in entries)) != b"".join(e.pack() for e in refs):
                 report.bad[rname] = "does not list what its index segment references"
-    return names
+    return refs
 
 
 def _repair(repo: Repository, report: VerifyReport, checked: list[str]) -> None:

@@ -106,19 +106,7 @@ def test_a_flipped_manifest(tmp_path: Path) -> None:
     assert verify(repo, [second.id], read_data=100).ok
 
 
-HEAL_ENCRYPTED = pytest.param(
-    "repokey",
-    # Not strict: verify keeps the first entry it meets per chunk, and snapshot ids are random, so the
-    # good new copy is judged against the old snapshot's record in about half of the runs.
-    marks=pytest.mark.xfail(
-        strict=False,
-        reason="known bug: a chunk stored again gets a fresh nonce, so its stored checksum differs from "
-        "the one the damaged snapshot's refs record; verify then may quarantine the good new copy too",
-    ),
-)
-
-
-@pytest.mark.parametrize("encryption", [HEAL_ENCRYPTED, "none"])
+@pytest.mark.parametrize("encryption", ["repokey", "none"])
 def test_quarantine_then_the_next_backup_heals_and_verify_clears_the_damage(
     tmp_path: Path, encryption: str
 ) -> None:
@@ -141,3 +129,31 @@ def test_quarantine_then_the_next_backup_heals_and_verify_clears_the_damage(
     # And a key-less verify agrees, now and later.
     assert verify(reopen(repo, key=False), read_data=100).ok
     assert verify(repo, read_data=100).ok
+
+
+def test_after_healing_a_key_less_verify_of_the_old_snapshot_alone_reports_it_unconfirmed(
+    tmp_path: Path,
+) -> None:
+    """An encrypted chunk stored again has other stored bytes than the damaged snapshot recorded.
+    With the key the copy authenticates; without it, checking the old snapshot alone, the copy is
+    matched against every snapshot's record -- kept, not quarantined -- and reported unconfirmed."""
+    repo = new_repo(tmp_path / "repo", "repokey")
+    first, _second = two_snapshots(repo)
+    own = chunk_name(repo.hash(B))
+    flip_byte(repo, own, offset=100)
+    verify(repo, read_data=100)
+    asyncio.run(backup(repo, {"elsewhere": B}, "healer"))
+    keyless = verify(reopen(repo, key=False), [first.id], read_data=100)
+    assert keyless.ok and keyless.quarantined == []
+    assert keyless.unconfirmed == {first.id: [own]}
+    assert verify(repo, [first.id], read_data=100).ok
+    assert asyncio.run(restore(repo, first)) == A + B
+
+
+def test_a_flipped_index_segment_is_found_without_the_key(tmp_path: Path) -> None:
+    repo = new_repo(tmp_path / "repo", "repokey")
+    first, _second = two_snapshots(repo)
+    name = index_name(first.disks[0].segments[0].index_id)
+    flip_byte(repo, name, offset=40)
+    report = verify(reopen(repo, key=False), repair=False)
+    assert name in report.bad and first.id in report.damaged
