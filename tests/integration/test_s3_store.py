@@ -8,6 +8,8 @@ relies on must hold for both.
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -22,7 +24,7 @@ from cowbackup.repo.store import Store
 from cowbackup.repo.store_local import LocalStore
 from cowbackup.repo.store_s3 import S3Store
 
-from .ceph_fixtures import Ceph, FaultProxy
+from .ceph_fixtures import TOOL, Ceph, FaultProxy
 from .conftest import MiB, RunCli, assert_same_content, random_file
 
 WRONG_SECRET = "wrong-Zq8v3-key"
@@ -310,3 +312,19 @@ def test_known_chunks_cost_no_request(
     assert not [r for r in fault_proxy.requests if "chunks" in r[1]], fault_proxy.requests
     assert second["requests_put"] == first["requests_put"] - 8
     assert len(ceph.keys(bucket, "chunks/")) == 8
+
+
+def test_ceph_tool_refuses_a_taken_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run(
+            [str(TOOL), "start", str(tmp_path / "c"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert p.returncode == 1 and f"port {port} on 127.0.0.1 is taken" in p.stderr
+    assert not (tmp_path / "c").exists()
