@@ -10,10 +10,10 @@
 set -eu
 cd "$(dirname "$0")"
 
-DEBS="python3 python3-venv qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd openssl fio restic borgbackup"
+DEBS="python3 python3-venv qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd openssl fio restic borgbackup ceph-mon ceph-osd radosgw ceph-common"
 
 need_debs() {
-    for bin in qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdkit nbdinfo nbdcopy nbdsh openssl fio restic borg; do
+    for bin in qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdkit nbdinfo nbdcopy nbdsh openssl fio restic borg ceph-mon ceph-osd radosgw radosgw-admin; do
         command -v "$bin" >/dev/null 2>&1 || return 0
     done
     /usr/bin/python3 -c 'import ensurepip, nbd' >/dev/null 2>&1 || return 0

@@ -31,6 +31,8 @@ import pytest
 from qemu.qmp import QMPClient
 from qemu.qmp.protocol import ConnectError
 
+from .ceph_fixtures import ceph, fault_proxy, s3_env  # noqa: F401 (fixtures of the S3 tests)
+
 KiB = 1024
 MiB = 1024 * KiB
 

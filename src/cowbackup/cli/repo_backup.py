@@ -24,7 +24,13 @@ from cowbackup.block.errors import BlockError
 from cowbackup.cli import argtypes
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 from cowbackup.cli.progress import JsonReporter, make_reporter
-from cowbackup.cli.repo_common import add_repo_arguments, emit_json, human, open_repository
+from cowbackup.cli.repo_common import (
+    add_endpoint_argument,
+    add_repo_arguments,
+    emit_json,
+    human,
+    open_repository,
+)
 from cowbackup.cli.targets import source_options, target_options
 from cowbackup.daemon import Daemon
 from cowbackup.nbd.uri import is_nbd_uri
@@ -39,7 +45,10 @@ T = TypeVar("T")
 def add_backup_arguments(p: argparse.ArgumentParser) -> None:
     """The options ``backup`` gains for ``--repo`` (the parser is cli/backup.py's)."""
     g = p.add_argument_group("into a repository", "With --repo, SOURCE is stored as a snapshot (no TARGET).")
-    g.add_argument("--repo", metavar="REPO", help="back up into this repository")
+    g.add_argument(
+        "--repo", metavar="REPO", help="back up into this repository (a directory or s3://BUCKET/PREFIX)"
+    )
+    add_endpoint_argument(g)
     g.add_argument("--name", metavar="NAME", help="the snapshot's name, e.g. host1/vm7/disk0")
     g.add_argument("--tag", action="append", default=[], metavar="TAG", help="a tag (repeatable)")
     g.add_argument("--disk", default="disk0", metavar="DISK", help="the disk's name in the snapshot (disk0)")

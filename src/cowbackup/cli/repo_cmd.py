@@ -11,7 +11,14 @@ from typing import Any
 
 from cowbackup.cli import argtypes
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_OK
-from cowbackup.cli.repo_common import add_repo_arguments, emit_json, human, open_repository, read_passphrase
+from cowbackup.cli.repo_common import (
+    add_endpoint_argument,
+    add_repo_arguments,
+    emit_json,
+    human,
+    open_repository,
+    read_passphrase,
+)
 from cowbackup.repo import gc, retention
 from cowbackup.repo.backends import open_store
 from cowbackup.repo.config import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
@@ -27,7 +34,8 @@ def add_parsers(sub: Any) -> None:
     repo_sub = repo.add_subparsers(dest="repo_command", metavar="COMMAND", required=True)
 
     p = repo_sub.add_parser("init", help="create a repository")
-    p.add_argument("repo", metavar="REPO", help="directory to create the repository in")
+    p.add_argument("repo", metavar="REPO", help="directory, or s3://BUCKET/PREFIX (the bucket must exist)")
+    add_endpoint_argument(p)
     p.add_argument(
         "--encryption",
         choices=("repokey", "keyfile", "none"),
@@ -51,6 +59,7 @@ def add_parsers(sub: Any) -> None:
     p = repo_sub.add_parser("info", help="show a repository's settings")
     p.add_argument("repo", metavar="REPO")
     p.add_argument("--json", action="store_true")
+    add_endpoint_argument(p)
     p.set_defaults(func=run_info, sync_level="none", password_file=None)
 
     key = repo_sub.add_parser("key", help="export, import or re-protect the repository key")
@@ -58,11 +67,13 @@ def add_parsers(sub: Any) -> None:
     p = key_sub.add_parser("export", help="write the wrapped key to FILE (keep it safe, apart)")
     p.add_argument("repo", metavar="REPO")
     p.add_argument("file", metavar="FILE")
+    add_endpoint_argument(p)
     p.set_defaults(func=run_key_export, sync_level="none", password_file=None)
     p = key_sub.add_parser("import", help="install a wrapped key from FILE (checked with its passphrase)")
     p.add_argument("repo", metavar="REPO")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--password-file", metavar="FILE")
+    add_endpoint_argument(p)
     p.set_defaults(func=run_key_import, sync_level="file")
     p = key_sub.add_parser("change-password", help="re-wrap the key with a new passphrase")
     p.add_argument("repo", metavar="REPO")
@@ -72,6 +83,7 @@ def add_parsers(sub: Any) -> None:
         metavar="FILE",
         help="the new passphrase (else $COWBACKUP_NEW_PASSWORD, else a prompt)",
     )
+    add_endpoint_argument(p)
     p.set_defaults(func=run_key_change, sync_level="file")
 
     p = sub.add_parser("snapshots", help="list the snapshots of a repository")
@@ -142,7 +154,7 @@ def run_init(args: argparse.Namespace) -> int:
     if args.encryption != "none":
         passphrase = read_passphrase(args, confirm=True, prompt="New passphrase: ")
     repo = Repository.create(
-        open_store(args.repo, "file"),
+        open_store(args.repo, "file", endpoint_url=args.endpoint_url),
         chunk_size=args.chunk_size,
         encryption=args.encryption,
         level=args.compression_level,

@@ -21,7 +21,14 @@ from cowbackup.repo.store_local import SYNC_LEVELS
 
 
 def add_repo_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    p.add_argument("--repo", metavar="REPO", required=required, help="the repository (a directory)")
+    p.add_argument(
+        "--repo",
+        metavar="REPO",
+        required=required,
+        help="the repository: a directory, or s3://BUCKET/PREFIX (credentials from the AWS environment "
+        "or ~/.aws; see --endpoint-url)",
+    )
+    add_endpoint_argument(p)
     p.add_argument("--password-file", metavar="FILE", help="read the passphrase from FILE's first line")
     p.add_argument(
         "--sync-level",
@@ -29,6 +36,17 @@ def add_repo_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> 
         default="filesystem",
         help="when data reaches the disk: file (fsync each object), filesystem (syncfs before each "
         "commit; default), none (never; for scratch repositories)",
+    )
+
+
+def add_endpoint_argument(p: Any) -> None:
+    """Add ``--endpoint-url`` to a parser or an argument group."""
+    p.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        default=None,
+        help="the S3 endpoint of an s3:// repository "
+        "(default: $COWBACKUP_S3_ENDPOINT, else $AWS_ENDPOINT_URL, else AWS)",
     )
 
 
@@ -63,7 +81,9 @@ def read_passphrase(
 
 def open_repository(args: argparse.Namespace, *, key: bool = True) -> Repository:
     """Open ``--repo`` (counting requests); ``key`` False opens an encrypted repository without its key."""
-    store = CountingStore(open_store(args.repo, args.sync_level))
+    store = CountingStore(
+        open_store(args.repo, args.sync_level, endpoint_url=getattr(args, "endpoint_url", None))
+    )
     source: PassphraseSource | None = (lambda: read_passphrase(args)) if key else None
     return Repository.open(store, source)
 

@@ -25,6 +25,13 @@ marker, and then the sweep is postponed until that backup has committed (and its
 chunk) or died; or it started after, and then it saw the marker, waited, and no longer believes in any
 object the sweep deleted.  Objects a backup uploads but has not yet committed are protected the same
 way.  No atime, no lock that blocks backups; sweeps only wait for older backups to end.
+
+Store times may be coarse: S3 gives Last-Modified in whole seconds, and the S3 backend floors every time
+to the second.  Flooring keeps the order of a single clock (a session written before the marker never
+reads as later), and the test ``started <= marked_at + clock_skew`` counts a tie as "before": a coarse
+clock only postpones more sweeps.  With several gateway servers whose clocks differ by up to D seconds,
+``clock_skew`` must be at least D rounded up to a whole second; the default (1 s) covers servers within
+a second of each other.
 """
 
 from __future__ import annotations
@@ -55,8 +62,8 @@ GARBAGE_PREFIXES = ("chunks/", "index/", "refs/")
 #: A sweep marker older than this (store time) belongs to a gc that died; a sweeper stops deleting
 #: before half of it has passed.
 SWEEP_LEASE = 300.0
-#: How far apart the clocks of the store's servers may be (only matters for S3 stores with several
-#: servers; a local store has one clock).
+#: How far apart the clocks of the store's servers may be, in whole seconds when store times are (only
+#: matters for S3 stores with several servers; a local store has one clock).
 DEFAULT_CLOCK_SKEW = 1.0
 #: How many records are kept; a chunk cache that missed more than this many is rebuilt.
 KEEP_RECORDS = 200
