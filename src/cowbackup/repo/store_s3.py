@@ -71,7 +71,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from cowbackup.repo.errors import MissingObject, RepoError, RepoUsageError, StoreError
-from cowbackup.repo.store import ObjectInfo, Store, check_name
+from cowbackup.repo.store import ObjectInfo, Store, check_name, check_size
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ class S3Store(Store):
             raise _Retry(f"'{name}': {len(data)} bytes received where {expected} were asked for")
         return bytes(data)
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, *, limit: int | None = None) -> bytes:
         key = self._key(name)
 
         def attempt() -> bytes:
@@ -373,7 +373,13 @@ class S3Store(Store):
                 if _code(err) in _MISSING:
                     raise MissingObject(name) from None
                 raise
-            return self._read_body(reply, name)
+            length = reply.get("ContentLength")
+            if limit is not None and length is not None and length > limit:
+                reply["Body"].close()  # before reading a byte of it
+                check_size(name, length, limit)
+            data = self._read_body(reply, name)
+            check_size(name, len(data), limit)  # a reply without Content-Length
+            return data
 
         return self._call("read", name, attempt)
 
