@@ -22,7 +22,7 @@ from cowbackup.repo.errors import CorruptObject, MissingObject, RepoError
 from cowbackup.repo.index import Entry
 from cowbackup.repo.manifest import DiskRecord
 from cowbackup.repo.repository import Repository
-from cowbackup.repo.writer import default_workers
+from cowbackup.repo.writer import default_workers, retain_freed_memory
 
 Progress = Callable[[int], None]
 
@@ -64,6 +64,7 @@ async def restore_disk(
     where the target can) unless ``target_reads_zero``.  The bad ranges when ``partial``; else
     DamagedSnapshot if there are any."""
     repo.require_key()
+    retain_freed_memory()
     loop = asyncio.get_running_loop()
     workers = workers or default_workers()
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cowbackup-restore")
