@@ -193,6 +193,8 @@ def collect(
     state = read_state(store)
     pending = sorted(s for s, kinds in state.records.items() if "condemned" in kinds and "done" not in kinds)
     if not dry_run:
+        # Leftovers of writers killed mid-write: never objects, so the mark phase cannot see them.
+        result.deleted_bytes += store.remove_partial_writes()
         for seq in pending:
             _sweep(repo, seq, clock_skew, hook, result)
     hook("mark")
