@@ -44,7 +44,7 @@ from cowbackup.repo.repository import (
     index_name,
     refs_name,
 )
-from cowbackup.repo.sessions import list_sessions
+from cowbackup.repo.sessions import list_sessions, remove_dead
 from cowbackup.repo.store import Store
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,7 @@ def collect(
     if not dry_run:
         # Leftovers of writers killed mid-write: never objects, so the mark phase cannot see them.
         result.deleted_bytes += store.remove_partial_writes()
+        remove_dead(store, list_sessions(store), None)
         for seq in pending:
             _sweep(repo, seq, clock_skew, hook, result)
     hook("mark")
@@ -234,7 +235,9 @@ def _sweep(
     marked_at = info.mtime if info is not None else time.time()
     started = time.monotonic()
     hook("sweep-marker")
-    older = [s for s in list_sessions(store) if s.started <= marked_at + clock_skew and s.is_live(marked_at)]
+    sessions = list_sessions(store)
+    older = [s for s in sessions if s.started <= marked_at + clock_skew and s.is_live(marked_at)]
+    remove_dead(store, sessions, marked_at)
     if older:
         log.info("gc: record %d postponed: %d backup(s) started before the sweep", seq, len(older))
         store.delete([marker])

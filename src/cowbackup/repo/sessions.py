@@ -59,8 +59,13 @@ class SessionInfo:
     started: float  # store time
     last_seen: float  # store time of the latest heartbeat (or the start)
 
+    @property
+    def is_local(self) -> bool:
+        """Started on this machine since its last boot: its pid tells whether it runs."""
+        return self.host == socket.gethostname() and bool(self.boot_id) and self.boot_id == boot_id()
+
     def is_live(self, store_now: float) -> bool:
-        if self.host == socket.gethostname() and self.boot_id and self.boot_id == boot_id():
+        if self.is_local:
             return process_start(self.pid) == self.pid_start
         return store_now - self.last_seen < LEASE
 
@@ -130,3 +135,17 @@ def list_sessions(store: Store) -> list[SessionInfo]:
             SessionInfo(sid, str(host), str(boot), pid, pid_start, started, max(started, beats.get(sid, 0)))
         )
     return found
+
+
+def remove_dead(store: Store, sessions: list[SessionInfo], store_now: float | None) -> int:
+    """Delete the records of sessions that are provably dead (a backup killed before it could remove
+    its own); how many.  With ``store_now`` None (no store time at hand) only sessions of this machine
+    are judged, by their pid; otherwise also those whose lease ran out."""
+    dead = [
+        s
+        for s in sessions
+        if (s.is_local or store_now is not None)
+        and not s.is_live(store_now if store_now is not None else 0.0)
+    ]
+    store.delete(name for s in dead for name in (SESSIONS + s.id + ".alive", SESSIONS + s.id))
+    return len(dead)
