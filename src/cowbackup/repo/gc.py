@@ -5,7 +5,8 @@ Records in ``gc/`` (one sequence of numbers shared by all kinds; a number is tak
     gc/<seq>.condemned   JSON {"seq": N, "kind": "condemned", "names": [...]}: objects that no
                          snapshot referenced when this record was written (mark phase)
     gc/<seq>.quarantine  the same for objects verify moved to quarantine/ (already gone)
-    gc/<seq>.sweep       marker: a gc is deleting the objects of record <seq>
+    gc/<seq>.sweep       marker: a gc is deleting the objects of record <seq>; JSON naming the gc's
+                         process as a session record does (host, boot id, pid, the pid's start)
     gc/<seq>.done        marker: record <seq> is swept
 
 The protocol (``docs/repository.md`` proves it step by step):
@@ -17,7 +18,8 @@ The protocol (``docs/repository.md`` proves it step by step):
    leave the record for a later gc.  Otherwise list the snapshots again and delete the record's objects
    that no snapshot references now; then write ``.done``.
 3. A **backup** writes its session record first, then lists ``gc/``.  If it sees a sweep in progress it
-   waits for it to finish (sweeps are short: they only delete).  It forgets every object of every
+   waits for it to finish (sweeps are short: they only delete), or for its gc to be provably dead (a
+   process of this machine that is gone deletes nothing more).  It forgets every object of every
    swept or quarantine record it has not seen before (so its chunk cache never names a deleted object).
 
 Why a chunk a backup reuses can never be deleted under it: a session either started before the sweep
@@ -44,7 +46,7 @@ from cowbackup.repo.repository import (
     index_name,
     refs_name,
 )
-from cowbackup.repo.sessions import list_sessions, remove_dead
+from cowbackup.repo.sessions import list_sessions, process_gone, process_record, remove_dead
 from cowbackup.repo.store import Store
 
 log = logging.getLogger(__name__)
@@ -132,11 +134,21 @@ def wait_for_sweeps(store: Store, session_started: float, timeout: float = SWEEP
     while True:
         state = read_state(store)
         # The store's clock now, near enough: the session's start (store time) plus what has passed.
-        if not state.sweeps_in_progress(session_started + time.monotonic() - begun):
+        sweeping = state.sweeps_in_progress(session_started + time.monotonic() - begun)
+        # A gc killed while sweeping leaves its marker: waiting out its lease would stall every backup
+        # for minutes.  One provably dead (its process on this machine is gone) deletes nothing more.
+        if all(_sweeper_gone(store, seq) for seq in sweeping):
             return state
         if time.monotonic() - begun > timeout:
             raise ConcurrentChange("a garbage collection has been deleting for too long; try again later")
         time.sleep(0.1)
+
+
+def _sweeper_gone(store: Store, seq: int) -> bool:
+    try:
+        return process_gone(store.get(record_name(seq, "sweep")))
+    except MissingObject:
+        return True  # the sweep ended while we looked
 
 
 def referenced(repo: Repository) -> set[str]:
@@ -230,7 +242,7 @@ def _sweep(
     store = repo.store
     names = read_names(store, seq, "condemned")
     marker = record_name(seq, "sweep")
-    store.put(marker, b"", durable=True)
+    store.put(marker, process_record(), durable=True)
     info = store.stat(marker)
     marked_at = info.mtime if info is not None else time.time()
     started = time.monotonic()

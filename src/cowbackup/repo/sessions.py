@@ -49,6 +49,31 @@ def process_start(pid: int) -> str:
     return stat.rpartition(")")[2].split()[19]
 
 
+def process_record() -> bytes:
+    """Who this process is (JSON: host, boot id, pid, the pid's start time), as session records and gc
+    sweep markers tell it, so that others can see it die."""
+    record = {
+        "host": socket.gethostname(),
+        "boot_id": boot_id(),
+        "pid": os.getpid(),
+        "pid_start": process_start(os.getpid()),
+    }
+    return json.dumps(record).encode()
+
+
+def process_gone(raw: bytes) -> bool:
+    """True if ``raw`` (a :func:`process_record`) names a process of this machine that no longer runs.
+    A record of another machine, or one we cannot read, is never judged gone."""
+    try:
+        doc = json.loads(raw)
+        host, boot, pid, pid_start = doc["host"], doc["boot_id"], int(doc["pid"]), str(doc["pid_start"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or not boot or boot != boot_id():
+        return False
+    return process_start(pid) != pid_start
+
+
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     id: str
@@ -77,13 +102,7 @@ class Session:
         self.store = store
         self.id = secrets.token_hex(16)
         self.name = SESSIONS + self.id
-        record = {
-            "host": socket.gethostname(),
-            "boot_id": boot_id(),
-            "pid": os.getpid(),
-            "pid_start": process_start(os.getpid()),
-        }
-        store.put_if_absent(self.name, json.dumps(record).encode(), durable=True)
+        store.put_if_absent(self.name, process_record(), durable=True)
         info = store.stat(self.name)
         if info is None:
             raise StoreError(f"the session record {self.name} vanished right after it was written")
