@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -34,6 +35,15 @@ PASSWORD = "correct horse"
 
 #: The object kinds gc manages (``docs/repository.md``): everything else is metadata.
 GARBAGE_PREFIXES = ("chunks/", "index/", "refs/")
+
+
+def rewrite_chunks(data: bytes, rng: random.Random, fraction: float, chunk: int) -> bytes:
+    """``data`` with a ``fraction`` of its ``chunk``-sized pieces rewritten with new random bytes."""
+    out = bytearray(data)
+    chunks = len(out) // chunk
+    for i in rng.sample(range(chunks), int(chunks * fraction)):
+        out[i * chunk : (i + 1) * chunk] = rng.randbytes(chunk)
+    return bytes(out)
 
 
 def file_sha256(path: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import CLI_TIMEOUT, KiB, MiB
-from .repo_helpers import RepoCli, file_sha256, referenced_objects, repo_objects, temp_files
+from .repo_helpers import RepoCli, file_sha256, referenced_objects, repo_objects, rewrite_chunks, temp_files
 
 pytestmark = pytest.mark.usefixtures("need_qemu_img")
 
@@ -26,11 +26,7 @@ ROUNDS = 3
 
 
 def mutate(data: bytes, rng: random.Random, fraction: float) -> bytes:
-    out = bytearray(data)
-    chunks = len(out) // CHUNK
-    for i in rng.sample(range(chunks), int(chunks * fraction)):
-        out[i * CHUNK : (i + 1) * CHUNK] = rng.randbytes(CHUNK)
-    return bytes(out)
+    return rewrite_chunks(data, rng, fraction, CHUNK)
 
 
 class Housekeeping:

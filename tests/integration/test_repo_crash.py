@@ -29,6 +29,7 @@ from .repo_helpers import (
     kill_group,
     referenced_objects,
     repo_objects,
+    rewrite_chunks,
     temp_files,
 )
 
@@ -40,11 +41,7 @@ CHUNK = 64 * KiB
 
 def new_version(previous: bytes, rng: random.Random, changed: float) -> bytes:
     """``previous`` with a fraction ``changed`` of its chunks rewritten with new random data."""
-    data = bytearray(previous)
-    chunks = len(data) // CHUNK
-    for i in rng.sample(range(chunks), int(chunks * changed)):
-        data[i * CHUNK : (i + 1) * CHUNK] = rng.randbytes(CHUNK)
-    return bytes(data)
+    return rewrite_chunks(previous, rng, changed, CHUNK)
 
 
 class Model:
