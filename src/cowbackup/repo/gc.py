@@ -5,7 +5,8 @@ Records in ``gc/`` (one sequence of numbers shared by all kinds; a number is tak
     gc/<seq>.condemned   JSON {"seq": N, "kind": "condemned", "names": [...]}: objects that no
                          snapshot referenced when this record was written (mark phase)
     gc/<seq>.quarantine  the same for objects verify moved to quarantine/ (already gone)
-    gc/<seq>.sweep       marker: a gc is deleting the objects of record <seq>
+    gc/<seq>.sweep       marker: a gc is deleting the objects of record <seq>; JSON naming the gc's
+                         process as a session record does (host, boot id, pid, the pid's start)
     gc/<seq>.done        marker: record <seq> is swept
 
 The protocol (``docs/repository.md`` proves it step by step):
@@ -17,7 +18,8 @@ The protocol (``docs/repository.md`` proves it step by step):
    leave the record for a later gc.  Otherwise list the snapshots again and delete the record's objects
    that no snapshot references now; then write ``.done``.
 3. A **backup** writes its session record first, then lists ``gc/``.  If it sees a sweep in progress it
-   waits for it to finish (sweeps are short: they only delete).  It forgets every object of every
+   waits for it to finish (sweeps are short: they only delete), or for its gc to be provably dead (a
+   process of this machine that is gone deletes nothing more).  It forgets every object of every
    swept or quarantine record it has not seen before (so its chunk cache never names a deleted object).
 
 Why a chunk a backup reuses can never be deleted under it: a session either started before the sweep
@@ -52,7 +54,7 @@ from cowbackup.repo.repository import (
     index_name,
     refs_name,
 )
-from cowbackup.repo.sessions import SESSIONS, list_sessions
+from cowbackup.repo.sessions import list_sessions, process_gone, process_record, remove_dead
 from cowbackup.repo.store import Store
 
 log = logging.getLogger(__name__)
@@ -139,15 +141,6 @@ def write_record(store: Store, kind: str, names: Iterable[str]) -> int:
     raise ConcurrentChange("could not take a gc sequence number (too many concurrent writers)")
 
 
-def store_now(store: Store) -> float:
-    """The store's clock: the last-modified time of an object written just now."""
-    store.put(GC + "clock", b"", durable=False)
-    info = store.stat(GC + "clock")
-    if info is None:
-        raise ConcurrentChange("gc/clock vanished right after it was written")
-    return info.mtime
-
-
 def wait_for_sweeps(store: Store, session_started: float, timeout: float = SWEEP_LEASE) -> GcState:
     """For a backup that has written its session record: wait until no sweep is in progress; the state
     of ``gc/`` it may then rely on."""
@@ -155,11 +148,21 @@ def wait_for_sweeps(store: Store, session_started: float, timeout: float = SWEEP
     while True:
         state = read_state(store)
         # The store's clock now, near enough: the session's start (store time) plus what has passed.
-        if not state.sweeps_in_progress(session_started + time.monotonic() - begun):
+        sweeping = state.sweeps_in_progress(session_started + time.monotonic() - begun)
+        # A gc killed while sweeping leaves its marker: waiting out its lease would stall every backup
+        # for minutes.  One provably dead (its process on this machine is gone) deletes nothing more.
+        if all(_sweeper_gone(store, seq) for seq in sweeping):
             return state
         if time.monotonic() - begun > timeout:
             raise ConcurrentChange("a garbage collection has been deleting for too long; try again later")
         time.sleep(0.1)
+
+
+def _sweeper_gone(store: Store, seq: int) -> bool:
+    try:
+        return process_gone(store.get(record_name(seq, "sweep")))
+    except MissingObject:
+        return True  # the sweep ended while we looked
 
 
 def referenced(repo: Repository) -> set[str]:
@@ -216,6 +219,9 @@ def collect(
     state = read_state(store)
     pending = sorted(s for s, kinds in state.records.items() if "condemned" in kinds and "done" not in kinds)
     if not dry_run:
+        # Leftovers of writers killed mid-write: never objects, so the mark phase cannot see them.
+        result.deleted_bytes += store.remove_partial_writes()
+        remove_dead(store, list_sessions(store), None)
         for seq in pending:
             _sweep(repo, seq, clock_skew, hook, result)
     hook("mark")
@@ -236,15 +242,6 @@ def collect(
         hook("condemned")
         _sweep(repo, seq, clock_skew, hook, result, sizes)
     _prune_records(store)
-    # Records of dead sessions (killed backups): they can no longer commit (a live one would have kept
-    # its heartbeat), so they protect nothing.
-    now = store_now(store)
-    store.delete(
-        f"{SESSIONS}{s.id}{suffix}"
-        for s in list_sessions(store)
-        if not s.is_live(now)
-        for suffix in ("", ".alive")
-    )
     # Damage records of snapshots that were forgotten since.
     live = set(repo.snapshot_ids())
     store.delete(info.name for info in store.list(DAMAGE) if info.name[len(DAMAGE) :] not in live)
@@ -262,12 +259,14 @@ def _sweep(
     store = repo.store
     names = read_names(store, seq, "condemned")
     marker = record_name(seq, "sweep")
-    store.put(marker, b"", durable=True)
+    store.put(marker, process_record(), durable=True)
     info = store.stat(marker)
     marked_at = info.mtime if info is not None else time.time()
     started = time.monotonic()
     hook("sweep-marker")
-    older = [s for s in list_sessions(store) if s.started <= marked_at + clock_skew and s.is_live(marked_at)]
+    sessions = list_sessions(store)
+    older = [s for s in sessions if s.started <= marked_at + clock_skew and s.is_live(marked_at)]
+    remove_dead(store, sessions, marked_at)
     if older:
         log.info("gc: record %d postponed: %d backup(s) started before the sweep", seq, len(older))
         store.delete([marker])

@@ -22,7 +22,7 @@ from cowbackup.repo.errors import CorruptObject, MissingObject, RepoError
 from cowbackup.repo.index import Entry
 from cowbackup.repo.manifest import DiskRecord
 from cowbackup.repo.repository import Repository
-from cowbackup.repo.writer import default_workers, retain_freed_memory
+from cowbackup.repo.writer import default_workers, first_error, retain_freed_memory
 
 Progress = Callable[[int], None]
 
@@ -111,11 +111,14 @@ async def restore_disk(
                     await target.write_zeroes(start, length, RequestFlags.MAY_UNMAP)
                 report(length)
                 continue
-            async with asyncio.TaskGroup() as tasks:
-                for i, entry in enumerate(entries):
-                    offset = (first + i) * cs
-                    await window.acquire()
-                    tasks.create_task(one(offset, min(cs, disk.size - offset), entry))
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    for i, entry in enumerate(entries):
+                        offset = (first + i) * cs
+                        await window.acquire()
+                        tasks.create_task(one(offset, min(cs, disk.size - offset), entry))
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
         await target.flush()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

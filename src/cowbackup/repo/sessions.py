@@ -51,6 +51,31 @@ def process_start(pid: int) -> str:
     return stat.rpartition(")")[2].split()[19]
 
 
+def process_record() -> bytes:
+    """Who this process is (JSON: host, boot id, pid, the pid's start time), as session records and gc
+    sweep markers tell it, so that others can see it die."""
+    record = {
+        "host": socket.gethostname(),
+        "boot_id": boot_id(),
+        "pid": os.getpid(),
+        "pid_start": process_start(os.getpid()),
+    }
+    return json.dumps(record).encode()
+
+
+def process_gone(raw: bytes) -> bool:
+    """True if ``raw`` (a :func:`process_record`) names a process of this machine that no longer runs.
+    A record of another machine, or one we cannot read, is never judged gone."""
+    try:
+        doc = json.loads(raw)
+        host, boot, pid, pid_start = doc["host"], doc["boot_id"], int(doc["pid"]), str(doc["pid_start"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or not boot or boot != boot_id():
+        return False
+    return process_start(pid) != pid_start
+
+
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     id: str
@@ -61,8 +86,13 @@ class SessionInfo:
     started: float  # store time
     last_seen: float  # store time of the latest heartbeat (or the start)
 
+    @property
+    def is_local(self) -> bool:
+        """Started on this machine since its last boot: its pid tells whether it runs."""
+        return self.host == socket.gethostname() and bool(self.boot_id) and self.boot_id == boot_id()
+
     def is_live(self, store_now: float) -> bool:
-        if self.host == socket.gethostname() and self.boot_id and self.boot_id == boot_id():
+        if self.is_local:
             return process_start(self.pid) == self.pid_start
         return store_now - self.last_seen < LEASE
 
@@ -74,13 +104,7 @@ class Session:
         self.store = store
         self.id = secrets.token_hex(16)
         self.name = SESSIONS + self.id
-        record = {
-            "host": socket.gethostname(),
-            "boot_id": boot_id(),
-            "pid": os.getpid(),
-            "pid_start": process_start(os.getpid()),
-        }
-        store.put_if_absent(self.name, json.dumps(record).encode(), durable=True)
+        store.put_if_absent(self.name, process_record(), durable=True)
         info = store.stat(self.name)
         if info is None:
             raise StoreError(f"the session record {self.name} vanished right after it was written")
@@ -147,3 +171,17 @@ def list_sessions(store: Store) -> list[SessionInfo]:
             SessionInfo(sid, str(host), str(boot), pid, pid_start, started, max(started, beats.get(sid, 0)))
         )
     return found
+
+
+def remove_dead(store: Store, sessions: list[SessionInfo], store_now: float | None) -> int:
+    """Delete the records of sessions that are provably dead (a backup killed before it could remove
+    its own); how many.  With ``store_now`` None (no store time at hand) only sessions of this machine
+    are judged, by their pid; otherwise also those whose lease ran out."""
+    dead = [
+        s
+        for s in sessions
+        if (s.is_local or store_now is not None)
+        and not s.is_live(store_now if store_now is not None else 0.0)
+    ]
+    store.delete(name for s in dead for name in (SESSIONS + s.id + ".alive", SESSIONS + s.id))
+    return len(dead)

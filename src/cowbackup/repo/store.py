@@ -92,6 +92,12 @@ class Store(abc.ABC):
     def sync(self) -> None:  # noqa: B027 - a no-op is right for stores whose writes are durable at once
         """Make every object written so far durable."""
 
+    def remove_partial_writes(self) -> int:
+        """Remove what writers that died mid-write left behind (never visible as objects, so gc cannot
+        see it); the bytes freed.  Only writes provably abandoned are removed.  Stores whose writes leave
+        nothing behind have nothing to do."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release the backend's resources; may be called twice."""
 
@@ -140,6 +146,9 @@ class CountingStore(Store):
 
     def sync(self) -> None:
         self.inner.sync()
+
+    def remove_partial_writes(self) -> int:
+        return self.inner.remove_partial_writes()
 
     def close(self) -> None:
         self.inner.close()

@@ -1,8 +1,10 @@
 """The local-directory backend: one file per object under a root directory.
 
-Writes go to a temporary file in the object's directory (names starting with ``.`` are never listed),
-then are renamed into place (``put``) or hard-linked (``put_if_absent``: ``link`` fails if the name
-exists, which makes it atomic even between processes).  ``sync_level`` decides when data reaches the
+Writes go to a temporary file in the object's directory, ``.tmp-<pid>-<random>`` (names starting with
+``.`` are never listed), then are renamed into place (``put``) or hard-linked (``put_if_absent``:
+``link`` fails if the name exists, which makes it atomic even between processes).  A writer killed
+mid-write leaves its temporary file; :meth:`LocalStore.remove_partial_writes` (run by gc) removes those
+whose process is gone.  ``sync_level`` decides when data reaches the
 disk (as Proxmox Backup Server's datastore option):
 
 * ``file``: every object and its directory entry are fsynced as they are written;
@@ -19,6 +21,7 @@ import errno
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterable, Iterator
 
 from cowbackup.repo.errors import MissingObject, RepoUsageError, StoreError
@@ -27,6 +30,11 @@ from cowbackup.repo.store import ObjectInfo, Store, check_name, check_size
 SYNC_LEVELS = ("none", "file", "filesystem")
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+_TMP_PREFIX = ".tmp-"
+#: A temporary file this old is abandoned whoever wrote it (a writer on another host sharing the
+#: directory, whose pid means nothing here; or a pid reused since).  Writes take seconds, not hours.
+_TMP_ABANDONED = 3600.0
 
 
 def _syncfs(fd: int) -> None:
@@ -39,6 +47,19 @@ def _store_error(err: OSError, what: str) -> StoreError:
     if err.errno == errno.ENOSPC:
         return StoreError(f"{what}: no space left on the repository's device")
     return StoreError(f"{what}: {err.strerror or err}")
+
+
+def _pid_runs(text: str) -> bool:
+    """True if ``text`` is the pid of a process on this machine (or not a pid we can judge)."""
+    if not text.isdigit():
+        return True  # an older name without a pid: only its age can tell
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 class LocalStore(Store):
@@ -104,7 +125,7 @@ class LocalStore(Store):
     def _write_temp(self, path: str, data: bytes | bytearray | memoryview, durable: bool) -> str:
         directory = os.path.dirname(path)
         self._makedirs(directory)
-        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
+        tmp = os.path.join(directory, f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
@@ -206,6 +227,32 @@ class LocalStore(Store):
                 pass
             except OSError as err:
                 raise _store_error(err, f"cannot delete '{name}'") from err
+
+    def remove_partial_writes(self) -> int:
+        """Unlink temporary files whose writer is gone (its pid does not run here) or that are older than
+        an hour.  Should a live writer's file go after all (a writer on another host, or a pid reused),
+        that writer's request fails with a StoreError: no object is ever damaged."""
+        freed = 0
+        now = time.time()
+        for directory, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(_TMP_PREFIX):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    st = os.stat(path)
+                    if (
+                        _pid_runs(name[len(_TMP_PREFIX) :].partition("-")[0])
+                        and now - st.st_mtime < _TMP_ABANDONED
+                    ):
+                        continue
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue  # its writer renamed or removed it meanwhile
+                except OSError as err:
+                    raise _store_error(err, f"cannot remove the temporary file '{path}'") from err
+                freed += st.st_size
+        return freed
 
     def sync(self) -> None:
         if self.sync_level == "none":

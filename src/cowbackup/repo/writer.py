@@ -308,10 +308,13 @@ class BackupRun:
             finally:
                 window.release()
 
-        async with asyncio.TaskGroup() as tasks:
-            for i in range(count):
-                await window.acquire()
-                tasks.create_task(one(i))
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for i in range(count):
+                    await window.acquire()
+                    tasks.create_task(one(i))
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
 
     async def _read_and_store(self, node: BlockNode, offset: int, length: int, stats: DiskStats) -> bytes:
         buf = self._buffers.pop() if self._buffers else bytearray(self.repo.config.chunk_size)
@@ -477,6 +480,16 @@ class BackupRun:
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
         await asyncio.get_running_loop().run_in_executor(None, self.session.end)
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a TaskGroup's caller should see: the group's first leaf.  Callers and the CLI handle
+    RepoError and BlockError (a full disk, an unreadable source); a group wrapping one would reach the
+    user as an internal error.  The other leaves are sibling tasks meeting the same failure."""
+    err: BaseException = group
+    while isinstance(err, BaseExceptionGroup):
+        err = err.exceptions[0]
+    return err
 
 
 async def _reads_as_zero(node: BlockNode, offset: int, length: int) -> bool:
