@@ -461,6 +461,23 @@ class BlockNode:
             ext = Extent(offset, min(ext.length, length), flags)
         return ext
 
+    async def status_above(self, offset: int, length: int) -> Extent:
+        """Block status of the whole backing chain (QEMU's ``bdrv_block_status_above``): where this
+        node has nothing of its own (neither data, zeros nor an allocation), its backing node answers,
+        and so on down.  Past the end of a shorter backing node the disk reads zeros.  What a reader of
+        the node sees, as an NBD client's ``base:allocation`` must tell it."""
+        ext = await self.block_status(offset, length)
+        layer: BlockNode = self
+        while not ext.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED):
+            edge = layer.children.get("backing")
+            if edge is None:
+                break
+            layer = edge.node
+            if offset >= layer.size:
+                return Extent(offset, ext.length, Status.ZERO)
+            ext = await layer.block_status(offset, min(ext.length, layer.size - offset))
+        return ext
+
     async def extents(self, offset: int = 0, length: int | None = None) -> AsyncIterator[Extent]:
         """Iterate the block status of ``[offset, offset+length)`` extent by extent, merging equal flags."""
         end = self._size if length is None else offset + length

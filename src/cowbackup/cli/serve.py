@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 from cowbackup.block.drivers import qcow2
 from cowbackup.block.errors import BlockError
-from cowbackup.block.node import Extent, FilterNode, Status
 from cowbackup.cli import argtypes
 from cowbackup.cli.errors import EXIT_OK, UsageError
 from cowbackup.cli.repo_common import read_passphrase
@@ -245,7 +244,10 @@ def _snapshot_opener(args: argparse.Namespace) -> DiskOpener:
 class _SnapshotOpener:
     """The snapshot as node ``disk``; with an overlay, the graph is::
 
-        export -> disk (chain-status filter) -> overlay (qcow2, FILE) --backing--> snapshot
+        export -> disk (qcow2, FILE) --backing--> snapshot
+
+    (The NBD server reports block status through the backing chain, so ranges the overlay leaves to the
+    snapshot show as the snapshot's data, holes or zeros.)
     """
 
     def __init__(
@@ -275,7 +277,7 @@ class _SnapshotOpener:
         self.marker = OVERLAY_MARKER.format(repository=repo.config.id, snapshot=snapshot_id, disk=disk.name)
 
     async def open(self, daemon: Daemon) -> None:
-        name = "disk" if self.overlay is None else "snapshot"
+        name = "snapshot" if self.overlay is not None else "disk"
         node = SnapshotNode(name, self.repo, self.snapshot_id, self.disk, cache_bytes=self.cache_bytes)
         try:
             daemon.graph.add(node)
@@ -294,7 +296,7 @@ class _SnapshotOpener:
             await daemon.blockdev_add(
                 {
                     "driver": "qcow2",
-                    "node-name": "overlay",
+                    "node-name": "disk",
                     # locking: a second serve of the same overlay fails instead of corrupting it.
                     "file": {"driver": "file", "filename": self.overlay, "locking": "on"},
                     "backing": "snapshot",
@@ -305,11 +307,6 @@ class _SnapshotOpener:
             if created:
                 os.unlink(self.overlay)
             raise
-        overlay = daemon.graph.get("overlay")
-        top = _ChainStatus("disk", read_only=overlay.read_only)
-        daemon.graph.attach(top, "file", overlay)
-        top.refresh_limits()
-        daemon.graph.add(top)
 
     async def _check_overlay(self, daemon: Daemon, path: str) -> None:
         """Refuse an existing FILE unless it is an overlay made for this snapshot's disk.
@@ -346,28 +343,3 @@ class _SnapshotOpener:
             f"{self.repo.config.id}/{self.snapshot_id}/{self.disk.name}; name a new file or remove it"
         )
 
-
-class _ChainStatus(FilterNode):
-    """Block status of the whole backing chain, as QEMU's NBD server reports ``base:allocation``
-    (``bdrv_block_status_above``): where the overlay has nothing, the snapshot's status shows.
-
-    Our NBD server asks the exported node only, and a qcow2 node answers "not allocated here" for a
-    range its backing node holds: sent as a hole, which qemu-img (compare, convert) takes for zeros.
-    This filter answers for the layer that holds the range instead (and snapshot zero chunks under
-    an untouched overlay range are then sent as holes, as they should be).
-    """
-
-    driver_name = "chain-status"
-
-    async def block_status(self, offset: int, length: int) -> Extent:
-        ext = await super().block_status(offset, length)
-        layer = self.child
-        while not ext.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED):
-            edge = layer.children.get("backing")
-            if edge is None:
-                break
-            layer = edge.node
-            if offset >= layer.size:
-                return Extent(offset, ext.length, Status.ZERO)
-            ext = await layer.block_status(offset, min(ext.length, layer.size - offset))
-        return ext

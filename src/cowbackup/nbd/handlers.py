@@ -54,11 +54,13 @@ SPARSE_READ_MIN = 64 * 1024
 
 
 async def base_allocation(node: BlockNode, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
-    """``base:allocation``: NBD_STATE_HOLE where nothing is stored, NBD_STATE_ZERO where reads give zeros."""
+    """``base:allocation``: NBD_STATE_HOLE where nothing is stored, NBD_STATE_ZERO where reads give zeros
+    -- in the whole backing chain, as QEMU reports it (a range an overlay leaves to its backing file is
+    that file's data, not a hole)."""
     runs: list[tuple[int, int]] = []
     end = offset + length
     while offset < end and len(runs) < MAX_EXTENTS:
-        ext = await node.block_status(offset, end - offset)
+        ext = await node.status_above(offset, end - offset)
         flags = (0 if ext.flags & Status.DATA else NBD_STATE_HOLE) | (
             NBD_STATE_ZERO if ext.flags & Status.ZERO else 0
         )
