@@ -30,11 +30,11 @@ from cowbackup.cli.repo_common import (
     emit_json,
     human,
     open_repository,
+    resolve_disk,
 )
 from cowbackup.cli.targets import source_options, target_options
 from cowbackup.daemon import Daemon
 from cowbackup.nbd.uri import is_nbd_uri
-from cowbackup.repo.errors import RepoUsageError
 from cowbackup.repo.manifest import check_disk_name, check_snapshot_name
 from cowbackup.repo.reader import restore_disk
 from cowbackup.repo.writer import BackupRun
@@ -208,12 +208,7 @@ def _latest_id(repo: Any, name: str) -> str | None:
 
 def run_restore(args: argparse.Namespace) -> int:
     repo = open_repository(args)
-    spec, _, disk_name = args.snapshot.partition(":")
-    snap = repo.resolve(spec)
-    try:
-        disk = snap.disk(disk_name or None)
-    except KeyError as err:
-        raise RepoUsageError(str(err.args[0])) from None
+    snap, disk = resolve_disk(repo, args.snapshot)
     fresh = _fresh_target(args.target, args.target_format)
     return asyncio.run(_cancellable(lambda: _restore(args, repo, snap.id, disk, fresh)))
 

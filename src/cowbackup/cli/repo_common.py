@@ -14,7 +14,8 @@ import sys
 from typing import Any
 
 from cowbackup.repo.backends import open_store
-from cowbackup.repo.errors import RepoUsageError, WrongPassphrase
+from cowbackup.repo.errors import RepoUsageError, SnapshotNotFound, WrongPassphrase
+from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name
 from cowbackup.repo.repository import PassphraseSource, Repository
 from cowbackup.repo.store import CountingStore
 from cowbackup.repo.store_local import SYNC_LEVELS
@@ -99,3 +100,26 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def resolve_disk(repo: Repository, text: str) -> tuple[Manifest, DiskRecord]:
+    """``SNAP[:DISK]``: a snapshot (id, prefix, ``latest``, ``NAME@latest``) and one of its disks.
+
+    A snapshot name may hold ``:`` itself, so the last ``:`` only separates a disk when what follows is
+    a disk name and what precedes it names a snapshot.  RepoUsageError when the disk is ambiguous or
+    absent.
+    """
+    spec, sep, disk_name = text.rpartition(":")
+    snap = None
+    if sep and spec:
+        try:
+            check_disk_name(disk_name)
+            snap = repo.resolve(spec)
+        except (ValueError, SnapshotNotFound):
+            snap = None
+    if snap is None:
+        snap, disk_name = repo.resolve(text), ""
+    try:
+        return snap, snap.disk(disk_name or None)
+    except KeyError as err:
+        raise RepoUsageError(str(err.args[0])) from None

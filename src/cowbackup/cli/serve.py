@@ -28,7 +28,7 @@ from cowbackup.block.drivers import qcow2
 from cowbackup.block.errors import BlockError
 from cowbackup.cli import argtypes
 from cowbackup.cli.errors import EXIT_OK, UsageError
-from cowbackup.cli.repo_common import read_passphrase
+from cowbackup.cli.repo_common import read_passphrase, resolve_disk
 from cowbackup.daemon import Daemon
 from cowbackup.nbd.contexts import ALLOCATION_DEPTH, allocation_depth
 from cowbackup.nbd.listener import NBDServer
@@ -36,7 +36,6 @@ from cowbackup.nbd.tls import TLSError, server_context
 from cowbackup.nbd.uri import NBD_DEFAULT_PORT, NBDAddress
 from cowbackup.qmp.server import QMPServer
 from cowbackup.repo.backends import open_store
-from cowbackup.repo.errors import RepoUsageError
 from cowbackup.repo.manifest import DiskRecord
 from cowbackup.repo.repository import Repository
 from cowbackup.repo.snapshot_node import DEFAULT_CACHE_BYTES, SnapshotNode
@@ -226,12 +225,7 @@ def _snapshot_opener(args: argparse.Namespace) -> DiskOpener:
     cache_bytes = DEFAULT_CACHE_BYTES if args.cache_size is None else args.cache_size
     # Nothing is written to the repository: no sync level applies.
     repo = Repository.open(open_store(args.repo, "none"), lambda: read_passphrase(args))
-    spec, _, disk_name = args.image.partition(":")
-    snap = repo.resolve(spec)
-    try:
-        disk = snap.disk(disk_name or None)
-    except KeyError as err:
-        raise RepoUsageError(str(err.args[0])) from None
+    snap, disk = resolve_disk(repo, args.image)
     damage = repo.damage().get(snap.id)
     if damage is not None:
         sys.stderr.write(
@@ -342,4 +336,3 @@ class _SnapshotOpener:
             f"--overlay '{path}' was made for another snapshot ({backing.split(':', 1)[1]}), not "
             f"{self.repo.config.id}/{self.snapshot_id}/{self.disk.name}; name a new file or remove it"
         )
-
