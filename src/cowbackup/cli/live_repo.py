@@ -47,6 +47,7 @@ from cowbackup.cli.live import (
     signals_to,
 )
 from cowbackup.cli.progress import JsonReporter, make_reporter
+from cowbackup.cli.pull_repo import PullPlan, pull_backup
 from cowbackup.cli.repo_common import human, open_repository, read_passphrase
 from cowbackup.repo.errors import MissingObject, RepoError
 from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name, check_snapshot_name
@@ -173,7 +174,29 @@ async def _run(args: argparse.Namespace, repo: Repository) -> int:
             with _password_file(args, repo) as password_file:
                 if password_file is not None:
                     options["password-file"] = password_file
-                await execute(client, "blockdev-add", options)
+                try:
+                    await execute(client, "blockdev-add", options)
+                except CliError as err:
+                    if "'cowbackup-repo'" not in err.message:
+                        raise
+                    # Not our daemon (qemu-storage-daemon, QEMU): it cannot hold the target; pull.
+                    plan = PullPlan(
+                        node=args.source,
+                        size=size,
+                        snapshot_id=snapshot_id,
+                        disk=args.disk,
+                        name=args.name,
+                        tags=list(args.tag),
+                        changes=changes,
+                        parent=parent,
+                        parent_disk=parent_disk,
+                        old_bitmap=old_bitmap,
+                        new_bitmap=new_bitmap,
+                        persistent=node.get("drv") == "qcow2",
+                    )
+                    snap, elapsed = await pull_backup(client, args, repo, plan, reporter)
+                    _report(args, reporter, snap, size, elapsed)
+                    return EXIT_OK
             committed = False
             try:
                 backup: dict[str, Any] = {

@@ -128,7 +128,7 @@ class _Setup:
                 errors.append(err.message)
 
         if self.exported:
-            await step(lambda: _export_del(client, self.export_id))
+            await step(lambda: export_del(client, self.export_id))
         for name in reversed(self.nodes):
             await step(lambda name=name: execute(client, "blockdev-del", {"node-name": name}))  # type: ignore[misc]
         if self.server_started:
@@ -139,7 +139,7 @@ class _Setup:
         return errors
 
 
-async def _export_del(client: QMPClient, export_id: str) -> None:
+async def export_del(client: QMPClient, export_id: str) -> None:
     """``block-export-del`` (hard: readers still connected are cut off), then wait until it is gone:
     QEMU removes an export asynchronously, and its node stays busy until BLOCK_EXPORT_DELETED."""
     listener = EventListener("BLOCK_EXPORT_DELETED")

@@ -68,6 +68,17 @@ def add_backup_arguments(p: argparse.ArgumentParser) -> None:
         help="when data reaches the disk (default filesystem: syncfs before the commit)",
     )
     g.add_argument(
+        "--scratch-dir",
+        metavar="DIR",
+        help="with --qmp on qemu-storage-daemon (pull mode): where the fleecing scratch image goes "
+        "(default: the temporary directory)",
+    )
+    g.add_argument(
+        "--nbd-socket",
+        metavar="PATH",
+        help="with --qmp, pull mode: the unix socket of the NBD server the daemon already runs",
+    )
+    g.add_argument(
         "--repo-workers",
         type=argtypes.positive_int,
         default=0,
