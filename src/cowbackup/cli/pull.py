@@ -6,10 +6,10 @@
                    [--bitmap NAME] [--name EXPORT] [--id ID] [--allow-discard] [--until-file PATH]
 
 It drives a running ``cowbackup daemon`` (or ``qemu-storage-daemon``) over QMP with the commands libvirt
-uses for a pull-mode backup (docs/pull-mode.md has them in full)::
+uses for a pull-mode backup (docs/pull-mode.md has them in full).  On ``cowbackup daemon``::
 
-    nbd-server-start      at --socket / --bind, unless a server already runs (then it is reused, and the
-                          URI printed assumes it listens at the address given)
+    nbd-server-start      at --socket / --bind, unless a server already runs (then the view must be
+                          reachable at the address given: pull connects to check, else it refuses)
     blockdev-add          ID-scratch: driver file on PATH (created sparse, NODE's size; must not exist)
     blockdev-add          ID-cbw: copy-before-write, file=NODE, target=ID-scratch [, bitmap=NODE/NAME,
                           x-view-bitmap=NAME] -- the instant of the snapshot; with --bitmap, our daemon
@@ -18,19 +18,20 @@ uses for a pull-mode backup (docs/pull-mode.md has them in full)::
     block-export-add      id ID, node ID-snap, name EXPORT (default NODE-snapshot), read-only unless
                           --allow-discard (then writable, so a reader may trim what it has read and free
                           scratch space; writes still fail); with --bitmap, bitmaps=[ID-cbw/NAME], read
-                          as qemu:dirty-bitmap:NAME (qemu-storage-daemon: no dirty map, a warning)
+                          as qemu:dirty-bitmap:NAME
 
-then prints the NBD URI of the view as the first line of stdout, and waits -- without holding the QMP
+On QEMU's daemons, which refuse snapshot-access while the guest's export may write NODE ("Permission
+conflict"), the way libvirt takes on QEMU 7.2 (:mod:`cowbackup.cli.fleece`): PATH becomes a qcow2 image
+whose backing node is NODE, filled by a ``blockdev-backup sync=none`` job; with --bitmap, a disabled copy
+``ID-frozen`` of NAME taken in the same transaction is the view's dirty map
+(``qemu:dirty-bitmap:ID-frozen``, said on stderr).  --allow-discard is refused there.
+
+Then it prints the NBD URI of the view as the first line of stdout, and waits -- without holding the QMP
 connection, so qemu-storage-daemon's single monitor stays usable -- until SIGINT or SIGTERM, or until
 ``--until-file`` exists.  Then it tears everything down in reverse order: ``block-export-del`` (clients
-still connected are cut off), waiting for ``BLOCK_EXPORT_DELETED``; ``blockdev-del`` of the three nodes;
-``nbd-server-stop`` if it started the server; and removes the scratch file.  A failure while setting up
-undoes what was done.
-
-Writes to NODE must pass through the filter: with ``cowbackup daemon`` the filter is inserted above NODE,
-so an existing export of NODE (the guest's) writes through it.  qemu-storage-daemon refuses the
-snapshot-access node while anything else may write NODE directly; export the ``ID-cbw`` node to the guest
-there instead.
+still connected are cut off), waiting for ``BLOCK_EXPORT_DELETED``; the fleecing job; the nodes and the
+frozen bitmap; ``nbd-server-stop`` if it started the server; and removes the scratch file.  A failure
+while setting up undoes what was done.
 
 Exit status: 0 after a clean release; 1 if the daemon refuses a command or goes away; 2 for bad usage
 (a scratch file that exists, a bad address).
@@ -44,19 +45,19 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import QMPClient
 
 from cowbackup.cli.errors import EXIT_OK, CliError, UsageError
+from cowbackup.cli.fleece import Setup, fleece_with_backup_job
 from cowbackup.cli.live import connect, execute
+from cowbackup.nbd.client_conn import ConnectError, NBDClient
+from cowbackup.nbd.uri import parse_uri
 
 #: How often --until-file is looked for.
 UNTIL_FILE_POLL = 0.2
-#: Longest wait for BLOCK_EXPORT_DELETED after block-export-del.
-EXPORT_DELETED_TIMEOUT = 30.0
 
 
 def add_parser(sub: Any) -> None:
@@ -100,61 +101,10 @@ def _address(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 def run(args: argparse.Namespace) -> int:
     addr, uri = _address(args)
-    scratch = Path(args.scratch)
+    scratch = Path(os.path.abspath(args.scratch))  # the daemon resolves names from its own directory
     if scratch.exists():
         raise UsageError(f"scratch file '{scratch}' already exists")
     return asyncio.run(_pull(args, addr, uri, scratch))
-
-
-class _Setup:
-    """What has been set up so far, undone in reverse by :meth:`teardown`."""
-
-    def __init__(self, export_id: str, scratch: Path) -> None:
-        self.export_id = export_id
-        self.scratch = scratch
-        self.nodes: list[str] = []
-        self.exported = False
-        self.server_started = False
-        self.file_created = False
-
-    async def teardown(self, client: QMPClient) -> list[str]:
-        """Undo everything; return the errors (each step is tried whatever the others did)."""
-        errors: list[str] = []
-
-        async def step(what: Callable[[], Awaitable[object]]) -> None:
-            try:
-                await what()
-            except CliError as err:
-                errors.append(err.message)
-
-        if self.exported:
-            await step(lambda: export_del(client, self.export_id))
-        for name in reversed(self.nodes):
-            await step(lambda name=name: execute(client, "blockdev-del", {"node-name": name}))  # type: ignore[misc]
-        if self.server_started:
-            await step(lambda: execute(client, "nbd-server-stop"))
-        if self.file_created:
-            with contextlib.suppress(FileNotFoundError):
-                self.scratch.unlink()
-        return errors
-
-
-async def export_del(client: QMPClient, export_id: str) -> None:
-    """``block-export-del`` (hard: readers still connected are cut off), then wait until it is gone:
-    QEMU removes an export asynchronously, and its node stays busy until BLOCK_EXPORT_DELETED."""
-    listener = EventListener("BLOCK_EXPORT_DELETED")
-    with client.listen(listener):
-        await execute(client, "block-export-del", {"id": export_id, "mode": "hard"})
-        try:
-            async with asyncio.timeout(EXPORT_DELETED_TIMEOUT):
-                while True:
-                    event: dict[str, Any] = dict(await listener.get())
-                    if event.get("data", {}).get("id") == export_id:
-                        return
-        except TimeoutError:
-            raise CliError(
-                f"export '{export_id}' was not deleted within {EXPORT_DELETED_TIMEOUT:.0f} s"
-            ) from None
 
 
 async def _size_of(client: QMPClient, node: str) -> int:
@@ -165,16 +115,22 @@ async def _size_of(client: QMPClient, node: str) -> int:
     raise CliError(f"the daemon has no block node named '{node}'")
 
 
-async def _set_up(client: QMPClient, args: argparse.Namespace, addr: dict[str, Any], s: _Setup) -> None:
+async def _set_up(
+    client: QMPClient, args: argparse.Namespace, addr: dict[str, Any], s: Setup, scratch: Path
+) -> str:
+    """Freeze the view and export it; the name of the dirty-map context exported with it, if any."""
     size = await _size_of(client, args.node)
     try:
         await execute(client, "nbd-server-start", {"addr": {"type": addr["type"], "data": _data(addr)}})
         s.server_started = True
     except CliError as err:
         if "already running" not in err.message:
-            raise
-    await asyncio.to_thread(_create_sparse, s.scratch, size)
-    s.file_created = True
+            raise  # (already running: checked once the view is exported, by connecting to it)
+    version: dict[str, Any] = await execute(client, "query-version")
+    if not str(version.get("package", "")).startswith("cowbackup"):
+        return await _set_up_backup_job(client, args, s, size, scratch)
+    await asyncio.to_thread(_create_sparse, scratch, size)
+    s.files.append(str(scratch))
     prefix = args.id
     scratch_node, cbw_node, snap_node = f"{prefix}-scratch", f"{prefix}-cbw", f"{prefix}-snap"
     await execute(
@@ -183,40 +139,67 @@ async def _set_up(client: QMPClient, args: argparse.Namespace, addr: dict[str, A
         {
             "driver": "file",
             "node-name": scratch_node,
-            "filename": str(s.scratch.resolve()),
+            "filename": str(scratch),
             "discard": "unmap",
         },
     )
     s.nodes.append(scratch_node)
     cbw: dict[str, Any] = {"driver": "copy-before-write", "node-name": cbw_node, "file": args.node}
     cbw["target"] = scratch_node
-    dirty_map = False
     if args.bitmap is not None:
         cbw["bitmap"] = {"node": args.node, "name": args.bitmap}
         # Ours: the view's dirty map, frozen in the same instant as the view, exported next to it.
-        try:
-            await execute(client, "blockdev-add", {**cbw, "x-view-bitmap": args.bitmap})
-            dirty_map = True
-        except CliError as err:
-            if "x-view-bitmap" not in err.message:
-                raise
-            sys.stderr.write(
-                "cowbackup: warning: this daemon cannot freeze the view's dirty map "
-                f"(qemu:dirty-bitmap:{args.bitmap} is not exported)\n"
-            )
-    if not dirty_map:
-        await execute(client, "blockdev-add", cbw)
+        cbw["x-view-bitmap"] = args.bitmap
+    await execute(client, "blockdev-add", cbw)
     s.nodes.append(cbw_node)
     snap = {"driver": "snapshot-access", "node-name": snap_node, "file": cbw_node, "discard": "unmap"}
     await execute(client, "blockdev-add", snap)
     s.nodes.append(snap_node)
-    export: dict[str, Any] = {"type": "nbd", "id": s.export_id, "node-name": snap_node}
+    export: dict[str, Any] = {"type": "nbd", "id": args.id, "node-name": snap_node}
     export["name"] = args.name or f"{args.node}-snapshot"
     export["writable"] = bool(args.allow_discard)
-    if dirty_map:
+    if args.bitmap is not None:
         export["bitmaps"] = [{"node": cbw_node, "name": args.bitmap}]
     await execute(client, "block-export-add", export)
-    s.exported = True
+    s.export = args.id
+    return f"qemu:dirty-bitmap:{args.bitmap}" if args.bitmap is not None else ""
+
+
+async def _set_up_backup_job(
+    client: QMPClient, args: argparse.Namespace, s: Setup, size: int, scratch: Path
+) -> str:
+    """QEMU's daemons: the scratch is a qcow2 image over NODE filled by a sync=none backup job
+    (libvirt's way on QEMU 7.2; snapshot-access beside the guest's writable export is a permission
+    conflict there).  The view's dirty map is a disabled copy of --bitmap, taken in the same instant."""
+    if args.allow_discard:
+        raise CliError("--allow-discard needs snapshot-access (cowbackup daemon); QEMU's view is read-only")
+    scratch_node, frozen = await fleece_with_backup_job(
+        client, s, node=args.node, size=size, scratch=str(scratch), prefix=args.id,
+        frozen_from=args.bitmap,
+    )  # fmt: skip
+    export: dict[str, Any] = {"type": "nbd", "id": args.id, "node-name": scratch_node}
+    export["name"] = args.name or f"{args.node}-snapshot"
+    export["writable"] = False
+    if frozen is not None:
+        export["bitmaps"] = [frozen]
+    await execute(client, "block-export-add", export)
+    s.export = args.id
+    return f"qemu:dirty-bitmap:{frozen}" if frozen is not None else ""
+
+
+async def _check_reachable(uri: str, server_started: bool) -> None:
+    """The view must be where the printed URI says: when the daemon's NBD server was already running,
+    QMP cannot tell where it listens, so connect and see."""
+    if server_started:
+        return
+    try:
+        client = await NBDClient.connect(parse_uri(uri), connect_timeout=5)
+    except (ConnectError, OSError, ValueError) as err:
+        raise CliError(
+            f"the daemon already runs an NBD server, and the view is not reachable at {uri} ({err}); "
+            "give --socket/--bind where that server listens, or stop it"
+        ) from None
+    await client.close()
 
 
 def _create_sparse(path: Path, size: int) -> None:
@@ -253,10 +236,11 @@ async def _wait_for_release(until_file: str | None) -> str:
 
 
 async def _pull(args: argparse.Namespace, addr: dict[str, Any], uri: str, scratch: Path) -> int:
-    s = _Setup(args.id, scratch)
+    s = Setup()
     async with connect(args.qmp) as client:
         try:
-            await _set_up(client, args, addr, s)
+            context = await _set_up(client, args, addr, s, scratch)
+            await _check_reachable(uri, s.server_started)
         except BaseException:
             errors = await s.teardown(client)
             for message in errors:
@@ -264,6 +248,8 @@ async def _pull(args: argparse.Namespace, addr: dict[str, Any], uri: str, scratc
             raise
     print(uri, flush=True)
     sys.stderr.write(f"cowbackup: exporting the view of '{args.node}' taken now; waiting for release\n")
+    if context:
+        sys.stderr.write(f"cowbackup: its dirty map is the metadata context {context}\n")
     why = await _wait_for_release(args.until_file)
     sys.stderr.write(f"cowbackup: released ({why}); tearing down\n")
     async with connect(args.qmp) as client:
