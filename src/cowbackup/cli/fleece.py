@@ -35,8 +35,8 @@ JOB_GONE_TIMEOUT = 30.0
 class Setup:
     """What has been set up on the daemon so far, in the order teardown undoes it."""
 
-    export: str | None = None
-    job: str | None = None
+    exports: list[str] = field(default_factory=list)
+    jobs: list[str] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
     bitmaps: list[tuple[str, str]] = field(default_factory=list)
     server_started: bool = False
@@ -52,12 +52,10 @@ class Setup:
             except CliError as err:
                 errors.append(err.message)
 
-        if self.export is not None:
-            export = self.export
-            await step(lambda: export_del(client, export))
-        if self.job is not None:
-            job = self.job
-            await step(lambda: cancel_job(client, job))
+        for export in self.exports:
+            await step(lambda export=export: export_del(client, export))  # type: ignore[misc]
+        for job in self.jobs:
+            await step(lambda job=job: cancel_job(client, job))  # type: ignore[misc]
         for name in reversed(self.nodes):
             await step(lambda name=name: execute(client, "blockdev-del", {"node-name": name}))  # type: ignore[misc]
         for node, bitmap in self.bitmaps:
@@ -130,50 +128,76 @@ async def start_nbd_server(
             ) from None
 
 
+@dataclass(frozen=True)
+class FleeceSpec:
+    """One node to freeze: its size, a new scratch file, a name prefix, and optionally a bitmap whose
+    bits (the changes up to the instant) are frozen with the view."""
+
+    node: str
+    size: int
+    scratch: str
+    prefix: str
+    frozen_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Fleeced:
+    """A frozen view: the scratch node to export, and the frozen bitmap on the source node (or None)."""
+
+    scratch_node: str
+    frozen: str | None
+
+
 async def fleece_with_backup_job(
     client: QMPClient,
     setup: Setup,
-    *,
-    node: str,
-    size: int,
-    scratch: str,
-    prefix: str,
-    frozen_from: str | None = None,
+    specs: list[FleeceSpec],
     actions: list[dict[str, Any]] | None = None,
-) -> tuple[str, str | None]:
-    """Freeze NODE's view in a new qcow2 scratch file (``scratch``, must not exist) filled by a
-    ``sync=none`` backup job; ``(scratch node, frozen bitmap)``.
+) -> list[Fleeced]:
+    """Freeze the views of several nodes at one instant: each in a new qcow2 scratch file (must not
+    exist) whose backing node is the source, filled by its ``sync=none`` backup job; one transaction
+    starts them all.
 
-    With ``frozen_from`` (a bitmap of NODE) a disabled bitmap ``PREFIX-frozen`` receives its bits in the
-    transaction that starts the job: the changes up to the view's instant, frozen with it.  ``actions``
-    join the same transaction (e.g. a bitmap that starts tracking at that instant).
+    With ``frozen_from``, a disabled bitmap ``PREFIX-frozen`` receives that bitmap's bits in the same
+    transaction: the changes up to the instant, frozen with the view.  ``actions`` join the transaction
+    too (bitmaps that start tracking at that instant).
     """
-    await qcow2.create(scratch, size)
-    setup.files.append(scratch)
-    scratch_node = f"{prefix}-scratch"
-    await execute(
-        client,
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": scratch_node,
-            "file": {"driver": "file", "filename": scratch},
-            "backing": node,
-        },
-    )
-    setup.nodes.append(scratch_node)
     steps = list(actions or [])
-    frozen = f"{prefix}-frozen" if frozen_from else None
-    if frozen is not None:
-        add = {"node": node, "name": frozen, "disabled": True}
-        steps.append({"type": "block-dirty-bitmap-add", "data": add})
-        merge = {"node": node, "target": frozen, "bitmaps": [frozen_from]}
-        steps.append({"type": "block-dirty-bitmap-merge", "data": merge})
-    job = f"{prefix}-fleece"
-    backup = {"job-id": job, "device": node, "target": scratch_node, "sync": "none", "auto-dismiss": True}
-    steps.append({"type": "blockdev-backup", "data": backup})
+    views = []
+    for spec in specs:
+        await qcow2.create(spec.scratch, spec.size)
+        setup.files.append(spec.scratch)
+        scratch_node = f"{spec.prefix}-scratch"
+        await execute(
+            client,
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": scratch_node,
+                "file": {"driver": "file", "filename": spec.scratch},
+                "backing": spec.node,
+            },
+        )
+        setup.nodes.append(scratch_node)
+        frozen = f"{spec.prefix}-frozen" if spec.frozen_from else None
+        if frozen is not None:
+            add = {"node": spec.node, "name": frozen, "disabled": True}
+            steps.append({"type": "block-dirty-bitmap-add", "data": add})
+            merge = {"node": spec.node, "target": frozen, "bitmaps": [spec.frozen_from]}
+            steps.append({"type": "block-dirty-bitmap-merge", "data": merge})
+        job = f"{spec.prefix}-fleece"
+        backup = {
+            "job-id": job,
+            "device": spec.node,
+            "target": scratch_node,
+            "sync": "none",
+            "auto-dismiss": True,
+        }
+        steps.append({"type": "blockdev-backup", "data": backup})
+        views.append(Fleeced(scratch_node, frozen))
     await execute(client, "transaction", {"actions": steps})
-    setup.job = job
-    if frozen is not None:
-        setup.bitmaps.append((node, frozen))
-    return scratch_node, frozen
+    for spec, view in zip(specs, views, strict=True):
+        setup.jobs.append(f"{spec.prefix}-fleece")
+        if view.frozen is not None:
+            setup.bitmaps.append((spec.node, view.frozen))
+    return views

@@ -47,7 +47,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
@@ -482,48 +482,67 @@ async def follow_job(
     reporter: Reporter,
     interrupted: list[int],
 ) -> dict[str, Any]:
-    """Show the job's progress until it is gone; return its last BLOCK_JOB_COMPLETED/_CANCELLED data.
+    """Show the job's progress until it is gone; return its last BLOCK_JOB_COMPLETED/_CANCELLED data."""
+    outcomes = await follow_jobs(client, listener, [job_id], size, reporter, interrupted)
+    return outcomes.get(job_id, {})
 
-    The end is JOB_STATUS_CHANGE(null) (auto-dismiss), or the job missing from ``query-jobs``: the
+
+async def follow_jobs(
+    client: QMPClient,
+    listener: EventListener,
+    job_ids: Sequence[str],
+    size: int,
+    reporter: Reporter,
+    interrupted: list[int],
+) -> dict[str, dict[str, Any]]:
+    """Show the jobs' summed progress until every one is gone; their last BLOCK_JOB_COMPLETED/_CANCELLED
+    data by job id (a job missing there ended without either).
+
+    A job's end is JOB_STATUS_CHANGE(null) (auto-dismiss), or the job missing from ``query-jobs``: the
     events that came before that reply are already in ``listener``, so draining it then misses none.
-    A signal sends ``job-cancel`` once, and the loop goes on until the job is gone.
+    A signal sends ``job-cancel`` to each once, and the loop goes on until they are gone.
     """
-    outcome: dict[str, Any] = {}
-    gone = False
+    wanted = set(job_ids)
+    outcomes: dict[str, dict[str, Any]] = {}
+    gone: set[str] = set()
     cancel_sent = False
 
     def handle(event: Mapping[str, Any]) -> None:
-        nonlocal gone
         data = dict(event.get("data", {}))
-        if job_id not in (data.get("device"), data.get("id")):
+        job = data.get("device") if data.get("device") in wanted else data.get("id")
+        if job not in wanted:
             return
         name = str(event["event"])
         reporter.event(name, data)
         if name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
-            outcome.clear()
-            outcome.update(data, event=name)
+            outcomes[job] = {**data, "event": name}
         elif name == "JOB_STATUS_CHANGE" and data.get("status") == "null":
-            gone = True
+            gone.add(job)
 
-    reporter.start(job_id, size)
+    reporter.start(job_ids[0] if len(job_ids) == 1 else f"{len(job_ids)} jobs", size)
     try:
-        while not gone:
+        while gone != wanted:
             if interrupted and not cancel_sent:
                 cancel_sent = True
-                with contextlib.suppress(CliError):  # the job may have ended on its own meanwhile
-                    await execute(client, "job-cancel", {"id": job_id})
+                for job in wanted - gone:
+                    with contextlib.suppress(CliError):  # the job may have ended on its own meanwhile
+                        await execute(client, "job-cancel", {"id": job})
             jobs: list[dict[str, Any]] = await execute(client, "query-jobs")
-            info = next((job for job in jobs if job.get("id") == job_id), None)
-            if info is not None:
-                reporter.update(info["current-progress"], info["total-progress"])
+            infos = [info for info in jobs if info.get("id") in wanted]
+            if infos:
+                current = sum(i["current-progress"] for i in infos) + sum(
+                    int(o.get("offset", 0)) for j, o in outcomes.items() if j not in {i["id"] for i in infos}
+                )
+                reporter.update(current, max(size, sum(i["total-progress"] for i in infos)))
             while not listener.empty():
                 handle(await listener.get())
-            if info is None:
+            if not infos:
                 break
             with contextlib.suppress(TimeoutError):
                 handle(await asyncio.wait_for(listener.get(), PROGRESS_INTERVAL))
-        if "len" in outcome:
-            reporter.update(int(outcome["offset"]), int(outcome["len"]), force=True)
+        if outcomes and all("len" in o for o in outcomes.values()):
+            done = sum(int(o["offset"]) for o in outcomes.values())
+            reporter.update(done, sum(int(o["len"]) for o in outcomes.values()), force=True)
     finally:
         reporter.stop()
-    return outcome
+    return outcomes

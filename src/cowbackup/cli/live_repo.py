@@ -42,14 +42,14 @@ from cowbackup.cli.live import (
     blockdev_del_quietly,
     connect,
     execute,
-    follow_job,
+    follow_jobs,
     query_node,
     signals_to,
 )
-from cowbackup.cli.progress import JsonReporter, make_reporter
-from cowbackup.cli.pull_repo import PullPlan, pull_backup
+from cowbackup.cli.progress import JsonReporter, Reporter, make_reporter
+from cowbackup.cli.pull_repo import DiskPlan, SnapshotPlan, pull_backup
 from cowbackup.cli.repo_common import human, open_repository, read_passphrase
-from cowbackup.repo.errors import MissingObject, RepoError
+from cowbackup.repo.errors import RepoError
 from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name, check_snapshot_name
 from cowbackup.repo.repository import Repository, index_name
 
@@ -125,120 +125,173 @@ def trust_problem(
 async def _run(args: argparse.Namespace, repo: Repository) -> int:
     loop = asyncio.get_running_loop()
     parents = [s for s in await loop.run_in_executor(None, repo.snapshots) if s.name == args.name]
-    parent = parents[-1] if parents else None
-    snapshot_id = secrets.token_hex(16)
-    job_id = args.job_id or f"backup-{args.source}"
-    target = f"repo-{snapshot_id[:8]}"
+    plan = SnapshotPlan(
+        secrets.token_hex(16), args.name, list(args.tag), parents[-1] if parents else None, []
+    )
     reporter = make_reporter(args.json)
-    interrupted: list[int] = []
     async with connect(args.qmp) as client:
-        listener = EventListener(JOB_EVENTS)
-        with client.listen(listener):
-            node = await query_node(client, args.source)
-            size = int(node["image"]["virtual-size"])
-            changes: dict[str, Any] = {"method": "full"}
-            old_bitmap = None
-            parent_disk = None
-            if args.incremental:
-                reason, parent_disk, old_bitmap = await loop.run_in_executor(
-                    None, trust_problem, repo, parent, args.disk, node, args.bitmap
+        for node, disk in _nodes_and_disks(args):
+            plan.disks.append(await _plan_disk(client, args, repo, plan, node, disk))
+        with _password_file(args, repo) as password_file:
+            pushed = await _add_targets(client, args, plan, password_file)
+        if not pushed:
+            # Not our daemon (qemu-storage-daemon, QEMU): it cannot hold the target; pull.
+            snap, elapsed = await pull_backup(client, args, repo, plan, reporter)
+        else:
+            snap, elapsed = await _push(client, args, repo, plan, reporter)
+    _report(reporter, snap, plan.size, elapsed)
+    return EXIT_OK
+
+
+def _nodes_and_disks(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """NODE and every --node, with their disk names: --disk for a single node, else each node's name."""
+    nodes = [args.source, *args.node]
+    if len(set(nodes)) != len(nodes):
+        raise UsageError("a node is named twice")
+    if len(nodes) == 1:
+        return [(args.source, args.disk)]
+    for node in nodes:
+        try:
+            check_disk_name(node)
+        except ValueError:
+            raise UsageError(f"node '{node}' cannot name a disk of the snapshot") from None
+    return [(node, node) for node in nodes]
+
+
+async def _plan_disk(
+    client: QMPClient, args: argparse.Namespace, repo: Repository, plan: SnapshotPlan, node: str, disk: str
+) -> DiskPlan:
+    """How one disk is backed up: full, or incremental if its parent's bitmap can be trusted."""
+    info = await query_node(client, node)
+    d = DiskPlan(node, disk, int(info["image"]["virtual-size"]), _image(info), {"method": "full"})
+    d.persistent = info.get("drv") == "qcow2" or await _is_ours(client)
+    if args.incremental:
+        reason, d.parent_disk, d.old_bitmap = await asyncio.get_running_loop().run_in_executor(
+            None, trust_problem, repo, plan.parent, disk, info, args.bitmap
+        )
+        if reason is not None:
+            if not args.fallback_full:
+                raise CliError(
+                    f"cannot back up '{node}' incrementally: {reason} (--fallback-full reads it all)"
                 )
-                if reason is not None:
-                    if not args.fallback_full:
-                        raise CliError(
-                            f"cannot back up incrementally: {reason} (--fallback-full reads it all)"
-                        )
-                    sys.stderr.write(f"cowbackup: full backup instead of incremental: {reason}\n")
-                    changes["fallback"] = reason
-                    await _drop_unusable(client, args, node, parent)
-                else:
-                    changes = {"method": "bitmap", "bitmap": old_bitmap}
-            new_bitmap = tracking_bitmap(args.bitmap, snapshot_id) if args.bitmap else None
-            if new_bitmap is not None:
-                changes["tracking"] = {"bitmap": new_bitmap, "node": args.source, "image": _image(node)}
-            options: dict[str, Any] = {
-                "driver": "cowbackup-repo",
-                "node-name": target,
-                "repo": args.repo,
-                "name": args.name,
-                "size": size,
-                "disk": args.disk,
-                "snapshot-id": snapshot_id,
-                "changes": json.dumps(changes),
-                "sync-level": args.sync_level,
-            }
-            if parent_disk is not None and parent is not None:
-                options["parent"] = parent.id
-            if args.tag:
-                options["tag"] = args.tag[0]
-            with _password_file(args, repo) as password_file:
-                if password_file is not None:
-                    options["password-file"] = password_file
-                try:
-                    await execute(client, "blockdev-add", options)
-                except CliError as err:
-                    if "'cowbackup-repo'" not in err.message:
-                        raise
-                    # Not our daemon (qemu-storage-daemon, QEMU): it cannot hold the target; pull.
-                    plan = PullPlan(
-                        node=args.source,
-                        size=size,
-                        snapshot_id=snapshot_id,
-                        disk=args.disk,
-                        name=args.name,
-                        tags=list(args.tag),
-                        changes=changes,
-                        parent=parent,
-                        parent_disk=parent_disk,
-                        old_bitmap=old_bitmap,
-                        new_bitmap=new_bitmap,
-                        persistent=node.get("drv") == "qcow2",
-                    )
-                    snap, elapsed = await pull_backup(client, args, repo, plan, reporter)
-                    _report(args, reporter, snap, size, elapsed)
-                    return EXIT_OK
-            committed = False
-            try:
+            sys.stderr.write(f"cowbackup: full backup of '{node}' instead of incremental: {reason}\n")
+            d.changes["fallback"] = reason
+            await _drop_unusable(client, args, info, plan.parent)
+        else:
+            d.changes = {"method": "bitmap", "bitmap": d.old_bitmap}
+    if args.bitmap:
+        d.new_bitmap = tracking_bitmap(args.bitmap, plan.snapshot_id)
+        d.changes["tracking"] = {"bitmap": d.new_bitmap, "node": node, "image": d.image}
+    return d
+
+
+async def _is_ours(client: QMPClient) -> bool:
+    version: dict[str, Any] = await execute(client, "query-version")
+    return str(version.get("package", "")).startswith("cowbackup")
+
+
+def _target_name(plan: SnapshotPlan, i: int) -> str:
+    return f"repo-{plan.snapshot_id[:8]}-{i}"
+
+
+async def _add_targets(
+    client: QMPClient, args: argparse.Namespace, plan: SnapshotPlan, password_file: str | None
+) -> bool:
+    """A ``cowbackup-repo`` target node per disk, one group; False if the daemon has no such driver."""
+    for i, d in enumerate(plan.disks):
+        options: dict[str, Any] = {
+            "driver": "cowbackup-repo",
+            "node-name": _target_name(plan, i),
+            "repo": args.repo,
+            "name": plan.name,
+            "size": d.size,
+            "disk": d.disk,
+            "snapshot-id": plan.snapshot_id,
+            "group": plan.snapshot_id,
+            "group-disks": len(plan.disks),
+            "changes": json.dumps(d.changes),
+            "sync-level": args.sync_level,
+        }
+        if d.parent_disk is not None and plan.parent is not None:
+            options["parent"] = plan.parent.id
+        if plan.tags:
+            options["tag"] = plan.tags[0]
+        if password_file is not None:
+            options["password-file"] = password_file
+        try:
+            await execute(client, "blockdev-add", options)
+        except CliError as err:
+            if i == 0 and "'cowbackup-repo'" in err.message:
+                return False
+            for j in range(i):
+                await blockdev_del_quietly(client, _target_name(plan, j))
+            raise
+    return True
+
+
+async def _push(
+    client: QMPClient, args: argparse.Namespace, repo: Repository, plan: SnapshotPlan, reporter: Reporter
+) -> tuple[Manifest, float]:
+    """Start one backup job per disk in one transaction (the snapshot's instant), follow them, and clean
+    up: the target nodes, and the tracking bitmaps that lost."""
+    jobs = [
+        args.job_id or f"backup-{d.node}" if len(plan.disks) == 1 else f"backup-{d.node}" for d in plan.disks
+    ]
+    interrupted: list[int] = []
+    committed = False
+    started = False
+    listener = EventListener(JOB_EVENTS)
+    try:
+        with client.listen(listener):
+            actions: list[dict[str, Any]] = []
+            for i, (d, job) in enumerate(zip(plan.disks, jobs, strict=True)):
+                if d.new_bitmap is not None:
+                    add = {"node": d.node, "name": d.new_bitmap, "persistent": d.persistent}
+                    actions.append({"type": "block-dirty-bitmap-add", "data": add})
                 backup: dict[str, Any] = {
-                    "job-id": job_id,
-                    "device": args.source,
-                    "target": target,
-                    "sync": "bitmap" if old_bitmap else "full",
+                    "job-id": job,
+                    "device": d.node,
+                    "target": _target_name(plan, i),
+                    "sync": "bitmap" if d.old_bitmap else "full",
                     "speed": args.speed,
                     "auto-finalize": True,
                     "auto-dismiss": True,
                 }
-                if old_bitmap:
-                    backup.update(bitmap=old_bitmap, **{"bitmap-mode": "never"})
-                actions: list[dict[str, Any]] = []
-                if new_bitmap is not None:
-                    add = {"node": args.source, "name": new_bitmap, "persistent": True}
-                    actions.append({"type": "block-dirty-bitmap-add", "data": add})
+                if d.old_bitmap:
+                    backup.update(bitmap=d.old_bitmap, **{"bitmap-mode": "never"})
                 actions.append({"type": "blockdev-backup", "data": backup})
-                with signals_to(interrupted):
-                    started = time.monotonic()
-                    await execute(client, "transaction", {"actions": actions})
-                    outcome = await follow_job(client, listener, job_id, size, reporter, interrupted)
-                    elapsed = time.monotonic() - started
-                committed = outcome.get("event") == "BLOCK_JOB_COMPLETED" and "error" not in outcome
-            finally:
-                await blockdev_del_quietly(client, target)
-                if new_bitmap is not None:
-                    stale = old_bitmap if committed else new_bitmap
-                    if stale is not None:
-                        await _remove_bitmap(client, args.source, stale)
+            with signals_to(interrupted):
+                begun = time.monotonic()
+                await execute(client, "transaction", {"actions": actions})
+                started = True
+                outcomes = await follow_jobs(client, listener, jobs, plan.size, reporter, interrupted)
+                elapsed = time.monotonic() - begun
+        failed = [
+            f"{job}: {outcomes.get(job, {}).get('error') or 'cancelled'}"
+            for job in jobs
+            if outcomes.get(job, {}).get("event") != "BLOCK_JOB_COMPLETED" or "error" in outcomes.get(job, {})
+        ]
+        committed = not failed and not interrupted
+    finally:
+        for i in range(len(plan.disks)):
+            await blockdev_del_quietly(client, _target_name(plan, i))
+        if started:
+            for d in plan.disks:
+                stale = d.old_bitmap if committed else d.new_bitmap
+                if stale is not None:
+                    await _remove_bitmap(client, d.node, stale)
     if interrupted:
         name = signal.Signals(interrupted[0]).name
         raise CliError(f"interrupted by {name}: backup cancelled, no snapshot committed", EXIT_INTERRUPTED)
     if not committed:
-        why = outcome.get("error") or f"job '{job_id}' was cancelled"
-        raise CliError(f"backup failed: {why}; no snapshot committed", EXIT_FAILED)
+        raise CliError(f"backup failed: {'; '.join(failed)}; no snapshot committed", EXIT_FAILED)
     try:
-        snap = await loop.run_in_executor(None, repo.load_manifest, snapshot_id)
-    except (MissingObject, RepoError) as err:
-        raise CliError(f"the job completed but snapshot {snapshot_id[:8]} is not readable: {err}") from None
-    _report(args, reporter, snap, size, elapsed)
-    return EXIT_OK
+        snap = await asyncio.get_running_loop().run_in_executor(None, repo.load_manifest, plan.snapshot_id)
+    except RepoError as err:
+        raise CliError(
+            f"the jobs completed but snapshot {plan.snapshot_id[:8]} is not readable: {err}"
+        ) from None
+    return snap, elapsed
 
 
 async def _drop_unusable(
@@ -249,7 +302,7 @@ async def _drop_unusable(
         return
     name = tracking_bitmap(args.bitmap, parent.id)
     if any(b.get("name") == name for b in node.get("dirty-bitmaps", [])):
-        await _remove_bitmap(client, args.source, name)
+        await _remove_bitmap(client, str(node["node-name"]), name)
 
 
 async def _remove_bitmap(client: QMPClient, node: str, name: str) -> None:
@@ -282,7 +335,7 @@ class _password_file:
             os.unlink(self.path)
 
 
-def _report(args: argparse.Namespace, reporter: Any, snap: Manifest, size: int, elapsed: float) -> None:
+def _report(reporter: Reporter, snap: Manifest, size: int, elapsed: float) -> None:
     disk = snap.disks[0]
     result = {
         "snapshot": snap.id,
@@ -291,6 +344,7 @@ def _report(args: argparse.Namespace, reporter: Any, snap: Manifest, size: int, 
         "seconds": elapsed,
         "rate": size / elapsed if elapsed > 0 else 0.0,
         "changes": disk.changes,
+        "disks": {d.name: d.changes for d in snap.disks},
         "stats": snap.stats,
     }
     if isinstance(reporter, JsonReporter):

@@ -51,7 +51,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from cowbackup.cli.errors import EXIT_OK, CliError, UsageError
-from cowbackup.cli.fleece import Setup, fleece_with_backup_job
+from cowbackup.cli.fleece import FleeceSpec, Setup, fleece_with_backup_job
 from cowbackup.cli.live import connect, execute
 from cowbackup.nbd.client_conn import ConnectError, NBDClient
 from cowbackup.nbd.uri import parse_uri
@@ -161,7 +161,7 @@ async def _set_up(
     if args.bitmap is not None:
         export["bitmaps"] = [{"node": cbw_node, "name": args.bitmap}]
     await execute(client, "block-export-add", export)
-    s.export = args.id
+    s.exports.append(args.id)
     return f"qemu:dirty-bitmap:{args.bitmap}" if args.bitmap is not None else ""
 
 
@@ -173,17 +173,16 @@ async def _set_up_backup_job(
     conflict there).  The view's dirty map is a disabled copy of --bitmap, taken in the same instant."""
     if args.allow_discard:
         raise CliError("--allow-discard needs snapshot-access (cowbackup daemon); QEMU's view is read-only")
-    scratch_node, frozen = await fleece_with_backup_job(
-        client, s, node=args.node, size=size, scratch=str(scratch), prefix=args.id,
-        frozen_from=args.bitmap,
-    )  # fmt: skip
+    spec = FleeceSpec(args.node, size, str(scratch), args.id, args.bitmap)
+    (view,) = await fleece_with_backup_job(client, s, [spec])
+    scratch_node, frozen = view.scratch_node, view.frozen
     export: dict[str, Any] = {"type": "nbd", "id": args.id, "node-name": scratch_node}
     export["name"] = args.name or f"{args.node}-snapshot"
     export["writable"] = False
     if frozen is not None:
         export["bitmaps"] = [frozen]
     await execute(client, "block-export-add", export)
-    s.export = args.id
+    s.exports.append(args.id)
     return f"qemu:dirty-bitmap:{frozen}" if frozen is not None else ""
 
 

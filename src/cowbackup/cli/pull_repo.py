@@ -31,7 +31,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from cowbackup.cli.fleece import Setup, fleece_with_backup_job, start_nbd_server
+from cowbackup.cli.fleece import Fleeced, FleeceSpec, Setup, fleece_with_backup_job, start_nbd_server
 from cowbackup.cli.live import execute
 from cowbackup.cli.progress import Reporter
 from cowbackup.daemon import Daemon
@@ -43,75 +43,93 @@ from cowbackup.repo.writer import BackupRun
 
 
 @dataclass
-class PullPlan:
-    """What the caller decided: names, the parent, and how the changes are found."""
+class DiskPlan:
+    """One disk of a live backup: its node, how its changes are found, and its tracking bitmaps."""
 
     node: str
-    size: int
-    snapshot_id: str
     disk: str
-    name: str
-    tags: list[str]
+    size: int
+    image: str
     changes: dict[str, Any]
-    parent: Manifest | None
-    parent_disk: DiskRecord | None
-    old_bitmap: str | None
-    new_bitmap: str | None
+    parent_disk: DiskRecord | None = None
+    old_bitmap: str | None = None
+    new_bitmap: str | None = None
     #: QEMU stores persistent bitmaps in qcow2 images only; elsewhere the bitmap lives as long as the
     #: daemon (a restart then means a full backup, with the reason said).
     persistent: bool = True
+
+
+@dataclass
+class SnapshotPlan:
+    """The snapshot a live backup makes: its id (chosen first, it names the bitmaps), name and disks."""
+
+    snapshot_id: str
+    name: str
+    tags: list[str]
+    parent: Manifest | None
+    disks: list[DiskPlan]
+
+    @property
+    def size(self) -> int:
+        return sum(d.size for d in self.disks)
 
 
 async def pull_backup(
     client: QMPClient,
     args: argparse.Namespace,
     repo: Repository,
-    plan: PullPlan,
+    plan: SnapshotPlan,
     reporter: Reporter,
 ) -> tuple[Manifest, float]:
-    """Fleece, read, commit, tear down; ``(snapshot, seconds)``.  CliError if anything fails (then
-    nothing is committed, and everything set up is removed)."""
+    """Fleece every disk at one instant, read them, commit, tear down; ``(snapshot, seconds)``.
+    CliError if anything fails (then nothing is committed, and everything set up is removed)."""
     prefix = f"cb-{plan.snapshot_id[:8]}"
-    scratch = os.path.join(args.scratch_dir or tempfile.gettempdir(), f"{prefix}.scratch.qcow2")
+    scratch_dir = args.scratch_dir or tempfile.gettempdir()
     socket_dir = tempfile.mkdtemp(prefix="cb-nbd-")
     setup = Setup()
     committed: Manifest | None = None
     tracking_added = False
     try:
         started = time.monotonic()
-        tracking = []
-        if plan.new_bitmap is not None:
-            add = {"node": plan.node, "name": plan.new_bitmap, "persistent": plan.persistent}
-            tracking.append({"type": "block-dirty-bitmap-add", "data": add})
-        scratch_node, frozen = await fleece_with_backup_job(
-            client,
-            setup,
-            node=plan.node,
-            size=plan.size,
-            scratch=scratch,
-            prefix=prefix,
-            frozen_from=plan.old_bitmap,
-            actions=tracking,
-        )
-        tracking_added = bool(tracking)
+        tracking = [
+            {
+                "type": "block-dirty-bitmap-add",
+                "data": {"node": d.node, "name": d.new_bitmap, "persistent": d.persistent},
+            }
+            for d in plan.disks
+            if d.new_bitmap is not None
+        ]
+        specs = [
+            FleeceSpec(
+                d.node,
+                d.size,
+                os.path.join(scratch_dir, f"{prefix}-{i}.scratch.qcow2"),
+                f"{prefix}-{i}",
+                d.old_bitmap,
+            )
+            for i, d in enumerate(plan.disks)
+        ]
+        views = await fleece_with_backup_job(client, setup, specs, tracking)
+        tracking_added = True
         socket = args.nbd_socket or os.path.join(socket_dir, "nbd.sock")
         await start_nbd_server(
             client, setup, {"type": "unix", "path": socket}, existing_ok=args.nbd_socket is not None
         )
-        export: dict[str, Any] = {"type": "nbd", "id": prefix, "node-name": scratch_node, "name": prefix}
-        export["writable"] = False
-        if frozen is not None:
-            export["bitmaps"] = [frozen]
-        await execute(client, "block-export-add", export)
-        setup.export = prefix
-        context = f"qemu:dirty-bitmap:{frozen}" if frozen is not None else None
-        committed = await _read_into_repository(repo, plan, str(socket), prefix, context, reporter)
+        for spec, view in zip(specs, views, strict=True):
+            export: dict[str, Any] = {"type": "nbd", "id": spec.prefix, "node-name": view.scratch_node}
+            export.update(name=spec.prefix, writable=False)
+            if view.frozen is not None:
+                export["bitmaps"] = [view.frozen]
+            await execute(client, "block-export-add", export)
+            setup.exports.append(spec.prefix)
+        committed = await _read_into_repository(repo, plan, str(socket), specs, views, reporter)
         return committed, time.monotonic() - started
     finally:
-        # The tracking bitmap that lost: the new one if nothing was committed, else the parent's.
-        stale = plan.old_bitmap if committed is not None else plan.new_bitmap if tracking_added else None
-        if stale is not None:
-            setup.bitmaps.append((plan.node, stale))
+        # The tracking bitmaps that lost: the new ones if nothing was committed, else the parent's.
+        for d in plan.disks:
+            stale = d.old_bitmap if committed is not None else d.new_bitmap if tracking_added else None
+            if stale is not None:
+                setup.bitmaps.append((d.node, stale))
         errors = await setup.teardown(client)
         with contextlib.suppress(OSError):
             os.rmdir(socket_dir)
@@ -120,18 +138,16 @@ async def pull_backup(
 
 
 async def _read_into_repository(
-    repo: Repository, plan: PullPlan, socket: str, export: str, context: str | None, reporter: Reporter
+    repo: Repository,
+    plan: SnapshotPlan,
+    socket: str,
+    specs: list[FleeceSpec],
+    views: list[Fleeced],
+    reporter: Reporter,
 ) -> Manifest:
     daemon = Daemon()
     run: BackupRun | None = None
     try:
-        server = {"type": "unix", "path": socket}
-        node = await daemon.blockdev_add(
-            {"driver": "nbd", "node-name": "view", "server": server, "export": export, "read-only": True}
-        )
-        dirty = None
-        if context is not None:
-            dirty = await _dirty_chunks(socket, export, context, plan.size, repo)
         run = await BackupRun.start(repo)
         done = 0
         reporter.start(plan.name, plan.size)
@@ -141,19 +157,37 @@ async def _read_into_repository(
             done += n
             reporter.update(done, plan.size)
 
-        record = await run.write_disk(
-            plan.disk,
-            node,
-            source=f"nbd+unix:///{export}?socket={socket}",
-            parent=plan.parent_disk,
-            dirty=dirty,
-            changes=plan.changes,
-            progress=progress,
-        )
+        records = []
+        for disk, spec, view in zip(plan.disks, specs, views, strict=True):
+            server = {"type": "unix", "path": socket}
+            node = await daemon.blockdev_add(
+                {
+                    "driver": "nbd",
+                    "node-name": spec.prefix,
+                    "server": server,
+                    "export": spec.prefix,
+                    "read-only": True,
+                }
+            )
+            dirty = None
+            if view.frozen is not None:
+                context = f"qemu:dirty-bitmap:{view.frozen}"
+                dirty = await _dirty_chunks(socket, spec.prefix, context, disk.size, repo)
+            records.append(
+                await run.write_disk(
+                    disk.disk,
+                    node,
+                    source=disk.image,
+                    parent=disk.parent_disk,
+                    dirty=dirty,
+                    changes=disk.changes,
+                    progress=progress,
+                )
+            )
         reporter.update(done, plan.size, force=True)
         return await run.commit(
             plan.name,
-            [record],
+            records,
             tags=plan.tags,
             parent=plan.parent.id if plan.parent is not None else None,
             snapshot_id=plan.snapshot_id,

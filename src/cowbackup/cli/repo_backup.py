@@ -68,6 +68,14 @@ def add_backup_arguments(p: argparse.ArgumentParser) -> None:
         help="when data reaches the disk (default filesystem: syncfs before the commit)",
     )
     g.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="with --qmp: another node backed up at the same instant into the same snapshot (a disk named "
+        "after its node; repeatable)",
+    )
+    g.add_argument(
         "--scratch-dir",
         metavar="DIR",
         help="with --qmp on qemu-storage-daemon (pull mode): where the fleecing scratch image goes "
@@ -141,6 +149,8 @@ def run_backup(args: argparse.Namespace) -> int:
         raise UsageError("with --repo there is no TARGET: the snapshot goes into the repository")
     if not args.name:
         raise UsageError("--repo needs --name NAME (for example host1/vm7/disk0)")
+    if args.node:
+        raise UsageError("--node needs --qmp (several disks of a running daemon at one instant)")
     try:
         check_snapshot_name(args.name)
         check_disk_name(args.disk)
