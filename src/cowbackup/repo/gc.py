@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ SWEEP_LEASE = 300.0
 DEFAULT_CLOCK_SKEW = 1.0
 #: How many records are kept; a chunk cache that missed more than this many is rebuilt.
 KEEP_RECORDS = 200
+#: A sweep marker names its gc process (a few hundred bytes of JSON).
+MAX_RECORD_MARKER = 64 * 1024
 _GARBAGE_NAME = re.compile(r"(chunks|index|refs)/([0-9a-f]{2})/\2[0-9a-f]{62}")
 #: A condemned list of 4 million names; larger records are refused as corrupt.
 MAX_RECORD = 512 * 1024 * 1024
@@ -160,9 +163,11 @@ def wait_for_sweeps(store: Store, session_started: float, timeout: float = SWEEP
 
 def _sweeper_gone(store: Store, seq: int) -> bool:
     try:
-        return process_gone(store.get(record_name(seq, "sweep")))
+        return _holder_gone(store.get(record_name(seq, "sweep"), limit=MAX_RECORD_MARKER))
     except MissingObject:
         return True  # the sweep ended while we looked
+    except CorruptObject:
+        return False  # not readable: its lease decides
 
 
 def referenced(repo: Repository) -> set[str]:
@@ -259,7 +264,11 @@ def _sweep(
     store = repo.store
     names = read_names(store, seq, "condemned")
     marker = record_name(seq, "sweep")
-    store.put(marker, process_record(), durable=True)
+    mine = _take_marker(store, marker)
+    if mine is None:
+        log.info("gc: record %d is being swept by another gc; left to it", seq)
+        result.postponed.append(seq)
+        return
     info = store.stat(marker)
     marked_at = info.mtime if info is not None else time.time()
     started = time.monotonic()
@@ -269,7 +278,7 @@ def _sweep(
     remove_dead(store, sessions, marked_at)
     if older:
         log.info("gc: record %d postponed: %d backup(s) started before the sweep", seq, len(older))
-        store.delete([marker])
+        _release_marker(store, marker, mine)
         result.postponed.append(seq)
         return
     try:
@@ -284,6 +293,10 @@ def _sweep(
                 log.warning("gc: sweep of record %d took too long; a later gc finishes it", seq)
                 result.postponed.append(seq)
                 return
+            if not _still_mine(store, marker, mine):
+                # Another gc judged us dead and took the record over: it sweeps with its own view.
+                log.warning("gc: lost the sweep of record %d to another gc", seq)
+                return
             batch = doomed[i : i + 1000]
             store.delete(batch)
             result.deleted += len(batch)
@@ -295,7 +308,64 @@ def _sweep(
     finally:
         # Waiting backups go on once the marker is gone (or, if we die here, once it is stale).
         with contextlib.suppress(RepoError):
+            _release_marker(store, marker, mine)
+
+
+def _take_marker(store: Store, marker: str) -> bytes | None:
+    """Become the only sweeper of a record: its marker, put if absent, naming us (with a token, so two
+    gc processes of one host differ).  A marker that is there already belongs to another gc, unless
+    that gc is provably dead (its process gone, or its lease run out): then it is replaced -- deleted,
+    and put if absent again, so that of two gc runs replacing it at once only one wins.  None if
+    another gc holds the record."""
+    body = json.dumps({"gc": json.loads(process_record()), "token": secrets.token_hex(8)}).encode()
+    for _ in range(2):
+        if store.put_if_absent(marker, body, durable=True):
+            return body
+        info = store.stat(marker)
+        if info is None:
+            continue  # released meanwhile
+        try:
+            holder = store.get(marker, limit=MAX_RECORD_MARKER)
+        except (MissingObject, CorruptObject):
+            continue
+        stale = store_now(store) - info.mtime > SWEEP_LEASE
+        if not (stale or _holder_gone(holder)):
+            return None
+        if _still_mine(store, marker, holder):  # unchanged since we judged it: replace it
             store.delete([marker])
+    return None
+
+
+def _holder_gone(marker: bytes) -> bool:
+    """True if the gc process a sweep marker names provably no longer runs (see process_gone)."""
+    try:
+        doc = json.loads(marker)
+        holder = doc["gc"] if isinstance(doc, dict) else None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return False
+    return isinstance(holder, dict) and process_gone(json.dumps(holder).encode())
+
+
+def _still_mine(store: Store, marker: str, body: bytes) -> bool:
+    try:
+        return store.get(marker, limit=MAX_RECORD_MARKER) == body
+    except (MissingObject, CorruptObject):
+        return False
+
+
+def _release_marker(store: Store, marker: str, body: bytes) -> None:
+    """Delete the marker if it is still ours (another gc may have taken over a marker it judged dead)."""
+    if _still_mine(store, marker, body):
+        store.delete([marker])
+
+
+def store_now(store: Store) -> float:
+    """The store's clock: the last-modified time of an object written just now."""
+    store.put(GC + "clock", b"", durable=False)
+    info = store.stat(GC + "clock")
+    if info is None:
+        raise ConcurrentChange("gc/clock vanished right after it was written")
+    return info.mtime
 
 
 def _prune_records(store: Store) -> None:

@@ -35,7 +35,7 @@ from cowbackup.repo.store_local import LocalStore
 from cowbackup.repo.verify import verify
 from cowbackup.repo.writer import BackupRun
 
-from .helpers import CHUNK, backup, data, memory_disk, new_repo, restore
+from .helpers import CHUNK, backup, data, memory_disk, new_repo, reopen, restore
 
 D, E, F = data(10), data(11), data(12)
 OLD_DISK = D + E + bytes(CHUNK)
@@ -346,3 +346,29 @@ def test_a_live_session_elsewhere_blocks_sweeping_until_its_lease_ends(
     result = gc.collect(repo)
     assert result.swept == [1]
     assert_whole(repo, {})
+
+
+def test_two_gc_runs_never_sweep_one_record_at_once(tmp_path: Path) -> None:
+    """A second gc that meets a record being swept leaves it to the first: it must not delete with its
+    own, older view of the snapshots, nor take the first one's marker away from waiting backups."""
+    from cowbackup.repo import gc as gc_module
+
+    repo = new_repo(tmp_path / "repo")
+    doomed = asyncio.run(backup(repo, {"d": data(41)}))
+    repo.store.delete([snapshot_name(doomed.id)])
+    seen: list[gc_module.GcResult] = []
+
+    marker = gc_module.record_name(1, "sweep")
+    held: list[bool] = []
+
+    def second_gc(step: str) -> None:
+        if step == "sessions-checked":  # the first gc holds record 1's marker now
+            seen.append(gc_module.collect(reopen(repo)))
+            held.append(repo.store.stat(marker) is not None)
+
+    gc_module.collect(repo, step=second_gc)
+    (second,) = seen
+    # The second left record 1 to the first, and its marker in place (backups starting now wait for
+    # it); what it deleted, it deleted under a record and a marker of its own, with its own view.
+    assert second.postponed == [1] and 1 not in second.swept and held == [True]
+    assert not [i for i in repo.store.list("gc/") if i.name.endswith(".sweep")]
