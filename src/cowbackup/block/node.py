@@ -142,6 +142,10 @@ class BlockNode:
 
     # ------------------------------------------------------------------ backup target hooks
 
+    def backup_target_check(self, sync: str) -> None:
+        """A backup job with ``sync`` is about to write this node as its target: BlockError to refuse (a
+        target that cannot hold what that mode leaves unwritten).  Any mode suits most targets."""
+
     async def backup_target_prepare(self) -> None:
         """A backup job that wrote this node as its target succeeded (QEMU's job *prepare* phase).
 

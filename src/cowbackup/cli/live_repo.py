@@ -119,6 +119,9 @@ def trust_problem(
         return f"bitmap '{name}' was disabled: writes may have gone unrecorded", None, None
     if entry.get("busy"):
         return f"bitmap '{name}' is in use by another job", None, None
+    size = node.get("image", {}).get("virtual-size")
+    if record.size != size:
+        return f"the disk was resized since the parent snapshot ({record.size} -> {size} bytes)", None, None
     return None, record, name
 
 
@@ -271,7 +274,9 @@ async def _push(
             for job in jobs
             if outcomes.get(job, {}).get("event") != "BLOCK_JOB_COMPLETED" or "error" in outcomes.get(job, {})
         ]
-        committed = not failed and not interrupted
+        # The targets commit when their jobs succeed: a signal that came too late to cancel them
+        # changes nothing.
+        committed = not failed
     finally:
         for i in range(len(plan.disks)):
             await blockdev_del_quietly(client, _target_name(plan, i))
@@ -280,7 +285,7 @@ async def _push(
                 stale = d.old_bitmap if committed else d.new_bitmap
                 if stale is not None:
                     await _remove_bitmap(client, d.node, stale)
-    if interrupted:
+    if interrupted and not committed:
         name = signal.Signals(interrupted[0]).name
         raise CliError(f"interrupted by {name}: backup cancelled, no snapshot committed", EXIT_INTERRUPTED)
     if not committed:

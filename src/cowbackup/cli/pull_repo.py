@@ -20,6 +20,7 @@ happens::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import sys
@@ -31,12 +32,14 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from cowbackup.cli.errors import CliError
 from cowbackup.cli.fleece import Fleeced, FleeceSpec, Setup, fleece_with_backup_job, start_nbd_server
 from cowbackup.cli.live import execute
 from cowbackup.cli.progress import Reporter
 from cowbackup.daemon import Daemon
 from cowbackup.nbd.client_conn import NBDClient
 from cowbackup.nbd.uri import NBDAddress
+from cowbackup.repo.errors import MissingObject
 from cowbackup.repo.manifest import DiskRecord, Manifest
 from cowbackup.repo.repository import Repository
 from cowbackup.repo.writer import BackupRun
@@ -149,6 +152,7 @@ async def _read_into_repository(
     run: BackupRun | None = None
     try:
         run = await BackupRun.start(repo)
+        await _reload_parent(repo, plan)
         done = 0
         reporter.start(plan.name, plan.size)
 
@@ -197,6 +201,23 @@ async def _read_into_repository(
         if run is not None:
             await run.close()
         await daemon.close()
+
+
+async def _reload_parent(repo: Repository, plan: SnapshotPlan) -> None:
+    """Read the parent again now that our session exists: gc protects what a session may reuse only from
+    its start on, so a parent read earlier may have been forgotten and swept since."""
+    if plan.parent is None or not any(d.parent_disk is not None for d in plan.disks):
+        return
+    try:
+        parent = await asyncio.get_running_loop().run_in_executor(None, repo.load_manifest, plan.parent.id)
+    except MissingObject:
+        raise CliError(
+            f"the parent snapshot {plan.parent.id[:8]} was forgotten while this backup started; run it again "
+            "(with --fallback-full it then reads everything)"
+        ) from None
+    for d in plan.disks:
+        if d.parent_disk is not None:
+            d.parent_disk = parent.disk(d.disk)
 
 
 async def _dirty_chunks(

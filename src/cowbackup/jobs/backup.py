@@ -308,6 +308,7 @@ def backup_job_create(
         raise BlockError("Source and target cannot be the same")
     if params.compress and not _supports_compressed_writes(target):
         raise BlockError(f"Compression is not supported for this drive {params.target}")
+    target.backup_target_check(params.sync)
     # QEMU's op blockers: a running backup's target is the job's alone -- neither the source nor the
     # target of another backup (two snapshots would interleave in it, or a half-written one be read).
     for name, node in ((params.device, source), (params.target, target)):

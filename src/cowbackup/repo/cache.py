@@ -75,16 +75,19 @@ class ChunkCache:
     def _read_file(self) -> bool:
         try:
             with open(self.path, "rb") as f:
-                header = json.loads(f.readline())
-                if header.get("repository") != self.repo.config.id:
+                header = json.loads(f.readline(4096))
+                if not isinstance(header, dict) or header.get("repository") != self.repo.config.id:
                     return False
                 count = int(header["count"])
+                gc_seq = int(header.get("gc_seq", 0))
+                if count < 0 or gc_seq < 0:
+                    return False
                 data = f.read(count * ENTRY_SIZE + 1)
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            return False
+            return False  # a cache we cannot read is rebuilt, never trusted
         if len(data) != count * ENTRY_SIZE:
             return False
-        self.gc_seq = int(header.get("gc_seq", 0))
+        self.gc_seq = gc_seq
         view = memoryview(data)
         self.known = {
             bytes(view[i : i + 32]): bytes(view[i : i + ENTRY_SIZE]) for i in range(0, len(data), ENTRY_SIZE)
@@ -136,8 +139,8 @@ class ChunkCache:
                     continue
                 try:
                     names = gc.read_names(self.repo.store, seq, kind)
-                except MissingObject:
-                    self.known.clear()  # pruned under us: trust nothing
+                except (MissingObject, CorruptObject):
+                    self.known.clear()  # pruned under us, or unreadable: trust nothing
                     names = []
                 for name in names:
                     cid = id_from_name(name)

@@ -239,7 +239,10 @@ class Repository:
         """The entries of an index segment, checked against the manifest (size, checksum, id)."""
         self.require_key()
         name = index_name(segment.index_id)
-        stored = self._get_checked(name, segment.index_size, segment.index_sha256)
+        limit = blob.max_stored_size(segment.entries * index.ENTRY_SIZE)
+        stored = self._get_checked(
+            name, min(segment.index_size, limit), segment.index_size, segment.index_sha256
+        )
         plaintext = blob.unseal(
             name, Kind.INDEX, segment.index_id, stored, self.keys, segment.entries * index.ENTRY_SIZE
         )
@@ -253,7 +256,10 @@ class Repository:
     def read_refs(self, segment: SegmentRef, max_entries: int) -> list[Entry]:
         """The records of a refs segment (works without the key)."""
         name = refs_name(segment.refs_id)
-        stored = self._get_checked(name, segment.refs_size, segment.refs_sha256)
+        limit = blob.max_stored_size(max_entries * index.ENTRY_SIZE)
+        stored = self._get_checked(
+            name, min(segment.refs_size, limit), segment.refs_size, segment.refs_sha256
+        )
         plaintext = blob.unseal(
             name, Kind.REFS, segment.refs_id, stored, None, max_entries * index.ENTRY_SIZE
         )
@@ -264,8 +270,10 @@ class Repository:
         except ValueError as err:
             raise CorruptObject(name, str(err)) from None
 
-    def _get_checked(self, name: str, size: int, checksum: bytes) -> bytes:
-        stored = self.store.get(name, limit=size)
+    def _get_checked(self, name: str, limit: int, size: int, checksum: bytes) -> bytes:
+        """The stored bytes of a segment, of the size and checksum the manifest records; never more than
+        ``limit`` bytes are read (the largest a segment of its entries can be: a manifest may lie)."""
+        stored = self.store.get(name, limit=limit)
         if len(stored) != size:
             raise CorruptObject(name, f"{len(stored)} bytes stored, the manifest says {size}")
         if not hmac.compare_digest(blob.stored_checksum(stored), checksum):
@@ -325,13 +333,16 @@ class Repository:
             raise SnapshotNotFound(f"'{spec}' matches {len(matches)} snapshots; give more digits")
         return self.load_manifest(matches[0])
 
-    def commit(self, snap: Manifest) -> None:
+    def commit(self, snap: Manifest, last_check: Callable[[], None] | None = None) -> None:
         """Write the manifest -- the commit point.  Everything it references must be written already:
-        this makes it durable first (``sync``), then puts the manifest durably, never over another."""
+        this makes it durable first (``sync``), runs ``last_check`` (a backup's lease, as late as it
+        can be), then puts the manifest durably, never over another."""
         self.require_key()
         canonical = manifest.canonical(snap.body())
         data = manifest.encode(snap, crypto.manifest_mac(self.keys, canonical))
         self.store.sync()
+        if last_check is not None:
+            last_check()
         if not self.store.put_if_absent(snapshot_name(snap.id), data, durable=True):
             raise RepoError(f"snapshot {snap.id} exists already")
 

@@ -32,6 +32,10 @@ LEASE = 600.0
 MAX_RECORD = 64 * 1024
 
 
+def _clock() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -109,15 +113,20 @@ class Session:
         if info is None:
             raise StoreError(f"the session record {self.name} vanished right after it was written")
         self.started = info.mtime
-        #: When the store last confirmed we are alive (monotonic clock): the record, then each heartbeat.
-        self.last_confirmed = time.monotonic()
+        #: When the store last confirmed we are alive (the boot clock: it counts a suspended machine's
+        #: sleep too): the record, then each heartbeat.  ``lapsed`` latches a gap longer than the lease.
+        self.last_confirmed = _clock()
+        self.lapsed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"session-{self.id[:8]}", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT):
-            sent = time.monotonic()
+            sent = _clock()
+            if sent - self.last_confirmed > LEASE - 2 * HEARTBEAT:
+                # Others may have judged us dead meanwhile; a later heartbeat does not undo that.
+                self.lapsed = True
             with contextlib.suppress(StoreError):
                 self.store.put(self.name + ".alive", b"", durable=False)
                 self.last_confirmed = sent
@@ -126,11 +135,17 @@ class Session:
         """ConcurrentChange if other hosts may have declared this session dead: its last confirmed
         heartbeat is older than the lease minus a margin (the process was stopped, or the store did not
         take our heartbeats).  Then a gc may have swept chunks this backup reuses: it must not commit."""
-        age = time.monotonic() - self.last_confirmed
-        if age > LEASE - 2 * HEARTBEAT:
+        age = _clock() - self.last_confirmed
+        if self.lapsed or age > LEASE - 2 * HEARTBEAT:
             raise ConcurrentChange(
-                f"this backup's session was not confirmed for {age:.0f} s (lease {LEASE:.0f} s); a gc may "
-                "have removed chunks it reuses, so it does not commit -- run it again"
+                "this backup's session went unconfirmed for most of its lease (the process was stopped, "
+                "or the store did not take its heartbeats); a gc may have removed chunks it reuses, so it "
+                "does not commit -- run it again"
+            )
+        if self.store.stat(self.name) is None:
+            raise ConcurrentChange(
+                "this backup's session record is gone (another host's gc judged it dead); it does not "
+                "commit -- run it again"
             )
 
     def end(self) -> None:

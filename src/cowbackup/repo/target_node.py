@@ -64,10 +64,13 @@ class PendingSnapshot:
     committed: Manifest | None = None
     aborted: bool = False
     members: int = 0
+    members_disks: set[str] = field(default_factory=set)
 
     async def disk_ready(self, disk: DiskRecord) -> None:
         if self.aborted:
             raise RepoError("the snapshot was abandoned: another disk of its group failed")
+        if disk.name in self.disks:
+            raise RepoError(f"disk '{disk.name}' was backed up twice into one snapshot")
         self.disks[disk.name] = disk
         if len(self.disks) == self.disks_expected:
             self.committed = await self.run.commit(
@@ -113,7 +116,6 @@ class RepoTargetNode(BlockNode):
         self.known_zero_init = parent is None
         self.written: dict[int, bytes] = {}
         self.stats = DiskStats(size=size)
-        self._done = False
 
     def describe(self) -> dict[str, object]:
         return {"file": f"cowbackup-repo:{self.run.repo.store.location}", "snapshot": self.pending.name}
@@ -150,6 +152,17 @@ class RepoTargetNode(BlockNode):
             return Extent(offset, length, Status.ZERO)
         return Extent(offset, length, Status.DATA | Status.ALLOCATED)
 
+    def backup_target_check(self, sync: str) -> None:
+        # What the job leaves unwritten reads as zeros (full) or as the parent's (an incremental): a mode
+        # that leaves anything else unwritten (top: the backing file's data; none) would lose data.
+        wanted = ("bitmap", "incremental") if self.parent is not None else ("full",)
+        if sync not in wanted:
+            kind = f"an incremental over snapshot {self.pending.parent}" if self.parent else "a full snapshot"
+            raise BlockError(
+                f"cowbackup-repo node '{self.node_name}' is {kind}: a backup into it needs sync="
+                + " or ".join(wanted)
+            )
+
     async def backup_target_prepare(self) -> None:
         try:
             record = await self.run.finish_disk(
@@ -158,14 +171,9 @@ class RepoTargetNode(BlockNode):
             await self.pending.disk_ready(record)
         except RepoError as err:
             raise OSError(errno.EIO, f"repository: {err}") from err
-        self._done = True
 
     async def backup_target_abort(self) -> None:
         self.pending.aborted = True
-
-    @property
-    def committed(self) -> Manifest | None:
-        return self.pending.committed
 
     async def _do_close(self) -> None:
         self.pending.members -= 1
@@ -207,11 +215,18 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
             run = await BackupRun.start(repo)
             pending = PendingSnapshot(run, name, group_disks, parent_id, snapshot_id, [tag] if tag else [])
             groups[group] = pending
-        elif pending.name != name or pending.disks_expected != group_disks:
+        elif (pending.name, pending.disks_expected, pending.parent, pending.snapshot_id) != (
+            name,
+            group_disks,
+            parent_id,
+            snapshot_id,
+        ) or (tag is not None and [tag] != pending.tags):
             raise BlockError(
-                f"cowbackup-repo: group '{group}' is snapshot '{pending.name}' of "
-                f"{pending.disks_expected} disk(s)"
+                f"cowbackup-repo: group '{group}' is snapshot '{pending.name}' of {pending.disks_expected} "
+                "disk(s); every node of a group must name the same snapshot, parent, id and tag"
             )
+        elif disk in pending.members_disks:
+            raise BlockError(f"cowbackup-repo: group '{group}' has a disk '{disk}' already")
         parent = None
         if parent_id is not None:
             snap = await loop.run_in_executor(None, pending.run.repo.load_manifest, parent_id)
@@ -219,12 +234,15 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
                 parent = snap.disk(disk)
             except KeyError as err:
                 raise BlockError(f"cowbackup-repo: {err.args[0]}") from None
-    except RepoError as err:
-        if pending is not None and pending.members == 0:
+    except BaseException as err:
+        if pending is not None and pending.members == 0:  # made for this node: nobody else holds it
             groups.pop(group, None)
             await pending.run.close()
-        raise BlockError(f"cowbackup-repo: {err}") from None
+        if isinstance(err, RepoError):
+            raise BlockError(f"cowbackup-repo: {err}") from None
+        raise
     pending.members += 1
+    pending.members_disks.add(disk)
     return RepoTargetNode(node_name, pending, group, groups, disk, size, parent, changes)
 
 

@@ -128,6 +128,9 @@ class BackupRun:
         self._stats_lock = threading.Lock()
         self._buffers: list[bytearray] = []
         self._closed = False
+        #: The snapshot's time: when the backup started reading, not when it committed (retention and
+        #: ``latest`` order snapshots by the instant they show).
+        self.started_at = utc_now()
 
     @classmethod
     async def start(
@@ -361,7 +364,9 @@ class BackupRun:
             with claims.lock:
                 del claims.pending[cid]
             raise
-        self.known[cid] = packed
+        with claims.lock:  # known from now on: the claim has done its job (and must not pile up)
+            self.known[cid] = packed
+            del claims.pending[cid]
         future.set_result(packed)
         return packed
 
@@ -461,15 +466,16 @@ class BackupRun:
             id=snapshot_id or secrets.token_hex(16),
             repository=self.repo.config.id,
             name=name,
-            time=time or utc_now(),
+            time=time or self.started_at,
             host=socket.gethostname(),
             tags=sorted(set(tags or [])),
             parent=parent,
             disks=disks,
             stats=totals,
         )
-        self.session.check_fresh()
-        await asyncio.get_running_loop().run_in_executor(None, self.repo.commit, snap)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.repo.commit, snap, self.session.check_fresh
+        )
         await asyncio.get_running_loop().run_in_executor(None, self.cache.save)
         return snap
 
@@ -478,8 +484,12 @@ class BackupRun:
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        await asyncio.get_running_loop().run_in_executor(None, self.session.end)
+        # Waiting for the workers in flight (an upload) must not block the event loop: a daemon's.
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, functools.partial(self._pool.shutdown, wait=True, cancel_futures=True)
+        )
+        await loop.run_in_executor(None, self.session.end)
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
