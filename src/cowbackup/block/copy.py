@@ -161,6 +161,9 @@ class BlockCopyState:
         self.on_progress: Callable[[int], None] = lambda n: None
         self.on_remaining: Callable[[int], None] = lambda n: None
         self._tasks: list[_Task] = []
+        #: The clusters of ``_tasks`` (set from claim to finish), so that "is anything being copied
+        #: here?" is a bit test, not a walk of the tasks.
+        self._busy = DirtyBitmap(size, cluster_size)
         self._in_flight_bytes = 0
         self._buffers = BufferPool(memory_budget)
         self._calls: set[CopyCall] = set()
@@ -187,6 +190,15 @@ class BlockCopyState:
     @property
     def in_flight_bytes(self) -> int:
         return self._in_flight_bytes
+
+    def settled(self, start: int, end: int) -> bool:
+        """Whether every cluster touching ``[start, end)`` is copied and none is being copied.
+
+        A write there needs neither a copy nor a wait: :meth:`copy` over the range would return at once.
+        The filter's fast path asks this for every guest write; whatever is copied or in flight
+        elsewhere on the disk does not change the answer or its cost.
+        """
+        return self.bitmap.all_clean(start, end) and (not self._tasks or self._busy.all_clean(start, end))
 
     def remaining(self) -> int:
         """Bytes still to copy: dirty clusters plus those being copied.
@@ -307,6 +319,7 @@ class BlockCopyState:
         end = min(offset + length, self.size)
         # Claim whole clusters; the bitmap clamps the last partial cluster to the image end.
         self.bitmap.reset(offset, end - offset)
+        self._busy.set(offset, end - offset)
         task = _Task(call, offset, end - offset)
         self._tasks.append(task)
         self._in_flight_bytes += task.length
@@ -316,6 +329,7 @@ class BlockCopyState:
         """Give back the tail of a task (its clusters become dirty again) and wake its waiters."""
         tail = task.length - length
         self.bitmap.set(task.offset + length, tail)
+        self._busy.reset(task.offset + length, tail)
         self._in_flight_bytes -= tail
         task.length = length
         task.done.set()
@@ -447,6 +461,7 @@ class BlockCopyState:
     def _finish(self, task: _Task, *, ok: bool, count_progress: bool = True) -> None:
         if not ok:
             self.bitmap.set(task.offset, task.length)
+        self._busy.reset(task.offset, task.length)
         self._in_flight_bytes -= task.length
         self._tasks.remove(task)
         task.done.set()
