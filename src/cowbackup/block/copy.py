@@ -107,7 +107,8 @@ class CopyCall:
     """One request to copy everything still dirty in ``[offset, offset+length)``.
 
     ``max_workers`` tasks run at once; ``max_chunk`` (0 = no limit) caps a task's size; guest-triggered
-    calls set ``ignore_ratelimit``.  ``cancel()`` stops new tasks; tasks in flight finish.
+    calls set ``ignore_ratelimit`` (they never wait for the speed limit, but their copies are charged to
+    it).  ``cancel()`` stops new tasks; tasks in flight finish.
     """
 
     offset: int
@@ -289,7 +290,9 @@ class BlockCopyState:
                 pos = task.end  # the task may have shrunk to one block-status extent
                 if not classified:
                     continue
-                # Charged at task start, zero clusters too (QEMU's rule); guest-triggered copies are exempt.
+                # Charged at task start, zero clusters too (QEMU's rule).  Copies for a guest write
+                # (ignore_ratelimit) never wait, but are charged all the same: the background copies
+                # then wait for them, and the job as a whole keeps to its speed (block-copy.c).
                 if not call.ignore_ratelimit:
                     delay = self.ratelimit.calculate_delay()
                     if delay > 0:
@@ -297,7 +300,7 @@ class BlockCopyState:
                         pos = task.offset
                         await self._sleep(call, delay)
                         continue
-                    self.ratelimit.account(task.length)
+                self.ratelimit.account(task.length)
                 if len(workers) >= call.max_workers:
                     done, workers = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
                     for worker in done:
