@@ -192,6 +192,14 @@ class BlockNode:
         if self.read_only:
             raise RequestError(errno.EPERM, f"{what} refused: node '{self.node_name}' is read-only")
 
+    def _check_request(self, what: str, offset: int, length: int, *, write: bool) -> None:
+        """All the checks of a read or write: open, writable (``write``), in range.  The data path calls
+        it only once a cheap test has found something wrong, so it raises."""
+        self._check_open()
+        if write:
+            self._check_writable(what)
+        self._check_range(what, offset, length)
+
     def _check_open(self) -> None:
         if self.closed:
             raise RequestError(errno.EBADF, f"node '{self.node_name}' is closed")
@@ -263,8 +271,7 @@ class BlockNode:
         view = memoryview(buf).cast("B")
         length = len(view)
         if self.closed or offset < 0 or offset + length > self._size:
-            self._check_open()
-            self._check_range("read", offset, length)
+            self._check_request("read", offset, length, write=False)
         if length == 0:
             return
         self._begin()
@@ -296,9 +303,7 @@ class BlockNode:
         view = memoryview(data).cast("B")
         length = len(view)
         if self.closed or self.read_only or offset < 0 or offset + length > self._size:
-            self._check_open()
-            self._check_writable("write")
-            self._check_range("write", offset, length)
+            self._check_request("write", offset, length, write=True)
         if length == 0:
             return
         if self.detect_zeroes != "off" and is_zero(view):
