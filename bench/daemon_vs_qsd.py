@@ -21,12 +21,19 @@ Both are driven with the ``qemu.qmp`` client.  Every backup gets a fresh sparse 
     full-backup   blockdev-backup sync=full, no guest I/O; MB/s of the virtual size, command sent ->
                   BLOCK_JOB_COMPLETED received; then the target must equal live.raw (cmp)
     base-qdN      fio --ioengine=nbd 4 KiB random writes to the export for --runtime s, no job: IOPS, p99
+    read-qdN      the same with random reads
     cbw-qdN       fio's same random writes while a slow backup runs (speed --speed, x-perf.max-chunk
                   --max-chunk), but a fixed number of them, --cbw-writes (default: one per two 64 KiB
                   clusters), the same offsets for both systems: most land on a cluster not yet copied
                   and wait for its copy-before-write (~79% with the default), whichever system is faster.
                   (A time-based run would let the faster system touch every cluster early and then write
                   without copies.)  Then job-cancel, or the job finished if every cluster was copied
+    steady-qdN    that time-based run, on purpose: the steady state of a long backup (most writes land
+                  on clusters already copied); checked as cbw-qdN
+    seq-write     nbdcopy --connections=1 --flush SOURCE EXPORT, MB/s; then the image must equal SOURCE
+    seq-read      nbdcopy --connections=1 EXPORT null:, MB/s
+
+The image's runs are 64 KiB-1 MiB (--min-run, --max-run); --tests picks a subset.
 
 After each cbw run, every 64 KiB cluster of the target must hold either the snapshot's data or zeros (not
 yet copied), and every cluster the guest changed must hold the snapshot's data: a difference stops the
@@ -67,8 +74,9 @@ MB = 1000 * 1000
 SYSTEMS = ("qemu", "cowbackup")
 #: Shares of the source image, in MiB units, as in backup_vs_qemu.py: random data, written zeros, holes.
 MIX = {"data": 0.5, "zero": 0.2, "hole": 0.3}
-#: Longest run of one kind, in MiB (runs are 1..MAX_RUN_MIB long).
-MAX_RUN_MIB = 8
+#: Default shortest and longest run of one kind (data, zeros, hole): a fragmented disk, as guests make.
+MIN_RUN = 64 * 1024
+MAX_RUN = 1024 * 1024
 #: The backup cluster both systems use for a file target without a cluster size (QEMU's default).
 CLUSTER = 64 * KiB
 #: fio's random writes: block size and queue depths.  No ramp time: the first writes are the ones that
@@ -82,7 +90,12 @@ JOB_TIMEOUT = 900.0
 JOB_ID = "bench0"
 EXPORT = "src"
 
-TESTS = ("full-backup", *(f"{kind}-qd{qd}" for kind in ("base", "cbw") for qd in FIO_DEPTHS))
+#: fio tests: base = random writes, read = random reads, no job; cbw = a fixed number of random writes
+#: during a slow backup (first touch), steady = random writes for --runtime s during one (steady state).
+FIO_TESTS = tuple(f"{kind}-qd{qd}" for kind in ("base", "read", "cbw", "steady") for qd in FIO_DEPTHS)
+#: nbdcopy tests: the source image into the export, the export to null:.
+SEQ_TESTS = ("seq-write", "seq-read")
+TESTS = ("full-backup", *FIO_TESTS, *SEQ_TESTS)
 
 
 class BenchError(Exception):
@@ -109,9 +122,11 @@ class Metric:
         return ratio >= 1.0 if self.higher_is_better else ratio <= 1.0
 
 
-METRICS = [Metric("full-backup", "MB/s", True)] + [
-    m for t in TESTS[1:] for m in (Metric(t, "IOPS", True), Metric(t, "p99 us", False))
-]
+METRICS = (
+    [Metric("full-backup", "MB/s", True)]
+    + [m for t in FIO_TESTS for m in (Metric(t, "IOPS", True), Metric(t, "p99 us", False))]
+    + [Metric(t, "MB/s", True) for t in SEQ_TESTS]
+)
 
 
 @dataclasses.dataclass
@@ -147,19 +162,23 @@ class Config:
     max_chunk: int
     qemu_storage_daemon: str
     profile: str | None
+    tests: tuple[str, ...] = TESTS
 
 
 # ---------------------------------------------------------------------- images
 
 
-def make_source(path: str, size: int, seed: int) -> Layout:
-    """Runs of random data, written zeros (allocated) and holes in the ``MIX`` shares, exact in MiB."""
+def make_source(path: str, size: int, seed: int, min_run: int = MiB, max_run: int = 8 * MiB) -> Layout:
+    """Runs of random data, written zeros (allocated) and holes in the ``MIX`` shares, exact in units of
+    ``min_run``; each run is ``min_run``..``max_run`` long (a multiple of ``min_run``).  The defaults
+    are the MiB runs of the other benchmarks; this one's command line asks for 64 KiB-1 MiB."""
     rng = random.Random(seed)
-    units = size // MiB
+    unit = min_run
+    units = size // unit
     left = {kind: round(units * share) for kind, share in MIX.items() if kind != "hole"}
     left["hole"] = units - sum(left.values())
     layout = Layout(size)
-    zeros = bytes(MiB)
+    zeros = bytes(unit)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(fd, size)
@@ -167,13 +186,13 @@ def make_source(path: str, size: int, seed: int) -> Layout:
         while offset < size:
             kinds = [kind for kind, n in left.items() if n > 0]
             kind = rng.choices(kinds, weights=[left[k] for k in kinds])[0]
-            n = min(rng.randint(1, MAX_RUN_MIB), left[kind])
+            n = min(rng.randint(1, max(1, max_run // unit)), left[kind])
             left[kind] -= n
             for _ in range(n):
                 if kind != "hole":
-                    os.pwrite(fd, rng.randbytes(MiB) if kind == "data" else zeros, offset)
-                offset += MiB
-            setattr(layout, kind, getattr(layout, kind) + n * MiB)
+                    os.pwrite(fd, rng.randbytes(unit) if kind == "data" else zeros, offset)
+                offset += unit
+            setattr(layout, kind, getattr(layout, kind) + n * unit)
     finally:
         os.close(fd)
     return layout
@@ -445,11 +464,21 @@ class Turn:
         copy_extents(self.cfg.source, self.live)
         try:
             async with DaemonProc(self.cfg, self.system, self.live) as d:
-                await self.full_backup(d)
-                for qd in FIO_DEPTHS:
-                    await self.fio(d, f"base-qd{qd}")
-                for qd in FIO_DEPTHS:
-                    await self.cbw(d, qd)
+                wanted = self.cfg.tests
+                if "full-backup" in wanted:
+                    await self.full_backup(d)
+                for kind in ("base", "read", "cbw", "steady"):
+                    for qd in FIO_DEPTHS:
+                        test = f"{kind}-qd{qd}"
+                        if test not in wanted:
+                            continue
+                        if kind in ("base", "read"):
+                            await self.fio(d, test)
+                        else:
+                            await self.cbw(d, qd, steady=kind == "steady")
+                for test in SEQ_TESTS:
+                    if test in wanted:
+                        await self.nbdcopy(d, test)
         finally:
             for path in (self.live, self.target, self.snapshot):
                 with contextlib.suppress(FileNotFoundError):
@@ -505,8 +534,11 @@ class Turn:
         self.report("full-backup", f"{seconds:7.3f} s {mbps:8.0f} MB/s  target ok")
 
     async def fio(self, d: DaemonProc, test: str, writes: int = 0) -> int:
-        """One fio job, ``writes`` writes or else time-based; records IOPS and p99, returns the writes."""
+        """One fio job, ``writes`` writes or else time-based; records IOPS and p99, returns the requests.
+
+        ``read-*`` tests read, the others write."""
         depth = test.rpartition("-qd")[2]
+        rw = "randread" if test.startswith("read-") else "randwrite"
         amount = [f"--number_ios={writes}"] if writes else ["--time_based", f"--runtime={self.cfg.runtime}"]
         out = os.path.join(self.cfg.workdir, "fio.json")
         argv = [
@@ -514,7 +546,7 @@ class Turn:
             f"--name={test}",
             "--ioengine=nbd",
             f"--uri={d.uri}",
-            "--rw=randwrite",
+            f"--rw={rw}",
             f"--bs={FIO_BLOCK}",
             f"--iodepth={depth}",
             *amount,
@@ -532,7 +564,7 @@ class Turn:
         job = doc["jobs"][0]
         if job.get("error"):
             raise BenchError(f"{self.system}: fio {test} failed with error {job['error']}")
-        side = job["write"]
+        side = job["read" if rw == "randread" else "write"]
         if not side.get("total_ios"):
             raise BenchError(f"{self.system}: fio {test} did no I/O")
         iops = float(side["iops"])
@@ -542,13 +574,32 @@ class Turn:
         self.report(test, f"{iops:9.0f} IOPS  p99 {p99:8.1f} us")
         return int(side["total_ios"])
 
-    async def cbw(self, d: DaemonProc, qd: int) -> None:
-        test = f"cbw-qd{qd}"
+    async def nbdcopy(self, d: DaemonProc, test: str) -> None:
+        """seq-write: nbdcopy the source image into the export (then the image must equal it);
+        seq-read: nbdcopy the export to null:.  One connection for both systems."""
+        if test == "seq-write":
+            argv = ["nbdcopy", "--connections=1", "--flush", self.cfg.source, d.uri]
+        else:
+            argv = ["nbdcopy", "--connections=1", d.uri, "null:"]
+        started = time.perf_counter()
+        await run_tool(argv, JOB_TIMEOUT)
+        seconds = time.perf_counter() - started
+        d.check_alive()
+        if test == "seq-write" and not await same_bytes(self.cfg.source, self.live):
+            raise BenchError(f"{self.system}: WRONG WRITE, the image differs from what nbdcopy sent")
+        mbps = self.cfg.size / seconds / MB
+        self.record(test, "MB/s", mbps)
+        self.report(test, f"{seconds:7.3f} s {mbps:8.0f} MB/s")
+
+    async def cbw(self, d: DaemonProc, qd: int, *, steady: bool = False) -> None:
+        """Random writes during a slow backup: a fixed number (first touch), or for --runtime s
+        (``steady``: after the first seconds most land on clusters already copied)."""
+        test = f"{'steady' if steady else 'cbw'}-qd{qd}"
         copy_extents(self.live, self.snapshot)  # no I/O in flight: this is the backup's snapshot
         await self.add_target(d)
         with d.qmp.listener(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")) as listener:
             await d.qmp.execute("blockdev-backup", self.backup_args(slow=True))
-            writes = await self.fio(d, test, self.cfg.cbw_writes)
+            writes = await self.fio(d, test, 0 if steady else self.cfg.cbw_writes)
             status = (await d.jobs()).get(JOB_ID)
             # A fast copy-before-write may have copied every cluster (the job is then done); that is
             # part of the result, not an error, but it is reported.
@@ -628,12 +679,13 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
             entry["goal_met"] = metric.met(entry["ratio_of_medians"])
         summary[metric.key] = entry
     # What a running backup costs the guest, per system: cbw IOPS / base IOPS of the medians.
-    for qd in FIO_DEPTHS:
-        base, cbw = summary.get(f"base-qd{qd} IOPS"), summary.get(f"cbw-qd{qd} IOPS")
-        if base and cbw:
-            summary[f"cbw-cost-qd{qd}"] = {
-                s: cbw[s]["median"] / base[s]["median"] for s in SYSTEMS if s in base and s in cbw
-            }
+    for kind in ("cbw", "steady"):
+        for qd in FIO_DEPTHS:
+            base, cbw = summary.get(f"base-qd{qd} IOPS"), summary.get(f"{kind}-qd{qd} IOPS")
+            if base and cbw:
+                summary[f"cbw-cost-{kind}-qd{qd}"] = {
+                    s: cbw[s]["median"] / base[s]["median"] for s in SYSTEMS if s in base and s in cbw
+                }
     return summary
 
 
@@ -646,7 +698,8 @@ def print_table(summary: dict[str, Any], layout: Layout, cfg: Config, args: argp
         f"source: {cfg.size / MiB:.0f} MiB in {args.dir}: data {layout.data / MiB:.0f} + written zeros "
         f"{layout.zero / MiB:.0f} + holes {layout.hole / MiB:.0f} MiB; cbw backups at speed "
         f"{cfg.speed / MiB:g} MiB/s, x-perf.max-chunk {cfg.max_chunk / MiB:g} MiB (full-backup too); fio "
-        f"{FIO_BLOCK} randwrite {cfg.runtime} s, under a backup {cfg.cbw_writes} writes (no ramp); "
+        f"{FIO_BLOCK} randwrite/randread {cfg.runtime} s, under a backup {cfg.cbw_writes} writes (cbw) or "
+        f"{cfg.runtime} s (steady), no ramp; runs {args.min_run // KiB}-{args.max_run // KiB} KiB; "
         f"medians of {args.rounds} round(s)"
     )
     header = (
@@ -672,11 +725,12 @@ def print_table(summary: dict[str, Any], layout: Layout, cfg: Config, args: argp
             line += f" {entry['ratio_of_medians']:>6.2f} {entry['median_paired_ratio']:>6.2f}"
             line += f"  {entry['goal']} {verdict}"
         print(line)
-    for qd in FIO_DEPTHS:
-        cost = summary.get(f"cbw-cost-qd{qd}")
-        if cost:
-            parts = ", ".join(f"{s} {v:.2f}" for s, v in cost.items())
-            print(f"IOPS kept under a running backup (cbw-qd{qd} / base-qd{qd}): {parts}")
+    for kind in ("cbw", "steady"):
+        for qd in FIO_DEPTHS:
+            cost = summary.get(f"cbw-cost-{kind}-qd{qd}")
+            if cost:
+                parts = ", ".join(f"{s} {v:.2f}" for s, v in cost.items())
+                print(f"IOPS kept under a running backup ({kind}-qd{qd} / base-qd{qd}): {parts}")
     print(
         "ratio = cowbackup / qemu of the medians; paired = median of the per-round ratios.  Goals: MB/s and "
         "IOPS >= 1.0; p99 latency <= 1.0 (lower is better).  MB = 10^6 bytes."
@@ -700,6 +754,14 @@ def _image_size(text: str) -> int:
     return value
 
 
+def _tests(text: str) -> tuple[str, ...]:
+    wanted = tuple(t for t in text.split(",") if t)
+    unknown = [t for t in wanted if t not in TESTS]
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(f"unknown test(s) {','.join(unknown)}; known: {','.join(TESTS)}")
+    return wanted
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Compare 'cowbackup daemon' with qemu-storage-daemon: full backup, CBW under fio load."
@@ -720,6 +782,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-chunk", type=_size, default=MiB, help="x-perf.max-chunk of every backup (default 1M; 0: none)"
     )
     p.add_argument("--only", choices=SYSTEMS, help="run only one system")
+    p.add_argument(
+        "--tests",
+        type=_tests,
+        default=TESTS,
+        help=f"comma-separated subset of {','.join(TESTS)} (default all)",
+    )
+    p.add_argument(
+        "--min-run",
+        type=_size,
+        default=MIN_RUN,
+        help="shortest data/zero/hole run of the image (default 64K)",
+    )
+    p.add_argument("--max-run", type=_size, default=MAX_RUN, help="longest run (default 1M)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (source image) at exit")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument(
@@ -732,6 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
 def missing_tools(args: argparse.Namespace) -> list[str]:
     """What is missing, with the Debian package that brings it."""
     needed = {"fio": "fio", "cmp": "diffutils"}
+    if any(t in SEQ_TESTS for t in args.tests):
+        needed["nbdcopy"] = "libnbd-bin"
     if args.only != "cowbackup":
         needed[args.qemu_storage_daemon] = "qemu-system-common"
     missing = [f"{tool} (Debian: {pkg})" for tool, pkg in needed.items() if shutil.which(tool) is None]
@@ -769,7 +846,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         source = os.path.join(workdir, "source.raw")
         started = time.perf_counter()
-        layout = make_source(source, args.size, args.seed)
+        if args.min_run < 4 * KiB or args.min_run % (4 * KiB) or args.size % args.min_run:
+            _progress("daemon_vs_qsd: --min-run must be a multiple of 4 KiB that divides --size")
+            return 2
+        layout = make_source(source, args.size, args.seed, args.min_run, args.max_run)
         _progress(
             f"source {source}: {args.size / MiB:.0f} MiB, data {layout.data / MiB:.0f} / zeros "
             f"{layout.zero / MiB:.0f} / holes {layout.hole / MiB:.0f} MiB "
@@ -786,6 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.max_chunk,
             args.qemu_storage_daemon,
             profile,
+            args.tests,
         )
         samples = asyncio.run(_main_async(cfg, args))
         signal.signal(signal.SIGTERM, _interrupt)  # the loop's removal reset it to the default

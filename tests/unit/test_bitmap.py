@@ -153,6 +153,10 @@ def check_against(bitmap: DirtyBitmap, model: Model, probes: Iterable[int], full
         assert bitmap.next_dirty_area(p, end, 2 * g) == exp.next_dirty_area(p, end, 2 * g)
         for stop in (end, size):
             assert bitmap.count_range(p, stop - p) == exp.count_range(p, stop - p), (p, stop)
+            touched = exp.count_range(p, stop - p) if stop > p else 0
+            span = (-(-stop // g) - p // g) * g if stop > p else 0
+            assert bitmap.all_clean(p, stop) == (touched == 0), (p, stop)
+            assert bitmap.all_dirty(p, stop) == (touched == span), (p, stop)
     if full:
         assert list(bitmap.dirty_areas()) == exp.dirty_areas()
         data = bitmap.serialize()

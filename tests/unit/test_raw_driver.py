@@ -213,3 +213,41 @@ def test_raw_over_memory() -> None:
         await graph.close_all()
 
     run(main)
+
+
+def test_data_path_keeps_the_raw_nodes_checks_count_and_bitmaps() -> None:
+    """Reads and writes go straight to the child's request path; what is the raw node's stays."""
+
+    async def main() -> None:
+        graph = BlockGraph()
+        raw = await open_raw(graph, {"driver": "memory", "size": 1 << 20}, offset=4 * KiB, size=8 * KiB)
+        on_raw = raw.dirty_bitmaps.create("r", 512)
+        on_child = raw.child.dirty_bitmaps.create("c", 512)
+        await raw.write(1000, b"x" * 100)
+        assert list(on_raw.bits.dirty_areas()) == [(512, 1024)]
+        assert list(on_child.bits.dirty_areas()) == [(4096 + 512, 1024)]
+        with pytest.raises(RequestError) as info:
+            await raw.write(8 * KiB - 1, b"xy")  # past the window, inside the child
+        assert info.value.errno == errno.EINVAL
+        with pytest.raises(RequestError):
+            await raw.read(8 * KiB, bytearray(1))
+        # The raw node counts its requests (drain) and keeps its read-only flag.
+        write = asyncio.ensure_future(raw.write(0, b"y" * KiB))
+        await asyncio.sleep(0)
+        raw.read_only = True
+        with pytest.raises(RequestError) as info:
+            await raw.write(0, b"z")
+        assert info.value.errno == errno.EPERM
+        await raw.drain()
+        await write
+        assert raw.in_flight == 0
+        # detect-zeroes is the raw node's own option: all-zero writes become write-zeroes there.
+        raw.read_only = False
+        raw.detect_zeroes = "on"
+        await raw.write(2 * KiB, bytes(KiB))
+        buf = bytearray(KiB)
+        await raw.read(2 * KiB, buf)
+        assert buf == bytes(KiB)
+        await graph.close_all()
+
+    run(main)

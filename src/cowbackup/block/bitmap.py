@@ -349,6 +349,39 @@ class DirtyBitmap:
             return 0
         return self._popcount(*self._granules_outward(offset, length)) << self._shift
 
+    def all_clean(self, offset: int, end: int) -> bool:
+        """Whether no granule touching [offset, end) is dirty (``end`` clipped to ``size``).
+
+        The question of a request path (is there anything to do here?): a range inside one word of
+        level 0 costs a mask, not a search.  Raises ValueError if ``offset`` < 0.
+        """
+        a, b = self._touching(offset, end)
+        if a >> 6 == (b - 1) >> 6:
+            return not self._l0[a >> 6] >> (a & 63) & ((1 << (b - a)) - 1)
+        return self._popcount(a, b) == 0
+
+    def all_dirty(self, offset: int, end: int) -> bool:
+        """Whether every granule touching [offset, end) is dirty (``end`` clipped to ``size``; true of
+        an empty range, as ``all()``)."""
+        a, b = self._touching(offset, end)
+        if a >= b:
+            return True
+        mask = (1 << (b - a)) - 1
+        if a >> 6 == (b - 1) >> 6:
+            return self._l0[a >> 6] >> (a & 63) & mask == mask
+        return self._popcount(a, b) == b - a
+
+    def _touching(self, offset: int, end: int) -> tuple[int, int]:
+        """The granules touching [offset, end) as [a, b): (0, 0) for an empty range; (a, a+1) when
+        the range lies in one granule."""
+        if offset < 0:
+            raise ValueError(f"Offset must be >= 0, got {offset}")
+        if end > self._size:
+            end = self._size
+        if offset >= end:
+            return 0, 0
+        return offset >> self._shift, ((end - 1) >> self._shift) + 1
+
     def _next(self, value: bool, offset: int, end: int | None) -> int | None:
         if offset < 0:
             raise ValueError(f"Offset must be >= 0, got {offset}")

@@ -107,7 +107,8 @@ class CopyCall:
     """One request to copy everything still dirty in ``[offset, offset+length)``.
 
     ``max_workers`` tasks run at once; ``max_chunk`` (0 = no limit) caps a task's size; guest-triggered
-    calls set ``ignore_ratelimit``.  ``cancel()`` stops new tasks; tasks in flight finish.
+    calls set ``ignore_ratelimit`` (they never wait for the speed limit, but their copies are charged to
+    it).  ``cancel()`` stops new tasks; tasks in flight finish.
     """
 
     offset: int
@@ -161,6 +162,9 @@ class BlockCopyState:
         self.on_progress: Callable[[int], None] = lambda n: None
         self.on_remaining: Callable[[int], None] = lambda n: None
         self._tasks: list[_Task] = []
+        #: The clusters of ``_tasks`` (set from claim to finish), so that "is anything being copied
+        #: here?" is a bit test, not a walk of the tasks.
+        self._busy = DirtyBitmap(size, cluster_size)
         self._in_flight_bytes = 0
         self._buffers = BufferPool(memory_budget)
         self._calls: set[CopyCall] = set()
@@ -187,6 +191,15 @@ class BlockCopyState:
     @property
     def in_flight_bytes(self) -> int:
         return self._in_flight_bytes
+
+    def settled(self, start: int, end: int) -> bool:
+        """Whether every cluster touching ``[start, end)`` is copied and none is being copied.
+
+        A write there needs neither a copy nor a wait: :meth:`copy` over the range would return at once.
+        The filter's fast path asks this for every guest write; whatever is copied or in flight
+        elsewhere on the disk does not change the answer or its cost.
+        """
+        return self.bitmap.all_clean(start, end) and (not self._tasks or self._busy.all_clean(start, end))
 
     def remaining(self) -> int:
         """Bytes still to copy: dirty clusters plus those being copied.
@@ -277,7 +290,9 @@ class BlockCopyState:
                 pos = task.end  # the task may have shrunk to one block-status extent
                 if not classified:
                     continue
-                # Charged at task start, zero clusters too (QEMU's rule); guest-triggered copies are exempt.
+                # Charged at task start, zero clusters too (QEMU's rule).  Copies for a guest write
+                # (ignore_ratelimit) never wait, but are charged all the same: the background copies
+                # then wait for them, and the job as a whole keeps to its speed (block-copy.c).
                 if not call.ignore_ratelimit:
                     delay = self.ratelimit.calculate_delay()
                     if delay > 0:
@@ -285,7 +300,7 @@ class BlockCopyState:
                         pos = task.offset
                         await self._sleep(call, delay)
                         continue
-                    self.ratelimit.account(task.length)
+                self.ratelimit.account(task.length)
                 if len(workers) >= call.max_workers:
                     done, workers = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
                     for worker in done:
@@ -307,6 +322,7 @@ class BlockCopyState:
         end = min(offset + length, self.size)
         # Claim whole clusters; the bitmap clamps the last partial cluster to the image end.
         self.bitmap.reset(offset, end - offset)
+        self._busy.set(offset, end - offset)
         task = _Task(call, offset, end - offset)
         self._tasks.append(task)
         self._in_flight_bytes += task.length
@@ -316,6 +332,7 @@ class BlockCopyState:
         """Give back the tail of a task (its clusters become dirty again) and wake its waiters."""
         tail = task.length - length
         self.bitmap.set(task.offset + length, tail)
+        self._busy.reset(task.offset + length, tail)
         self._in_flight_bytes -= tail
         task.length = length
         task.done.set()
@@ -447,6 +464,7 @@ class BlockCopyState:
     def _finish(self, task: _Task, *, ok: bool, count_progress: bool = True) -> None:
         if not ok:
             self.bitmap.set(task.offset, task.length)
+        self._busy.reset(task.offset, task.length)
         self._in_flight_bytes -= task.length
         self._tasks.remove(task)
         task.done.set()

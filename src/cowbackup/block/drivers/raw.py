@@ -15,6 +15,14 @@ Every request is forwarded to the child with ``offset`` added, block status is s
 is not a filter: it may shift offsets and hide the child's edges.  Its limits are the child's; its
 ``request_alignment`` is the child's only when the window is aligned to it, otherwise 1, so that padding
 never reads or writes outside the window (the child's own request path pads instead).
+
+Reads and writes -- the data path -- skip the generic request path of the raw node itself and go
+straight to the child's, which aligns, pads, serialises and splits them against the same limits (or,
+for an unaligned window, against the child's where raw's would do nothing): doing it twice costs every
+request of the usual ``raw``-over-``file`` stack a second pass of Python and gains nothing.  What
+belongs to the raw node stays here: the checks against its window and read-only flag, its
+``detect-zeroes`` (through the generic path), the in-flight count that ``drain`` waits for, and its
+dirty bitmaps and write observers.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 from cowbackup.block.drivers import open_node as open_any
 from cowbackup.block.errors import BlockError
 from cowbackup.block.graph import BlockGraph
-from cowbackup.block.node import BlockNode, Extent, Limits, RequestFlags
+from cowbackup.block.node import NO_FLAGS, BlockNode, Buffer, Extent, Limits, RequestFlags
 from cowbackup.block.options import Options
 
 #: QEMU keeps sizes in 512-byte sectors; a window of another size would be rounded and leak past its end.
@@ -75,6 +83,41 @@ class RawNode(BlockNode):
         # raw passes discards on: they change data if its child's do (an inline child inherits
         # the raw node's ``discard`` option, as in QEMU).
         return self.child.discards_change_data()
+
+    # ------------------------------------------------------------------ the data path (see the module)
+
+    async def read(self, offset: int, buf: Buffer) -> None:
+        length = memoryview(buf).nbytes
+        if self.closed or offset < 0 or offset + length > self._size:
+            self._check_request("read", offset, length, write=False)
+        if length == 0:
+            return
+        self._begin()
+        try:
+            await self.child.read(self.offset + offset, buf)
+        finally:
+            self._end()
+
+    async def write(self, offset: int, data: Buffer, flags: RequestFlags = NO_FLAGS) -> None:
+        if self.detect_zeroes != "off":
+            await super().write(offset, data, flags)
+            return
+        length = memoryview(data).nbytes
+        if self.closed or self.read_only or offset < 0 or offset + length > self._size:
+            self._check_request("write", offset, length, write=True)
+        if length == 0:
+            return
+        self._begin()
+        try:
+            await self.child.write(self.offset + offset, data, flags)
+        finally:
+            self._end()
+            if self.dirty_bitmaps or self.write_observers:
+                self._notify_write(offset, length)
+
+    # ------------------------------------------------------------------ driver hooks
+    # What the generic path still calls: write-zeroes, discard, flush, block status, and writes under
+    # detect-zeroes.
 
     async def _do_read(self, offset: int, buf: memoryview) -> None:
         await self.child.read(self.offset + offset, buf)
