@@ -26,7 +26,7 @@ from cowbackup.repo.errors import RepoUsageError
 from cowbackup.repo.manifest import Manifest
 from cowbackup.repo.repository import Repository, snapshot_name
 from cowbackup.repo.verify import verify
-from cowbackup.repo.writer import utc_now
+from cowbackup.repo.workers import utc_now
 
 
 def add_parsers(sub: Any) -> None:

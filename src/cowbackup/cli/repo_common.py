@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 from typing import Any
 
 from cowbackup.repo.backends import open_store
 from cowbackup.repo.errors import RepoUsageError, SnapshotNotFound, WrongPassphrase
+from cowbackup.repo.keys import passphrase_from
 from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name
 from cowbackup.repo.repository import PassphraseSource, Repository
 from cowbackup.repo.store import CountingStore
@@ -54,20 +54,9 @@ def add_endpoint_argument(p: Any) -> None:
 def read_passphrase(
     args: argparse.Namespace, *, confirm: bool = False, prompt: str = "Passphrase: "
 ) -> bytes:
-    if getattr(args, "password_file", None):
-        try:
-            with open(args.password_file, "rb") as f:
-                line = f.readline().rstrip(b"\r\n")
-        except OSError as err:
-            raise RepoUsageError(
-                f"cannot read --password-file '{args.password_file}': {err.strerror}"
-            ) from None
-        if not line:
-            raise RepoUsageError(f"--password-file '{args.password_file}' is empty")
-        return line
-    env = os.environ.get("COWBACKUP_PASSWORD")
-    if env:
-        return env.encode()
+    given = passphrase_from(getattr(args, "password_file", None), "--password-file")
+    if given is not None:
+        return given
     if not sys.stdin.isatty():
         raise RepoUsageError(
             "the repository is encrypted: give its passphrase with --password-file or COWBACKUP_PASSWORD"

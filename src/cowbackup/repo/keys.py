@@ -96,6 +96,22 @@ def unwrap_master(key_object: bytes, repo_id: str, passphrase: bytes, where: str
         raise WrongPassphrase("wrong passphrase (the repository key does not open with it)") from None
 
 
+def passphrase_from(password_file: str | None, what: str = "password file") -> bytes | None:
+    """The passphrase of ``password_file`` (its first line), else of ``$COWBACKUP_PASSWORD``; None if
+    neither gives one.  RepoUsageError for a file that cannot be read or starts with an empty line."""
+    if password_file is not None:
+        try:
+            with open(password_file, "rb") as f:
+                line = f.readline(4096).rstrip(b"\r\n")
+        except OSError as err:
+            raise RepoUsageError(f"cannot read {what} '{password_file}': {err.strerror}") from None
+        if not line:
+            raise RepoUsageError(f"{what} '{password_file}' is empty")
+        return line
+    env = os.environ.get("COWBACKUP_PASSWORD")
+    return env.encode() if env else None
+
+
 def keyfile_path(repo_id: str) -> str:
     """Where ``--encryption keyfile`` keeps the key: ``$COWBACKUP_KEYS_DIR`` or ~/.config/cowbackup/keys."""
     base = os.environ.get("COWBACKUP_KEYS_DIR") or os.path.join(

@@ -22,7 +22,7 @@ from cowbackup.repo.errors import CorruptObject, MissingObject, RepoError
 from cowbackup.repo.index import Entry
 from cowbackup.repo.manifest import DiskRecord
 from cowbackup.repo.repository import Repository
-from cowbackup.repo.writer import default_workers, first_error, retain_freed_memory
+from cowbackup.repo.workers import default_workers, first_error, retain_freed_memory
 
 Progress = Callable[[int], None]
 

@@ -47,7 +47,7 @@ from cowbackup.repo.errors import CorruptObject, RepoError
 from cowbackup.repo.index import Entry
 from cowbackup.repo.manifest import DiskRecord
 from cowbackup.repo.repository import Repository, snapshot_name
-from cowbackup.repo.writer import default_workers
+from cowbackup.repo.workers import default_workers
 
 log = logging.getLogger(__name__)
 

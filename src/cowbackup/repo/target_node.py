@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-import os
 import weakref
 from dataclasses import dataclass, field
 
@@ -44,6 +43,7 @@ from cowbackup.block.options import Options
 from cowbackup.repo.backends import open_store
 from cowbackup.repo.errors import RepoError
 from cowbackup.repo.index import ZERO_ENTRY
+from cowbackup.repo.keys import passphrase_from
 from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name, check_snapshot_name, is_snapshot_id
 from cowbackup.repo.repository import Repository
 from cowbackup.repo.store import CountingStore
@@ -248,15 +248,9 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
 
 def _open_repository(location: str, password_file: str | None, sync_level: str) -> Repository:
     def passphrase() -> bytes:
-        if password_file is not None:
-            try:
-                with open(password_file, "rb") as f:
-                    return f.readline().rstrip(b"\r\n")
-            except OSError as err:
-                raise RepoError(f"cannot read password-file '{password_file}': {err.strerror}") from None
-        env = os.environ.get("COWBACKUP_PASSWORD")
-        if not env:
+        given = passphrase_from(password_file, "password-file")
+        if given is None:
             raise RepoError("the repository is encrypted: give 'password-file' (or COWBACKUP_PASSWORD)")
-        return env.encode()
+        return given
 
     return Repository.open(CountingStore(open_store(location, sync_level)), passphrase)

@@ -28,7 +28,7 @@ from cowbackup.repo.errors import CorruptObject, MissingObject, StoreError
 from cowbackup.repo.index import Entry, refs_of
 from cowbackup.repo.manifest import Manifest, SegmentRef
 from cowbackup.repo.repository import DAMAGE, Repository, chunk_name, index_name, refs_name, snapshot_name
-from cowbackup.repo.writer import default_workers
+from cowbackup.repo.workers import default_workers
 
 QUARANTINE = "quarantine/"
 Progress = Callable[[int], None]
