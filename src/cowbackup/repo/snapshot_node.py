@@ -224,7 +224,7 @@ class SnapshotNode(BlockNode):
             lo, hi = max(offset, start), min(end, start + cs)
             data = await self._chunk(position)
             if data is None:
-                buf[lo - offset : hi - offset] = bytes(hi - lo)
+                buf[lo - offset : hi - offset] = _zeros(hi - lo)
             else:
                 buf[lo - offset : hi - offset] = memoryview(data)[lo - start : hi - start]
 
@@ -283,3 +283,13 @@ def _check_disk(snapshot_id: str, disk: DiskRecord) -> None:
             raise CorruptObject(
                 name, f"disk '{disk.name}': index segment {i} has {seg.entries} entries, not {expected}"
             )
+
+
+def _zeros(length: int) -> bytes:
+    """Zeros for a zero chunk's range (one shared buffer per length, as chunks have few lengths)."""
+    return (
+        _ZEROS.get(length) or _ZEROS.setdefault(length, bytes(length)) if len(_ZEROS) < 8 else bytes(length)
+    )
+
+
+_ZEROS: dict[int, bytes] = {}

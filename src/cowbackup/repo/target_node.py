@@ -131,9 +131,16 @@ class RepoTargetNode(BlockNode):
 
     async def _do_write(self, offset: int, data: memoryview, flags: RequestFlags) -> None:
         cs = self.chunk_size
-        for pos in self._positions(offset, len(data)):
-            start = pos * cs - offset
-            self.written[pos] = await self.run.store_chunk(data[start : start + cs], self.stats)
+        positions = self._positions(offset, len(data))
+        # The chunks of one large write are stored in parallel (the workers hash, seal and upload).
+        entries = await asyncio.gather(
+            *(
+                self.run.store_chunk(data[p * cs - offset : (p + 1) * cs - offset], self.stats)
+                for p in positions
+            )
+        )
+        for pos, packed in zip(positions, entries, strict=True):
+            self.written[pos] = packed
 
     async def _do_write_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         positions = self._positions(offset, length)

@@ -254,15 +254,9 @@ class BackupRun:
         size = node.size
         window = asyncio.Semaphore(self.workers + 2)
 
-        async def one(i: int) -> None:
+        async def one(i: int, offset: int, length: int) -> None:
             try:
-                offset = (first + i) * cs
-                length = min(cs, size - offset)
-                if parent_entries is not None and dirty is not None and not dirty(offset, length):
-                    builder.set_packed(i, parent_entries[i].pack())
-                    with self._stats_lock:
-                        stats.reused_bytes += length
-                elif await _reads_as_zero(node, offset, length):
+                if await _reads_as_zero(node, offset, length):
                     with self._stats_lock:
                         stats.zero_bytes += length
                 else:
@@ -275,8 +269,17 @@ class BackupRun:
         try:
             async with asyncio.TaskGroup() as tasks:
                 for i in range(count):
+                    offset = (first + i) * cs
+                    length = min(cs, size - offset)
+                    if parent_entries is not None and dirty is not None and not dirty(offset, length):
+                        # Clean: the parent's entry, no read and no task (most positions of an incremental).
+                        builder.set_packed(i, parent_entries[i].pack())
+                        with self._stats_lock:
+                            stats.reused_bytes += length
+                        report(length)
+                        continue
                     await window.acquire()
-                    tasks.create_task(one(i))
+                    tasks.create_task(one(i, offset, length))
         except BaseExceptionGroup as group:
             raise first_error(group) from None
 
