@@ -16,7 +16,6 @@ from typing import Any
 from cowbackup.repo.backends import open_store
 from cowbackup.repo.errors import RepoUsageError, WrongPassphrase
 from cowbackup.repo.repository import PassphraseSource, Repository
-from cowbackup.repo.store import CountingStore
 from cowbackup.repo.store_local import SYNC_LEVELS
 
 
@@ -80,10 +79,9 @@ def read_passphrase(
 
 
 def open_repository(args: argparse.Namespace, *, key: bool = True) -> Repository:
-    """Open ``--repo`` (counting requests); ``key`` False opens an encrypted repository without its key."""
-    store = CountingStore(
-        open_store(args.repo, args.sync_level, endpoint_url=getattr(args, "endpoint_url", None))
-    )
+    """Open ``--repo``; ``key`` False opens an encrypted repository without its key.  The store counts
+    the requests the command sends (``repo.store.requests``)."""
+    store = open_store(args.repo, args.sync_level, endpoint_url=getattr(args, "endpoint_url", None))
     source: PassphraseSource | None = (lambda: read_passphrase(args)) if key else None
     return Repository.open(store, source)
 
