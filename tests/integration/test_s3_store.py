@@ -24,8 +24,9 @@ from cowbackup.repo.store import REQUEST_KINDS, RequestCounts, Store
 from cowbackup.repo.store_local import LocalStore
 from cowbackup.repo.store_s3 import S3Store
 
-from .ceph_fixtures import TOOL, Ceph, FaultProxy
+from .ceph_fixtures import TOOL, Ceph
 from .conftest import MiB, RunCli, assert_same_content, random_file
+from .s3_proxy import FaultProxy
 
 WRONG_SECRET = "wrong-Zq8v3-key"
 

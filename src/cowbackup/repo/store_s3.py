@@ -27,7 +27,8 @@ would throw away.  botocore retries each request (``standard`` mode: 5xx, SlowDo
 timeouts, connection resets; exponential backoff with jitter).  On top of that this module retries, with
 its own backoff and full jitter within :data:`RETRY_BUDGET` seconds, what botocore does not: a body that
 breaks off or disagrees with its Content-Length while it is read, and an endpoint that stays unreachable
-for longer than botocore's few attempts (a gateway restarting).  Each socket operation has a timeout
+for longer than botocore's few attempts (a gateway restarting); ``$COWBACKUP_S3_RETRY_BUDGET`` (seconds)
+overrides the budget.  Each socket operation has a timeout
 (``timeout``: connect and read); botocore has no limit on a whole request, so a request that makes
 progress, however slowly, is not cut off.  Every HTTP request is counted in :attr:`S3Store.requests` as
 it leaves (each listing page, each part of an upload, each attempt of a retried request), and each
@@ -193,7 +194,7 @@ class S3Store(Store):
         profile: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
         timeout: float = TIMEOUT,
-        retry_budget: float = RETRY_BUDGET,
+        retry_budget: float | None = None,
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_size: int = PART_SIZE,
     ) -> None:
@@ -204,7 +205,9 @@ class S3Store(Store):
         self.endpoint = endpoint or None
         self.location = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self._where = f"bucket '{self.bucket}' at {_safe_url(self.endpoint) if self.endpoint else 'AWS S3'}"
-        self.retry_budget = retry_budget
+        self.retry_budget = (
+            retry_budget if retry_budget is not None else _env_seconds("COWBACKUP_S3_RETRY_BUDGET")
+        )
         self.multipart_threshold = max(multipart_threshold, 5 * MiB)
         self.part_size = max(part_size, 5 * MiB)
         self.requests = RequestCounts()
@@ -249,11 +252,9 @@ class S3Store(Store):
     def _count_request(self, request: Any, event_name: str, **_: Any) -> None:
         operation = event_name.rpartition(".")[2]
         self.requests.add(_KIND_OF.get(operation, "get"))
-        # botocore's standard retry mode numbers its attempts in this header (1 for the first).
-        attempt = request.headers.get("amz-sdk-request", b"")
-        if isinstance(attempt, bytes):
-            attempt = attempt.decode("ascii", "replace")
-        if not str(attempt).startswith("attempt=1;") and str(attempt).startswith("attempt="):
+        # botocore's standard retry mode numbers its attempts (1 for the first) in the request context.
+        retrying = getattr(request, "context", {}).get("retries") or {}
+        if int(retrying.get("attempt", 1)) > 1:
             self.requests.add("retries")
 
     @staticmethod
@@ -606,6 +607,19 @@ class S3Store(Store):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._client.close()
+
+
+def _env_seconds(name: str) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return RETRY_BUDGET
+    try:
+        value = float(text)
+    except ValueError:
+        raise RepoUsageError(f"{name} must be a number of seconds, not '{text}'") from None
+    if not value >= 0:
+        raise RepoUsageError(f"{name} must not be negative")
+    return value
 
 
 def _range_total(content_range: str | None) -> int | None:
