@@ -68,3 +68,14 @@ class StoreError(RepoError):
 
 class ConcurrentChange(RepoError):
     pass
+
+
+def first_repo_error(group: ExceptionGroup[Exception]) -> Exception:
+    """What to raise for the failures of a group of tasks: the first repository error among them (a
+    failing store fails every task in flight the same way), else the group itself."""
+    for err in group.exceptions:
+        if isinstance(err, ExceptionGroup):
+            err = first_repo_error(err)
+        if isinstance(err, RepoError):
+            return err
+    return group

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from cowbackup.block.node import BlockNode, RequestFlags
 from cowbackup.block.zero import is_zero
-from cowbackup.repo.errors import CorruptObject, MissingObject, RepoError
+from cowbackup.repo.errors import CorruptObject, MissingObject, RepoError, first_repo_error
 from cowbackup.repo.index import Entry
 from cowbackup.repo.manifest import DiskRecord
 from cowbackup.repo.repository import Repository
@@ -111,11 +111,14 @@ async def restore_disk(
                     await target.write_zeroes(start, length, RequestFlags.MAY_UNMAP)
                 report(length)
                 continue
-            async with asyncio.TaskGroup() as tasks:
-                for i, entry in enumerate(entries):
-                    offset = (first + i) * cs
-                    await window.acquire()
-                    tasks.create_task(one(offset, min(cs, disk.size - offset), entry))
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    for i, entry in enumerate(entries):
+                        offset = (first + i) * cs
+                        await window.acquire()
+                        tasks.create_task(one(offset, min(cs, disk.size - offset), entry))
+            except ExceptionGroup as group:
+                raise first_repo_error(group) from None
         await target.flush()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

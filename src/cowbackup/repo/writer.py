@@ -36,7 +36,7 @@ from cowbackup.block.zero import is_zero
 from cowbackup.repo import blob, crypto, gc
 from cowbackup.repo.blob import Kind
 from cowbackup.repo.cache import ChunkCache
-from cowbackup.repo.errors import CorruptObject, MissingObject, RepoError
+from cowbackup.repo.errors import CorruptObject, MissingObject, RepoError, first_repo_error
 from cowbackup.repo.index import ENTRY, ZERO_ENTRY, Entry, SegmentBuilder
 from cowbackup.repo.manifest import DiskRecord, Manifest, SegmentRef, check_disk_name, check_snapshot_name
 from cowbackup.repo.repository import Repository, chunk_name, index_name, refs_name
@@ -313,10 +313,13 @@ class BackupRun:
             finally:
                 window.release()
 
-        async with asyncio.TaskGroup() as tasks:
-            for i in range(count):
-                await window.acquire()
-                tasks.create_task(one(i))
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for i in range(count):
+                    await window.acquire()
+                    tasks.create_task(one(i))
+        except ExceptionGroup as group:
+            raise first_repo_error(group) from None
 
     async def _read_and_store(self, node: BlockNode, offset: int, length: int, stats: DiskStats) -> bytes:
         buf = self._buffers.pop() if self._buffers else bytearray(self.repo.config.chunk_size)
