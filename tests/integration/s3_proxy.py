@@ -95,8 +95,8 @@ class FaultProxy:
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
                 # A HEAD's Content-Length is the object's size, though no body follows.
-                length = reply.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(data)))
+                size = reply.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", size or str(len(data)))
                 if self.command == "GET" and data and proxy._should_cut(self.path):
                     self.send_header("Connection", "close")
                     self.end_headers()

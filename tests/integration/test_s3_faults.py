@@ -58,13 +58,23 @@ def _wait_for_chunk_puts(proxy: FaultProxy, n: int, backup: CliProcess) -> None:
         time.sleep(0.01)  # polling the proxy's log, with a deadline
 
 
-def _slow_backup(start_cli: StartCli, proxy: FaultProxy, disk: Path, repo: str) -> CliProcess:
-    # Each chunk PUT waits 50 ms in the proxy: the backup lasts long enough to be hit mid-way.
+def _backup_until_chunks_are_stored(
+    ceph: Ceph, proxy: FaultProxy, start_cli: StartCli, run_cli: RunCli, workdir: Path
+) -> tuple[str, str, Path, CliProcess]:
+    """A backup of 32 new chunks running through ``proxy``, once it has stored a few: (bucket,
+    repository, disk, the backup).  Each chunk PUT waits 50 ms in the proxy, so that the backup lasts
+    long enough to be hit mid-way."""
+    bucket = ceph.new_bucket("kill")
+    repo = f"s3://{bucket}/r"
+    disk = random_file(workdir / "disk.img", 32 * MiB, seed=21)
+    assert run_cli("repo", "init", repo, "--chunk-size", "1M").returncode == 0
     proxy.only, proxy.delay, proxy.delay_seconds = "/chunks/", 1.0, 0.05
-    return start_cli(
+    backup = start_cli(
         "backup", str(disk), "--repo", repo, "--name", "h/vm", "--json",
         "--endpoint-url", proxy.endpoint, "--repo-workers", "2",
     )  # fmt: skip
+    _wait_for_chunk_puts(proxy, 6, backup)
+    return bucket, repo, disk, backup
 
 
 def test_gateway_killed_mid_backup_and_restarted(
@@ -75,11 +85,7 @@ def test_gateway_killed_mid_backup_and_restarted(
     run_cli: RunCli,
     workdir: Path,
 ) -> None:
-    repo = f"s3://{gateway.new_bucket('kill')}/r"
-    disk = random_file(workdir / "disk.img", 32 * MiB, seed=21)
-    assert run_cli("repo", "init", repo, "--chunk-size", "1M").returncode == 0
-    backup = _slow_backup(start_cli, fault_proxy, disk, repo)
-    _wait_for_chunk_puts(fault_proxy, 6, backup)
+    _, repo, disk, backup = _backup_until_chunks_are_stored(gateway, fault_proxy, start_cli, run_cli, workdir)
     gateway.kill_gateway()
     time.sleep(1.0)  # the outage itself: the backup's requests fail meanwhile
     gateway.start_gateway()
@@ -103,13 +109,10 @@ def test_gateway_down_past_the_retry_budget(
     workdir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    bucket = gateway.new_bucket("down")
-    repo = f"s3://{bucket}/r"
-    disk = random_file(workdir / "disk.img", 32 * MiB, seed=22)
-    assert run_cli("repo", "init", repo, "--chunk-size", "1M").returncode == 0
     monkeypatch.setenv("COWBACKUP_S3_RETRY_BUDGET", "1")
-    backup = _slow_backup(start_cli, fault_proxy, disk, repo)
-    _wait_for_chunk_puts(fault_proxy, 6, backup)
+    bucket, repo, _, backup = _backup_until_chunks_are_stored(
+        gateway, fault_proxy, start_cli, run_cli, workdir
+    )
     gateway.kill_gateway()
     code = backup.finish()
     gateway.start_gateway()
