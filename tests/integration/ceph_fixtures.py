@@ -5,9 +5,9 @@
   user's keys, and makes buckets.
 * ``s3_env`` (per test): the AWS environment variables of the test user set in ``os.environ`` (so the
   store under test and every ``cowbackup`` the test runs see them), with no ``~/.aws`` files.
-* :class:`FaultProxy`: an HTTP proxy in front of radosgw that cuts off response bodies of the keys it
-  is told to (a store returning truncated bodies), and logs every request (to count what a command
-  costs); everything else passes through unchanged.
+* ``fault_proxy`` (per test): a :class:`~.s3_proxy.FaultProxy` in front of radosgw.
+* :meth:`Ceph.kill_gateway` / :meth:`Ceph.start_gateway`: radosgw killed with SIGKILL, and started again
+  on the same port with the same data (``tools/ceph-one-node start-rgw``).
 
 The cluster's start takes about 2 s here (see tools/ceph-one-node); its data lives in the OSD's RAM.
 """
@@ -15,13 +15,13 @@ The cluster's start takes about 2 s here (see tools/ceph-one-node); its data liv
 from __future__ import annotations
 
 import contextlib
-import http.client
-import http.server
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
-import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +31,8 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
+
+from .s3_proxy import FaultProxy
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "ceph-one-node"
 #: Longest the cluster may take to start or stop before the session fails.
@@ -76,9 +78,30 @@ class Ceph:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def kill_gateway(self) -> None:
+        """SIGKILL radosgw (the monitor and OSD go on); wait until it is gone."""
+        pid = int((self.dir / "run" / "client.rgw.a.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + CEPH_TIMEOUT
+        while os.path.exists(f"/proc/{pid}") and "State:\tZ" not in _proc_status(pid):
+            assert time.monotonic() < deadline, "radosgw did not die"
+            time.sleep(0.02)  # waiting for the kill to take effect, with a deadline
+
+    def start_gateway(self) -> None:
+        """Start radosgw again on its port; returns once it answers."""
+        started = _tool("start-rgw", str(self.dir))
+        assert started.returncode == 0, started.stderr
+
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", ())]
+
+
+def _proc_status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "State:\tZ"
 
 
 def _tool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -118,80 +141,6 @@ def s3_env(ceph: Ceph, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[
     for name, value in ceph.env.items():
         monkeypatch.setenv(name, value)
     return ceph.env
-
-
-class FaultProxy:
-    """An HTTP/1.1 proxy to radosgw on 127.0.0.1 that logs every request and cuts off the body of GETs
-    whose path contains a word of ``truncate`` (``budget`` times, then it lets them through; -1: always).
-
-    Requests are forwarded with their own Host header, so that S3 signatures still match.
-    """
-
-    def __init__(self, upstream_port: int) -> None:
-        self.truncate: set[str] = set()
-        self.budget = -1
-        self.cut = 0
-        #: (method, path) of every request, in order of arrival.
-        self.requests: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _forward(self) -> None:
-                with proxy._lock:
-                    proxy.requests.append((self.command, self.path))
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
-                try:
-                    upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                    for k, v in self.headers.items():
-                        upstream.putheader(k, v)
-                    upstream.endheaders(body)
-                    reply = upstream.getresponse()
-                    data = reply.read()
-                finally:
-                    upstream.close()
-                self.send_response(reply.status, reply.reason)
-                for k, v in reply.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                if self.command == "GET" and data and proxy._should_cut(self.path):
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    self.wfile.write(data[: len(data) // 2])
-                    self.close_connection = True
-                    return
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
-        self._thread.start()
-
-    def _should_cut(self, path: str) -> bool:
-        with self._lock:
-            if not any(word in path for word in self.truncate) or self.budget == 0:
-                return False
-            self.budget -= 1 if self.budget > 0 else 0
-            self.cut += 1
-            return True
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
 
 
 @pytest.fixture

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 
 from cowbackup.repo.errors import MissingObject, RepoUsageError, StoreError
-from cowbackup.repo.store import Store
+from cowbackup.repo.store import REQUEST_KINDS, RequestCounts, Store
 from cowbackup.repo.store_local import LocalStore
 from cowbackup.repo.store_s3 import S3Store
 
-from .ceph_fixtures import TOOL, Ceph, FaultProxy
+from .ceph_fixtures import TOOL, Ceph
 from .conftest import MiB, RunCli, assert_same_content, random_file
+from .s3_proxy import FaultProxy
 
 WRONG_SECRET = "wrong-Zq8v3-key"
 
@@ -133,22 +134,50 @@ def test_list_and_delete_past_one_page(store: Store) -> None:
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda n: store.put(n, n[-8:].encode(), durable=False), wanted))
     store.put("index/00/" + "0" * 64, b"not a chunk")
+    before = store.requests.snapshot()
     assert names(store, "chunks/") == wanted
+    assert sent(store, before) == {"list": 2}  # 1,100 names: two pages
     assert names(store, "chunks/03/") == {n for n in wanted if n.startswith("chunks/03/")}
     assert names(store) == wanted | {"index/00/" + "0" * 64}
     assert {i.size for i in store.list("chunks/")} == {8}
+    before = store.requests.snapshot()
     store.delete([*sorted(wanted), "chunks/00/missing"])
+    assert sent(store, before) == {"delete": 2}  # 1,101 names: two batches
     assert names(store, "chunks/") == set()
     assert names(store) == {"index/00/" + "0" * 64}
+
+
+def sent(store: Store, before: dict[str, int]) -> dict[str, int]:
+    """The requests ``store`` sent since ``before``, the kinds it sent none of left out."""
+    return {k: n for k, n in RequestCounts.since(before, store.requests.snapshot()).items() if n}
+
+
+def test_requests_are_counted_as_billed(store: Store) -> None:
+    before = store.requests.snapshot()
+    store.put("a/x", b"1")
+    assert store.put_if_absent("a/x", b"2") is False
+    assert store.put_if_absent("a/y", b"2") is True
+    store.get("a/x")
+    store.get_range("a/x", 0, 1)
+    assert store.stat("a/x") is not None and store.stat("a/none") is None
+    assert len(list(store.list("a/"))) == 2
+    assert list(store.list("empty/")) == []
+    store.delete(["a/x", "a/y", "a/none"])
+    store.delete([])
+    assert sent(store, before) == {"put": 3, "get": 2, "stat": 2, "list": 2, "delete": 1}
 
 
 # -- S3 only -----------------------------------------------------------------------------------------
 
 
 def test_multipart_objects(s3_env: dict[str, str], contract_bucket: str) -> None:
-    s = S3Store(f"s3://{contract_bucket}/mp-{uuid.uuid4().hex[:8]}", multipart_threshold=5 * MiB)
+    s = S3Store(
+        f"s3://{contract_bucket}/mp-{uuid.uuid4().hex[:8]}", multipart_threshold=5 * MiB, part_size=5 * MiB
+    )
     big = random_file_bytes(11 * MiB + 3)
+    before = s.requests.snapshot()
     s.put("index/aa/big", big)
+    assert sent(s, before) == {"put": 5}  # create, three parts, complete
     assert s.get("index/aa/big") == big
     assert s.get_range("index/aa/big", 6 * MiB - 1, 2) == big[6 * MiB - 1 : 6 * MiB + 1]
     # put_if_absent of a large object is emulated (a HEAD, then the upload).
@@ -269,7 +298,9 @@ def test_commands_end_to_end(repo_env: None, ceph: Ceph, run_cli: RunCli, workdi
 
     p = run_cli("snapshots", "--repo", repo, "--json")
     assert p.returncode == 0, p.stderr
-    assert [row["id"] for row in json.loads(p.stdout)] == [first["snapshot"]]
+    (row,) = json.loads(p.stdout)
+    assert row["id"] == first["snapshot"]
+    assert row["stats"]["requests_put"] == stats["requests_put"] == 7 + 3  # chunks, segments, session
 
     p = run_cli("restore", "--repo", repo, "latest", str(workdir / "out.img"))
     assert p.returncode == 0, p.stderr
@@ -287,9 +318,12 @@ def test_commands_end_to_end(repo_env: None, ceph: Ceph, run_cli: RunCli, workdi
     assert ceph.keys(bucket, "hosts/r1/index/") == []
 
 
-def test_known_chunks_cost_no_request(
+def test_requests_of_a_backup(
     repo_env: None, ceph: Ceph, run_cli: RunCli, workdir: Path, fault_proxy: FaultProxy
 ) -> None:
+    """A backup of N new chunks costs N chunk PUTs and a fixed few more; a second one of the same data
+    costs no chunk request at all (the cache knows them).  What the command reports is what the server
+    received (the proxy counts every request)."""
     bucket = ceph.new_bucket("cache")
     repo = f"s3://{bucket}"
     via_proxy = f"http://127.0.0.1:{fault_proxy.port}"
@@ -302,15 +336,27 @@ def test_known_chunks_cost_no_request(
             "backup", str(disk), "--repo", repo, "--name", "h/d", "--json", "--endpoint-url", via_proxy
         )
         assert p.returncode == 0, p.stderr
-        stats = _json(p.stdout)["stats"]
-        assert isinstance(stats, dict)
-        runs.append(stats)
-    first, second = runs
+        result = _json(p.stdout)
+        requests, stats = result["requests"], result["stats"]
+        assert isinstance(requests, dict) and isinstance(stats, dict)
+        assert sum(requests[k] for k in REQUEST_KINDS) == len(fault_proxy.requests), fault_proxy.requests
+        assert requests["retries"] == 0
+        runs.append((stats, [r for r in fault_proxy.requests if "/chunks/" in r[1] or "chunks%2F" in r[1]]))
+    (first, first_chunks), (second, second_chunks) = runs
     assert first["new_chunks"] == 8 and second["new_chunks"] == 0
-    # What the store saw of the second backup: no request names a chunk, not even a listing of them
-    # (the cache knew them all).
-    assert not [r for r in fault_proxy.requests if "chunks" in r[1]], fault_proxy.requests
-    assert second["requests_put"] == first["requests_put"] - 8
+    # The first: the session record (PUT, HEAD), gc/ listed (1 page), chunks/ listed (an empty cache
+    # is rebuilt), the snapshots listed; 8 chunk PUTs, the index and refs segments (2 PUTs).
+    assert {k: first[f"requests_{k}"] for k in REQUEST_KINDS} == {
+        "put": 8 + 3, "get": 0, "stat": 1, "list": 3, "delete": 0,
+    }  # fmt: skip
+    assert len(first_chunks) == 8 + 1  # the PUTs and the listing
+    # The second: no request names a chunk, not even a listing of them (the cache knew them all).  The
+    # first snapshot's manifest is read (the parent); the index and refs segments are the same, so each
+    # PUT-if-absent finds its object there, which is read to check it before it is adopted.
+    assert second_chunks == []
+    assert {k: second[f"requests_{k}"] for k in REQUEST_KINDS} == {
+        "put": 3, "get": 1 + 2, "stat": 1, "list": 2, "delete": 0,
+    }  # fmt: skip
     assert len(ceph.keys(bucket, "chunks/")) == 8
 
 

@@ -189,6 +189,7 @@ async def _backup(args: argparse.Namespace, repo: Any) -> int:
 
         disk = await run.write_disk(args.disk, node, source=args.source, progress=progress)
         snap = await run.commit(args.name, [disk], tags=args.tag, parent=previous)
+        await run.close()  # its session's end is part of what the command sent
         reporter.update(done, node.size, force=True)
         reporter.stop()
         elapsed = time.monotonic() - started
@@ -200,6 +201,9 @@ async def _backup(args: argparse.Namespace, repo: Any) -> int:
             "seconds": elapsed,
             "rate": rate,
             "stats": snap.stats,
+            # Everything the command sent, opening the repository included (the stats count the
+            # backup session up to its commit).
+            "requests": repo.store.requests.snapshot(),
         }
         if isinstance(reporter, JsonReporter):
             reporter.result(result)

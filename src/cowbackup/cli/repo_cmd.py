@@ -331,7 +331,7 @@ def run_gc(args: argparse.Namespace) -> int:
         "deleted_bytes": result.deleted_bytes,
         "postponed": result.postponed,
         "dry_run": args.dry_run,
-        "requests": dict(getattr(repo.store, "counts", {})),
+        "requests": repo.store.requests.snapshot(),
     }
     if args.json:
         emit_json(out)

@@ -17,7 +17,6 @@ from cowbackup.repo.errors import RepoUsageError, SnapshotNotFound, WrongPassphr
 from cowbackup.repo.keys import passphrase_from
 from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name
 from cowbackup.repo.repository import PassphraseSource, Repository
-from cowbackup.repo.store import CountingStore
 from cowbackup.repo.store_local import SYNC_LEVELS
 
 
@@ -70,10 +69,9 @@ def read_passphrase(
 
 
 def open_repository(args: argparse.Namespace, *, key: bool = True) -> Repository:
-    """Open ``--repo`` (counting requests); ``key`` False opens an encrypted repository without its key."""
-    store = CountingStore(
-        open_store(args.repo, args.sync_level, endpoint_url=getattr(args, "endpoint_url", None))
-    )
+    """Open ``--repo``; ``key`` False opens an encrypted repository without its key.  The store counts
+    the requests the command sends (``repo.store.requests``)."""
+    store = open_store(args.repo, args.sync_level, endpoint_url=getattr(args, "endpoint_url", None))
     source: PassphraseSource | None = (lambda: read_passphrase(args)) if key else None
     return Repository.open(store, source)
 

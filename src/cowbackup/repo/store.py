@@ -8,6 +8,9 @@ Object names are ``/``-separated paths of plain segments (letters, digits, ``.``
 empty, ``.`` or ``..`` segment).  :func:`check_name` enforces that for every name a backend is given,
 so that a hostile name read from a repository object can never escape the store.
 
+Requests: every backend counts what it sends in :attr:`Store.requests` (a :class:`RequestCounts`), in the
+units an object store bills -- see that class for the conventions.
+
 Durability contract: ``put``/``put_if_absent`` with ``durable=True`` return only once the object (and
 its name) survive a crash.  With ``durable=False`` they may be cached; :meth:`Store.sync` then makes
 everything written so far durable.  A snapshot manifest is written durably after a ``sync``.
@@ -52,12 +55,73 @@ def check_name(name: str) -> str:
     return name
 
 
+#: The kinds of requests counted, as ``requests_<kind>`` keys in backup stats.
+REQUEST_KINDS = ("put", "get", "stat", "list", "delete")
+#: Most names one delete request carries (S3's DeleteObjects limit); local stores count the same way.
+DELETE_BATCH = 1000
+#: Most names one listing page carries (S3's ListObjectsV2 limit); local stores count the same way.
+LIST_PAGE = 1000
+
+
+class RequestCounts:
+    """The requests a store has sent, by kind, as a bill counts them (thread-safe).
+
+    ============  =====================================================================================
+    ``put``       each PutObject; a multipart upload is its CreateMultipartUpload, each UploadPart and
+                  the CompleteMultipartUpload
+    ``get``       each GetObject, whole or ranged
+    ``stat``      each HeadObject (and the HeadBucket when a store is opened)
+    ``list``      each page of a listing (S3 returns at most 1,000 keys a page)
+    ``delete``    each delete *request*: a DeleteObjects of up to 1,000 names counts one, whatever the
+                  number of names (and AbortMultipartUpload one); deleted objects are not counted
+    ``retries``   attempts that repeated a failed one (also counted in their kind above: a store bills
+                  the attempts it received)
+    ============  =====================================================================================
+
+    A local directory counts its calls the same way (a listing is one page per 1,000 names, a delete one
+    per 1,000 names), so that the numbers compare across backends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys((*REQUEST_KINDS, "retries"), 0)
+
+    def add(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[kind] += n
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts so far: ``{kind: n}`` for every kind and ``retries``."""
+        with self._lock:
+            return dict(self._counts)
+
+    def paged(self, listing: Iterator[ObjectInfo]) -> Iterator[ObjectInfo]:
+        """``listing`` passed through, counting one ``list`` request per LIST_PAGE names (at least one):
+        for backends that have no pages of their own."""
+        self.add("list")
+        for n, info in enumerate(listing):
+            if n and n % LIST_PAGE == 0:
+                self.add("list")
+            yield info
+
+    def deleted(self, names: int) -> None:
+        """Count the delete requests of ``names`` names sent in batches of DELETE_BATCH."""
+        self.add("delete", -(-names // DELETE_BATCH))
+
+    @staticmethod
+    def since(before: dict[str, int], now: dict[str, int]) -> dict[str, int]:
+        """What was sent between two snapshots."""
+        return {kind: now[kind] - before.get(kind, 0) for kind in now}
+
+
 class Store(abc.ABC):
     """A storage backend.  Errors: MissingObject for an absent object, StoreError for anything the
     backend cannot do (I/O error, full disk, refused request)."""
 
     #: A URL-like description for messages (never contains credentials).
     location: str
+    #: What this store has sent so far (every backend creates its own in ``__init__``).
+    requests: RequestCounts
 
     @abc.abstractmethod
     def get(self, name: str, *, limit: int | None = None) -> bytes:
@@ -100,55 +164,3 @@ class Store(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release the backend's resources; may be called twice."""
-
-
-class CountingStore(Store):
-    """A store that counts the requests it forwards, by kind (what an object store bills for)."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.location = inner.location
-        self.counts = {"put": 0, "get": 0, "list": 0, "delete": 0, "stat": 0}
-        self._lock = threading.Lock()
-
-    def _count(self, kind: str, n: int = 1) -> None:
-        with self._lock:
-            self.counts[kind] += n
-
-    def get(self, name: str, *, limit: int | None = None) -> bytes:
-        self._count("get")
-        return self.inner.get(name, limit=limit)
-
-    def get_range(self, name: str, offset: int, length: int) -> bytes:
-        self._count("get")
-        return self.inner.get_range(name, offset, length)
-
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
-        self._count("put")
-        self.inner.put(name, data, durable=durable)
-
-    def put_if_absent(self, name: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> bool:
-        self._count("put")
-        return self.inner.put_if_absent(name, data, durable=durable)
-
-    def stat(self, name: str) -> ObjectInfo | None:
-        self._count("stat")
-        return self.inner.stat(name)
-
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        self._count("list")
-        return self.inner.list(prefix)
-
-    def delete(self, names: Iterable[str]) -> None:
-        batch = list(names)
-        self._count("delete", len(batch))
-        self.inner.delete(batch)
-
-    def sync(self) -> None:
-        self.inner.sync()
-
-    def remove_partial_writes(self) -> int:
-        return self.inner.remove_partial_writes()
-
-    def close(self) -> None:
-        self.inner.close()

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from cowbackup.repo.errors import MissingObject, RepoUsageError, StoreError
-from cowbackup.repo.store import ObjectInfo, Store, check_name, check_size
+from cowbackup.repo.store import ObjectInfo, RequestCounts, Store, check_name, check_size
 
 SYNC_LEVELS = ("none", "file", "filesystem")
 
@@ -69,6 +69,7 @@ class LocalStore(Store):
         self.root = os.path.abspath(root)
         self.location = self.root
         self.sync_level = sync_level
+        self.requests = RequestCounts()
         self._made_dirs: set[str] = set()
         #: Directories (relative names) checked to be real directories, not links.
         self._real_dirs: set[str] = set()
@@ -93,6 +94,7 @@ class LocalStore(Store):
         return os.path.join(self.root, name)
 
     def get(self, name: str, *, limit: int | None = None) -> bytes:
+        self.requests.add("get")
         try:
             with open(os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
                 check_size(name, os.fstat(f.fileno()).st_size, limit)
@@ -103,6 +105,7 @@ class LocalStore(Store):
             raise _store_error(err, f"cannot read '{name}'") from err
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
+        self.requests.add("get")
         try:
             fd = os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -150,6 +153,7 @@ class LocalStore(Store):
                 os.close(fd)
 
     def put(self, name: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
+        self.requests.add("put")
         path = self._path(name)
         try:
             tmp = self._write_temp(path, data, durable)
@@ -159,6 +163,7 @@ class LocalStore(Store):
             raise _store_error(err, f"cannot write '{name}'") from err
 
     def put_if_absent(self, name: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> bool:
+        self.requests.add("put")  # one conditional PUT on S3, whether or not it creates the object
         path = self._path(name)
         if os.path.exists(path):
             return False
@@ -176,6 +181,7 @@ class LocalStore(Store):
             raise _store_error(err, f"cannot write '{name}'") from err
 
     def stat(self, name: str) -> ObjectInfo | None:
+        self.requests.add("stat")
         try:
             st = os.lstat(self._path(name))
         except FileNotFoundError:
@@ -185,6 +191,9 @@ class LocalStore(Store):
         return ObjectInfo(name, st.st_size, st.st_mtime)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self.requests.paged(self._list(prefix))
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         if prefix:
             check_name(prefix.rstrip("/"))
         base = os.path.join(self.root, prefix) if prefix.endswith("/") or not prefix else None
@@ -220,13 +229,16 @@ class LocalStore(Store):
                 continue  # deleted while we listed
 
     def delete(self, names: Iterable[str]) -> None:
+        count = 0
         for name in names:
+            count += 1
             try:
                 os.unlink(self._path(name))
             except FileNotFoundError:
                 pass
             except OSError as err:
                 raise _store_error(err, f"cannot delete '{name}'") from err
+        self.requests.deleted(count)
 
     def remove_partial_writes(self) -> int:
         """Unlink temporary files whose writer is gone (its pid does not run here) or that are older than

@@ -27,9 +27,12 @@ would throw away.  botocore retries each request (``standard`` mode: 5xx, SlowDo
 timeouts, connection resets; exponential backoff with jitter).  On top of that this module retries, with
 its own backoff and full jitter within :data:`RETRY_BUDGET` seconds, what botocore does not: a body that
 breaks off or disagrees with its Content-Length while it is read, and an endpoint that stays unreachable
-for longer than botocore's few attempts (a gateway restarting).  Each socket operation has a timeout
+for longer than botocore's few attempts (a gateway restarting); ``$COWBACKUP_S3_RETRY_BUDGET`` (seconds)
+overrides the budget.  Each socket operation has a timeout
 (``timeout``: connect and read); botocore has no limit on a whole request, so a request that makes
-progress, however slowly, is not cut off.
+progress, however slowly, is not cut off.  Every HTTP request is counted in :attr:`S3Store.requests` as
+it leaves (each listing page, each part of an upload, each attempt of a retried request), and each
+repeated attempt also in its ``retries``; this module logs a warning for each retry of its own.
 
 Conditional writes: ``put_if_absent`` is a PutObject with ``If-None-Match: *``; the store answers 412 to
 the loser of a race (Ceph RGW since 16, AWS S3 since 2024, MinIO).  A store that ignores the header lets
@@ -71,7 +74,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from cowbackup.repo.errors import MissingObject, RepoError, RepoUsageError, StoreError
-from cowbackup.repo.store import ObjectInfo, Store, check_name, check_size
+from cowbackup.repo.store import DELETE_BATCH, ObjectInfo, RequestCounts, Store, check_name, check_size
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +94,6 @@ BOTOCORE_ATTEMPTS = 5
 #: Seconds this module keeps retrying what botocore gave up on (or does not cover), once the endpoint
 #: has answered at least once.
 RETRY_BUDGET = 120.0
-#: DeleteObjects takes at most this many keys.
-DELETE_BATCH = 1000
 
 _RETRY_BASE = 0.2
 _RETRY_CAP = 10.0
@@ -114,6 +115,21 @@ _TRANSIENT = {
     "502",
     "503",
     "504",
+}
+
+
+#: What each S3 operation is billed as (``RequestCounts``' kinds).
+_KIND_OF = {
+    "PutObject": "put",
+    "CreateMultipartUpload": "put",
+    "UploadPart": "put",
+    "CompleteMultipartUpload": "put",
+    "GetObject": "get",
+    "HeadObject": "stat",
+    "HeadBucket": "stat",
+    "ListObjectsV2": "list",
+    "DeleteObjects": "delete",
+    "AbortMultipartUpload": "delete",
 }
 
 
@@ -178,7 +194,7 @@ class S3Store(Store):
         profile: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
         timeout: float = TIMEOUT,
-        retry_budget: float = RETRY_BUDGET,
+        retry_budget: float | None = None,
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_size: int = PART_SIZE,
     ) -> None:
@@ -189,13 +205,13 @@ class S3Store(Store):
         self.endpoint = endpoint or None
         self.location = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self._where = f"bucket '{self.bucket}' at {_safe_url(self.endpoint) if self.endpoint else 'AWS S3'}"
-        self.retry_budget = retry_budget
+        self.retry_budget = (
+            retry_budget if retry_budget is not None else _env_seconds("COWBACKUP_S3_RETRY_BUDGET")
+        )
         self.multipart_threshold = max(multipart_threshold, 5 * MiB)
         self.part_size = max(part_size, 5 * MiB)
-        #: Attempts this module repeated (botocore's own are not counted here); read by tests and stats.
-        self.retries = 0
+        self.requests = RequestCounts()
         self._reached = False
-        self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
         addressing = os.environ.get("COWBACKUP_S3_ADDRESSING") or ("path" if self.endpoint else "auto")
         if addressing not in ("path", "virtual", "auto"):
@@ -223,7 +239,23 @@ class S3Store(Store):
             raise RepoUsageError(f"{self.location}: {err}") from None
         except ValueError as err:  # an endpoint URL botocore cannot parse
             raise RepoUsageError(f"{self.location}: invalid S3 endpoint: {err}") from None
+        # Counted as each HTTP request leaves (botocore's retries included), not per call of ours: a
+        # listing is several pages, a multipart upload several requests.
+        self._client.meta.events.register("before-send.s3", self._count_request)
         self._check_bucket()
+
+    @property
+    def retries(self) -> int:
+        """Attempts that repeated a failed one, botocore's and ours."""
+        return self.requests.snapshot()["retries"]
+
+    def _count_request(self, request: Any, event_name: str, **_: Any) -> None:
+        operation = event_name.rpartition(".")[2]
+        self.requests.add(_KIND_OF.get(operation, "get"))
+        # botocore's standard retry mode numbers its attempts (1 for the first) in the request context.
+        retrying = getattr(request, "context", {}).get("retries") or {}
+        if int(retrying.get("attempt", 1)) > 1:
+            self.requests.add("retries")
 
     @staticmethod
     def _credential_source(session: Any) -> str:
@@ -323,8 +355,7 @@ class S3Store(Store):
                     f"cannot {what} '{name}' in {self._where}: {problem} "
                     f"(gave up after {tries} tries in {time.monotonic() - began:.0f} s)"
                 )
-            with self._lock:
-                self.retries += 1
+            self.requests.add("retries")
             log.warning("S3: %s '%s' failed (%s); retrying in %.1f s", what, name, problem, delay)
             time.sleep(delay)
 
@@ -576,6 +607,19 @@ class S3Store(Store):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._client.close()
+
+
+def _env_seconds(name: str) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return RETRY_BUDGET
+    try:
+        value = float(text)
+    except ValueError:
+        raise RepoUsageError(f"{name} must be a number of seconds, not '{text}'") from None
+    if not value >= 0:
+        raise RepoUsageError(f"{name} must not be negative")
+    return value
 
 
 def _range_total(content_range: str | None) -> int | None:

@@ -46,7 +46,6 @@ from cowbackup.repo.index import ZERO_ENTRY
 from cowbackup.repo.keys import passphrase_from
 from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name, check_snapshot_name, is_snapshot_id
 from cowbackup.repo.repository import Repository
-from cowbackup.repo.store import CountingStore
 from cowbackup.repo.writer import BackupRun, DiskStats
 
 
@@ -260,4 +259,4 @@ def _open_repository(location: str, password_file: str | None, sync_level: str) 
             raise RepoError("the repository is encrypted: give 'password-file' (or COWBACKUP_PASSWORD)")
         return given
 
-    return Repository.open(CountingStore(open_store(location, sync_level)), passphrase)
+    return Repository.open(open_store(location, sync_level), passphrase)

@@ -7,6 +7,9 @@ import ctypes
 import datetime
 import functools
 import os
+from collections.abc import Iterator
+
+from cowbackup.repo.errors import RepoError
 
 
 def default_workers() -> int:
@@ -47,10 +50,17 @@ def utc_now() -> str:
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error a TaskGroup's caller should see: the group's first leaf.  Callers and the CLI handle
-    RepoError and BlockError (a full disk, an unreadable source); a group wrapping one would reach the
-    user as an internal error.  The other leaves are sibling tasks meeting the same failure."""
-    err: BaseException = group
-    while isinstance(err, BaseExceptionGroup):
-        err = err.exceptions[0]
-    return err
+    """The error a TaskGroup's caller should see: its first repository error (a failing store fails
+    every task in flight the same way), else its first leaf.  Callers and the CLI handle RepoError and
+    BlockError (a full disk, an unreadable source); a group wrapping one would reach the user as an
+    internal error."""
+    leaves = list(_leaves(group))
+    return next((err for err in leaves if isinstance(err, RepoError)), leaves[0] if leaves else group)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for err in group.exceptions:
+        if isinstance(err, BaseExceptionGroup):
+            yield from _leaves(err)
+        else:
+            yield err

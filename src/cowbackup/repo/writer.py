@@ -38,7 +38,7 @@ from cowbackup.repo.index import ENTRY, ZERO_ENTRY, Entry, SegmentBuilder
 from cowbackup.repo.manifest import DiskRecord, Manifest, SegmentRef, check_disk_name, check_snapshot_name
 from cowbackup.repo.repository import Repository, chunk_name, index_name, refs_name
 from cowbackup.repo.sessions import Session
-from cowbackup.repo.store import CountingStore
+from cowbackup.repo.store import RequestCounts
 from cowbackup.repo.workers import default_workers, first_error, retain_freed_memory, utc_now
 
 #: Called with the number of bytes of the disk just dealt with.
@@ -92,6 +92,8 @@ class BackupRun:
         #: The snapshot's time: when the backup started reading, not when it committed (retention and
         #: ``latest`` order snapshots by the instant they show).
         self.started_at = utc_now()
+        #: The store's request counts when the session began (the manifest records what the run sent).
+        self._requests_before = self.store.requests.snapshot()
 
     @classmethod
     async def start(
@@ -99,6 +101,7 @@ class BackupRun:
     ) -> BackupRun:
         repo.require_key()
         retain_freed_memory()
+        before = repo.store.requests.snapshot()
         loop = asyncio.get_running_loop()
         session = await loop.run_in_executor(None, Session, repo.store)
         try:
@@ -108,7 +111,9 @@ class BackupRun:
         except BaseException:
             await loop.run_in_executor(None, session.end)
             raise
-        return cls(repo, session, cache, workers or default_workers(), level)
+        run = cls(repo, session, cache, workers or default_workers(), level)
+        run._requests_before = before
+        return run
 
     async def _run(self, func: Callable[..., bytes], *args: object) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
@@ -424,8 +429,10 @@ class BackupRun:
         for disk in disks:
             for key, value in disk.stats.items():
                 totals[key] = totals.get(key, 0) + value
-        if isinstance(self.store, CountingStore):
-            totals.update({f"requests_{k}": v for k, v in self.store.counts.items()})
+        # The requests this run sent from the start of its session to its commit (the manifest's own
+        # PUT and the session's end come after: one PUT and one DELETE more).
+        sent = RequestCounts.since(self._requests_before, self.store.requests.snapshot())
+        totals.update({f"requests_{k}": v for k, v in sent.items()})
         snap = Manifest(
             id=snapshot_id or secrets.token_hex(16),
             repository=self.repo.config.id,

@@ -7,6 +7,10 @@ snapshot that needs D.  Here a :class:`Driven` backup runs phase by phase (start
 its steps.  For every placement of the four phases among gc's steps, the committed snapshot must restore
 exactly, verify must be clean, and a later gc with no backup running must leave no unreferenced object.
 
+The copies of the template repository live in stores made by the ``new_store`` fixture: a directory
+here; ``tests/integration/test_s3_gc_races.py`` overrides it with S3 on Ceph and runs these tests again
+(and :func:`interleave` on a spread of placements: each costs a few hundred requests there).
+
 A ``start`` placed while a sweep marker is present must wait for the sweep: it is left running, and the
 phases after it run once gc has returned.
 """
@@ -18,7 +22,6 @@ import concurrent.futures
 import itertools
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -31,6 +34,7 @@ import pytest
 from cowbackup.repo import gc, sessions
 from cowbackup.repo.manifest import DiskRecord, Manifest
 from cowbackup.repo.repository import Repository, chunk_name, snapshot_name
+from cowbackup.repo.store import Store
 from cowbackup.repo.store_local import LocalStore
 from cowbackup.repo.verify import verify
 from cowbackup.repo.writer import BackupRun
@@ -69,16 +73,24 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
         yield Template(base / "repo", repo, old)
 
 
-def copy_of(template: Template, where: Path) -> Repository:
-    """A copy of the template repository, opened with its keys (no passphrase derivation per test).
+#: Makes a fresh, empty store named ``name`` (unique within a test).
+NewStore = Callable[[str], Store]
 
-    The copies share the template's repository id, so each gets its own chunk cache directory: a cache
-    written for one copy names chunks the next copy does not have.
-    """
-    shutil.copytree(template.path, where)
-    os.environ["COWBACKUP_CACHE_DIR"] = str(where) + "-cache"  # restored by the autouse fixture
+
+@pytest.fixture
+def new_store(tmp_path: Path) -> NewStore:
+    return lambda name: LocalStore(str(tmp_path / name), "none")
+
+
+def copy_of(template: Template, store: Store) -> Repository:
+    """A copy of the template repository in ``store``, opened with its keys (no passphrase derivation
+    per test).  The copies share the template's repository id but not their chunk caches: a cache is
+    kept per location."""
+    source = template.repo.store
+    for info in source.list(""):
+        store.put(info.name, source.get(info.name), durable=False)
     t = template.repo
-    return Repository(LocalStore(str(where), "none"), t.config, t.keys, None)
+    return Repository(store, t.config, t.keys, None)
 
 
 class Driven:
@@ -218,28 +230,30 @@ PLACEMENTS = placements()
 
 
 @pytest.mark.parametrize("start", SLOTS)
-def test_every_placement_of_a_backup_among_gc_steps(template: Template, tmp_path: Path, start: str) -> None:
+def test_every_placement_of_a_backup_among_gc_steps(
+    template: Template, new_store: NewStore, start: str
+) -> None:
     cases = [p for p in PLACEMENTS if p["start"] == start]
     for i, placement in enumerate(cases):
         # Commit and close at one step, or apart: the cache only matters for the few first ones.
-        repo = copy_of(template, tmp_path / f"case{i}")
+        repo = copy_of(template, new_store(f"case{i}"))
         order = interleave(repo, template.old, placement, use_cache=i % 3 != 2)
         if start in SWEEPING:
             assert order.index("backup:start") > order.index("gc:end"), order
 
 
 def test_without_a_cache_the_backup_finds_the_chunk_by_put_if_absent(
-    template: Template, tmp_path: Path
+    template: Template, new_store: NewStore
 ) -> None:
     for i, slot in enumerate(STEPS):
         placement = {"start": "before", "write_disk": "before", "commit": slot, "close": slot}
-        interleave(copy_of(template, tmp_path / f"case{i}"), template.old, placement, use_cache=False)
+        interleave(copy_of(template, new_store(f"case{i}")), template.old, placement, use_cache=False)
 
 
 def test_two_backups_in_a_row_and_a_later_gc_sweeps_the_postponed_record(
-    template: Template, tmp_path: Path
+    template: Template, new_store: NewStore
 ) -> None:
-    repo = copy_of(template, tmp_path / "repo")
+    repo = copy_of(template, new_store("repo"))
     first = Driven(repo, NEW_DISK, "first")
     second = Driven(repo, D + D + E, "second")
     try:
@@ -266,8 +280,8 @@ def test_two_backups_in_a_row_and_a_later_gc_sweeps_the_postponed_record(
     assert_whole(repo, {first.snap.id: NEW_DISK, second.snap.id: D + D + E})
 
 
-def test_a_backup_starting_during_a_sweep_waits_for_it(template: Template, tmp_path: Path) -> None:
-    repo = copy_of(template, tmp_path / "repo")
+def test_a_backup_starting_during_a_sweep_waits_for_it(template: Template, new_store: NewStore) -> None:
+    repo = copy_of(template, new_store("repo"))
     repo.store.delete([snapshot_name(template.old.id)])
     started: list[BackupRun] = []
     at_deleted: list[bool] = []
@@ -312,8 +326,8 @@ def dead_pid() -> int:
     return pid
 
 
-def test_a_dead_session_does_not_block_sweeping(template: Template, tmp_path: Path) -> None:
-    repo = copy_of(template, tmp_path / "repo")
+def test_a_dead_session_does_not_block_sweeping(template: Template, new_store: NewStore) -> None:
+    repo = copy_of(template, new_store("repo"))
     # A backup killed with SIGKILL: its record stays, with a pid that no longer runs.
     killed = {
         "host": socket.gethostname(),
@@ -334,7 +348,8 @@ def test_a_dead_session_does_not_block_sweeping(template: Template, tmp_path: Pa
 def test_a_live_session_elsewhere_blocks_sweeping_until_its_lease_ends(
     template: Template, tmp_path: Path
 ) -> None:
-    repo = copy_of(template, tmp_path / "repo")
+    # Local only: it ages the session's files behind the store's back.
+    repo = copy_of(template, LocalStore(str(tmp_path / "repo"), "none"))
     remote = {"host": "elsewhere.example", "boot_id": "b", "pid": 1, "pid_start": "1"}
     name = sessions.SESSIONS + "2" * 32
     repo.store.put(name, json.dumps(remote).encode())

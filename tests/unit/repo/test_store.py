@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from cowbackup.repo.errors import MissingObject, RepoUsageError
-from cowbackup.repo.store import CountingStore, Store, check_name
+from cowbackup.repo.store import Store, check_name
 from cowbackup.repo.store_local import LocalStore
 
 BACKENDS: dict[str, Callable[[Path], Store]] = {
     "local": lambda path: LocalStore(str(path), "none"),
     "local-sync-file": lambda path: LocalStore(str(path), "file"),
-    "counting-local": lambda path: CountingStore(LocalStore(str(path), "filesystem")),
+    "local-sync-filesystem": lambda path: LocalStore(str(path), "filesystem"),
 }
 
 
