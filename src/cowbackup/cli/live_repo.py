@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.incremental and not args.bitmap:
         raise UsageError("--incremental needs --bitmap STEM (the bitmaps are STEM-<snapshot id>)")
     # The daemon opens the repository from its own working directory.
-    args.repo = os.path.abspath(args.repo)
+    if "://" not in args.repo:  # s3://... is no path
+        args.repo = os.path.abspath(args.repo)
     repo = open_repository(args)
     return asyncio.run(_run(args, repo))
 

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from cowbackup.block.errors import BlockError
-from cowbackup.cli import argtypes
+from cowbackup.cli import argtypes, serve
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 from cowbackup.cli.progress import JsonReporter, make_reporter
 from cowbackup.cli.repo_common import (
@@ -114,6 +114,20 @@ def add_restore_parser(sub: Any) -> None:
     )
     p.add_argument("--workers", type=argtypes.positive_int, default=0, help="parallel chunk fetches")
     p.add_argument("--json", action="store_true", help="progress and result as JSON lines")
+    instant = p.add_argument_group(
+        "instant restore",
+        "With --serve, TARGET is served over NBD at once, while the snapshot is copied into it in the "
+        "background: a read of what is not restored yet fetches it first, a write counts as restored. "
+        "Serving goes on after the copy completes, until Ctrl-C.",
+    )
+    instant.add_argument("--serve", action="store_true", help="serve TARGET over NBD while restoring")
+    where = instant.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", help="with --serve: listen on this unix socket")
+    where.add_argument("--bind", metavar="HOST[:PORT]", help="with --serve: listen on TCP")
+    instant.add_argument("--name", default="", help="with --serve: the export name (default: empty)")
+    instant.add_argument(
+        "--speed", type=argtypes.size, default=0, help="with --serve: background copy limit, bytes/s"
+    )
     p.set_defaults(func=run_restore)
 
 
@@ -232,10 +246,47 @@ def _latest_id(repo: Any, name: str) -> str | None:
 
 
 def run_restore(args: argparse.Namespace) -> int:
+    if not args.serve and (args.socket or args.bind or args.speed or args.name):
+        raise UsageError("--socket, --bind, --name and --speed are for --serve (instant restore)")
     repo = open_repository(args)
     snap, disk = resolve_disk(repo, args.snapshot)
     fresh = _fresh_target(args.target, args.target_format)
+    if args.serve:
+        return _instant_restore(args, repo, snap.id, disk, fresh)
     return asyncio.run(_cancellable(lambda: _restore(args, repo, snap.id, disk, fresh)))
+
+
+def _instant_restore(args: argparse.Namespace, repo: Any, sid: str, disk: Any, fresh: bool) -> int:
+    """``restore --serve``: serve TARGET at once while the snapshot is copied into it (serve.py)."""
+    if args.partial:
+        raise UsageError("--partial is not for --serve: a read of a lost range fails with EIO there")
+    if is_nbd_uri(args.target):
+        raise UsageError("--serve restores into a local file or block device, not an NBD export")
+    reporter = make_reporter(args.json)
+    reporter.start(f"restore {sid[:8]}:{disk.name}", disk.size)
+    opener = serve.InstantRestoreOpener(
+        repo,
+        sid,
+        disk,
+        target_options(args.target, disk.size, args.force, args.target_format),
+        target_reads_zero=fresh,
+        speed=args.speed,
+        progress=lambda done, total: reporter.update(done, total),
+    )
+    # serve's own options, for the NBD server it runs.
+    args.read_only, args.tls_creds, args.no_verify_peer, args.qmp, args.allocation_depth = (
+        False,
+        None,
+        False,
+        None,
+        False,
+    )
+    if args.socket:
+        args.socket = os.path.abspath(args.socket)
+    try:
+        return asyncio.run(serve.serve_disk(args, opener))
+    finally:
+        reporter.stop()
 
 
 def _fresh_target(path: str, fmt: str) -> bool:

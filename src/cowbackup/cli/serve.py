@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import stat
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from cowbackup.block.drivers import qcow2
@@ -36,6 +39,7 @@ from cowbackup.nbd.tls import TLSError, server_context
 from cowbackup.nbd.uri import NBD_DEFAULT_PORT, NBDAddress
 from cowbackup.qmp.server import QMPServer
 from cowbackup.repo.backends import open_store
+from cowbackup.repo.instant_restore import InstantRestoreNode, restore_in_background
 from cowbackup.repo.manifest import DiskRecord
 from cowbackup.repo.repository import Repository
 from cowbackup.repo.snapshot_node import DEFAULT_CACHE_BYTES, SnapshotNode
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         args.socket = os.path.abspath(args.socket)
     if args.qmp:
         args.qmp = os.path.abspath(args.qmp)
-    return asyncio.run(_serve(args, opener))
+    return asyncio.run(serve_disk(args, opener))
 
 
 class DiskOpener(Protocol):
@@ -143,12 +147,18 @@ class DiskOpener(Protocol):
 
     async def open(self, daemon: Daemon) -> None: ...
 
+    async def close(self) -> None:
+        """Stop what :meth:`open` started (called when serving ends)."""
+
 
 class _ImageOpener:
     def __init__(self, image: str, *, read_only: bool) -> None:
         self.image = image
         self.description = f"'{image}'{' read-only' if read_only else ''}"
         self.writable = not read_only
+
+    async def close(self) -> None:
+        pass
 
     async def open(self, daemon: Daemon) -> None:
         driver = "host_device" if stat.S_ISBLK(os.stat(self.image).st_mode) else "file"
@@ -166,7 +176,9 @@ class _ImageOpener:
         )
 
 
-async def _serve(args: argparse.Namespace, opener: DiskOpener) -> int:
+async def serve_disk(args: argparse.Namespace, opener: DiskOpener) -> int:
+    """Serve the node ``opener`` adds over NBD (``args``: serve's address, TLS, QMP and export options)
+    until SIGINT, SIGTERM or QMP ``quit``; print its URI first."""
     daemon = Daemon()
     try:
         ssl_ctx = (
@@ -199,6 +211,7 @@ async def _serve(args: argparse.Namespace, opener: DiskOpener) -> int:
         await stop.wait()
     finally:
         try:
+            await opener.close()
             if qmp is not None:
                 await qmp.close()
         finally:
@@ -270,6 +283,9 @@ class _SnapshotOpener:
         )
         self.marker = OVERLAY_MARKER.format(repository=repo.config.id, snapshot=snapshot_id, disk=disk.name)
 
+    async def close(self) -> None:
+        pass
+
     async def open(self, daemon: Daemon) -> None:
         name = "snapshot" if self.overlay is not None else "disk"
         node = SnapshotNode(name, self.repo, self.snapshot_id, self.disk, cache_bytes=self.cache_bytes)
@@ -336,3 +352,82 @@ class _SnapshotOpener:
             f"--overlay '{path}' was made for another snapshot ({backing.split(':', 1)[1]}), not "
             f"{self.repo.config.id}/{self.snapshot_id}/{self.disk.name}; name a new file or remove it"
         )
+
+
+class InstantRestoreOpener:
+    """The restore TARGET as node ``disk``, usable at once: an instant-restore filter over it copies the
+    snapshot in behind the clients' backs (chunks they read first, the rest in the background)."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        snapshot_id: str,
+        disk: DiskRecord,
+        target: dict[str, Any],
+        *,
+        target_reads_zero: bool,
+        speed: int,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.repo = repo
+        self.snapshot_id = snapshot_id
+        self.disk = disk
+        self.target = target
+        self.target_reads_zero = target_reads_zero
+        self.speed = speed
+        self.cache_bytes = cache_bytes
+        self.progress = progress or (lambda _done, _total: None)
+        self.writable = True
+        self.description = f"snapshot {snapshot_id[:8]}:{disk.name} restoring into the target"
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self, daemon: Daemon) -> None:
+        source = SnapshotNode(
+            "snapshot", self.repo, self.snapshot_id, self.disk, cache_bytes=self.cache_bytes
+        )
+        try:
+            daemon.graph.add(source)
+        except BaseException:
+            await source.close()
+            raise
+        try:
+            target = await daemon.blockdev_add({**self.target, "node-name": "target"})
+        except BlockError as err:
+            raise UsageError(str(err)) from None
+        if target.read_only or target.size < self.disk.size:
+            raise UsageError(f"the target must be writable and hold {self.disk.size} bytes")
+        node = InstantRestoreNode(
+            "disk", source, self.disk.chunk_size, target_reads_zero=self.target_reads_zero
+        )
+        daemon.graph.attach(node, "file", target)
+        node.refresh_limits()
+        daemon.graph.add(node)
+        self._task = asyncio.create_task(self._restore(node))
+
+    async def _restore(self, node: InstantRestoreNode) -> None:
+        done = 0
+        total = node.size
+
+        def progress(n: int) -> None:
+            nonlocal done
+            done += n
+            self.progress(done, total)
+
+        started = time.monotonic()
+        try:
+            await restore_in_background(node, speed=self.speed, progress=progress)
+            await node.flush()
+        except Exception as err:  # the disk stays served: reads of what is missing still fetch it
+            sys.stderr.write(f"cowbackup: background restore stopped: {err}\n")
+            return
+        sys.stderr.write(
+            f"cowbackup: restore complete in {time.monotonic() - started:.1f} s: the target holds the "
+            "snapshot (with the clients' writes); still serving it until Ctrl-C\n"
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
