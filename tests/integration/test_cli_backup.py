@@ -392,4 +392,8 @@ def test_demo(run_cli: RunCli, workdir: Path) -> None:
         assert len(rows) == 1, proc.stderr
         assert "yes" in rows[0]
         assert "NO" not in rows[0]
+    # The repository part: a full and an incremental live backup, each restoring to its instant.
+    assert proc.stderr.count("restores to the disk at its instant") == 2, proc.stderr
+    assert "(incremental)" in proc.stderr and "DIFFERS" not in proc.stderr
+    assert any("verify --read-data" in line and "clean" in line for line in proc.stderr.splitlines())
     assert os.listdir(workdir) == []  # the demo removed its images

@@ -127,6 +127,13 @@ def trust_problem(
 
 
 async def _run(args: argparse.Namespace, repo: Repository) -> int:
+    await live_backup(args, repo)
+    return EXIT_OK
+
+
+async def live_backup(args: argparse.Namespace, repo: Repository) -> Manifest:
+    """The live backup ``args`` describe (``backup --qmp ... --repo``'s options), on the running loop;
+    the committed snapshot.  CliError when it fails (nothing committed then)."""
     loop = asyncio.get_running_loop()
     parents = [s for s in await loop.run_in_executor(None, repo.snapshots) if s.name == args.name]
     plan = SnapshotPlan(
@@ -144,7 +151,7 @@ async def _run(args: argparse.Namespace, repo: Repository) -> int:
         else:
             snap, elapsed = await _push(client, args, repo, plan, reporter)
     _report(reporter, snap, plan.size, elapsed)
-    return EXIT_OK
+    return snap
 
 
 def _nodes_and_disks(args: argparse.Namespace) -> list[tuple[str, str]]:
