@@ -28,3 +28,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def percent(text: str) -> float:
+    """A percentage above 0 and at most 100 (``10``, ``2.5``, ``50%``)."""
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid percentage '{text}'") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"a percentage must be more than 0 and at most 100, not {text}")
+    return value

@@ -278,7 +278,7 @@ async def _repository_phase(
                 qmp=qmp_path, source="disk", node=[], disk="disk0", repo=repo_path, name="demo/vm",
                 tag=[], bitmap="demo", incremental=incremental, fallback_full=False, job_id=None,
                 speed=args.speed, sync_level="none", json=False, nbd_socket=None, scratch_dir=None,
-                password_file=password,
+                password_file=password, audit=0.0,
             )  # fmt: skip
             try:
                 with console.status(

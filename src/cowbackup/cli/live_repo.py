@@ -139,14 +139,17 @@ async def live_backup(args: argparse.Namespace, repo: Repository) -> Manifest:
     plan = SnapshotPlan(
         secrets.token_hex(16), args.name, list(args.tag), parents[-1] if parents else None, []
     )
+    plan.audit = args.audit
     reporter = make_reporter(args.json)
     async with connect(args.qmp) as client:
         for node, disk in _nodes_and_disks(args):
             plan.disks.append(await _plan_disk(client, args, repo, plan, node, disk))
-        with _password_file(args, repo) as password_file:
-            pushed = await _add_targets(client, args, plan, password_file)
+        pushed = False
+        if not plan.audit:  # an audit reads the frozen view itself: that is pull mode
+            with _password_file(args, repo) as password_file:
+                pushed = await _add_targets(client, args, plan, password_file)
         if not pushed:
-            # Not our daemon (qemu-storage-daemon, QEMU): it cannot hold the target; pull.
+            # Not our daemon (qemu-storage-daemon, QEMU), or an audit: fleece and read the view.
             snap, elapsed = await pull_backup(client, args, repo, plan, reporter)
         else:
             snap, elapsed = await _push(client, args, repo, plan, reporter)

@@ -32,6 +32,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from cowbackup.block.node import BlockNode
 from cowbackup.cli.errors import CliError
 from cowbackup.cli.fleece import Fleeced, FleeceSpec, Setup, fleece_with_backup_job, start_nbd_server
 from cowbackup.cli.live import execute
@@ -39,10 +40,11 @@ from cowbackup.cli.progress import Reporter
 from cowbackup.daemon import Daemon
 from cowbackup.nbd.client_conn import NBDClient
 from cowbackup.nbd.uri import NBDAddress
+from cowbackup.repo.audit import audit_clean_chunks
 from cowbackup.repo.errors import MissingObject
 from cowbackup.repo.manifest import DiskRecord, Manifest
 from cowbackup.repo.repository import Repository
-from cowbackup.repo.writer import BackupRun
+from cowbackup.repo.writer import BackupRun, DirtyTest
 
 
 @dataclass
@@ -71,6 +73,8 @@ class SnapshotPlan:
     tags: list[str]
     parent: Manifest | None
     disks: list[DiskPlan]
+    #: ``--audit``: the percentage of the chunks a bitmap calls clean that are re-read and compared.
+    audit: float = 0.0
 
     @property
     def size(self) -> int:
@@ -174,15 +178,18 @@ async def _read_into_repository(
                 }
             )
             dirty = None
+            parent = disk.parent_disk
             if view.frozen is not None:
                 context = f"qemu:dirty-bitmap:{view.frozen}"
                 dirty = await _dirty_chunks(socket, spec.prefix, context, disk.size, repo)
+                if plan.audit and parent is not None:
+                    dirty, parent = await _audit(repo, node, disk, parent, dirty, plan.audit)
             records.append(
                 await run.write_disk(
                     disk.disk,
                     node,
                     source=disk.image,
-                    parent=disk.parent_disk,
+                    parent=parent,
                     dirty=dirty,
                     changes=disk.changes,
                     progress=progress,
@@ -201,6 +208,26 @@ async def _read_into_repository(
         if run is not None:
             await run.close()
         await daemon.close()
+
+
+async def _audit(
+    repo: Repository, view: BlockNode, disk: DiskPlan, parent: DiskRecord, dirty: DirtyTest, percent: float
+) -> tuple[DirtyTest | None, DiskRecord | None]:
+    """``--audit``: re-read a sample of what the bitmap calls clean; if any of it changed, the bitmap
+    lied -- say so loudly and read the whole disk instead (dedup still stores only what changed)."""
+    result = await audit_clean_chunks(repo, view, parent, dirty, percent)
+    disk.changes["audit"] = result.as_dict()
+    if not result.mismatches:
+        return dirty, parent
+    first = result.mismatches[0]
+    reason = (
+        f"audit: {len(result.mismatches)} of {result.checked} chunk(s) the bitmap called clean differ from "
+        f"the parent snapshot (first at offset {first}): the bitmap missed writes"
+    )
+    sys.stderr.write(f"cowbackup: WARNING: {disk.node}: {reason}; reading the whole disk instead\n")
+    disk.changes.update(method="full", fallback=reason)
+    disk.changes.pop("bitmap", None)
+    return None, None
 
 
 async def _reload_parent(repo: Repository, plan: SnapshotPlan) -> None:

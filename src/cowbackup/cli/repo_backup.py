@@ -76,6 +76,14 @@ def add_backup_arguments(p: argparse.ArgumentParser) -> None:
         "after its node; repeatable)",
     )
     g.add_argument(
+        "--audit",
+        type=argtypes.percent,
+        default=0.0,
+        metavar="PCT",
+        help="with --qmp --incremental: re-read PCT%% of the chunks the bitmap calls clean and compare them "
+        "with the parent; any difference rejects the bitmap (loudly) and reads the whole disk",
+    )
+    g.add_argument(
         "--scratch-dir",
         metavar="DIR",
         help="with --qmp on qemu-storage-daemon (pull mode): where the fleecing scratch image goes "

@@ -122,7 +122,7 @@ def add_parsers(sub: Any) -> None:
         "--read-data",
         nargs="?",
         const=100.0,
-        type=_percent,
+        type=argtypes.percent,
         metavar="PCT",
         help="also read the data of PCT%% of the chunks (default 100), each once",
     )
@@ -134,16 +134,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--no-repair", action="store_true", help="report only: no quarantine, no damage records")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_verify)
-
-
-def _percent(text: str) -> float:
-    try:
-        value = float(text.rstrip("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid percentage '{text}'") from None
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"a percentage must be more than 0 and at most 100, not {text}")
-    return value
 
 
 # -- repo -----------------------------------------------------------------------------------------
