@@ -170,16 +170,7 @@ class BackupRun:
             builder = SegmentBuilder(count)
             await self._write_positions(node, first, count, builder, parent_entries, dirty, stats, report)
             segments.append(await self._store_segment(builder))
-        return DiskRecord(
-            name=name,
-            size=size,
-            chunk_size=cs,
-            segment_entries=per_segment,
-            segments=segments,
-            changes=dict(changes) if changes else {"method": "full"},
-            stats=stats.as_dict(),
-            source=source,
-        )
+        return self._record(name, size, segments, changes, stats, source)
 
     async def store_chunk(self, data: memoryview, stats: DiskStats) -> bytes:
         """The packed index entry of one chunk's ``data``, stored if the repository lacks it -- for
@@ -233,11 +224,22 @@ class BackupRun:
                 if packed is not None:
                     builder.set_packed(i, packed)
             segments.append(await self._store_segment(builder))
+        return self._record(name, size, segments, changes, stats, source)
+
+    def _record(
+        self,
+        name: str,
+        size: int,
+        segments: list[SegmentRef],
+        changes: dict[str, object] | None,
+        stats: DiskStats,
+        source: str,
+    ) -> DiskRecord:
         return DiskRecord(
             name=name,
             size=size,
-            chunk_size=cs,
-            segment_entries=per_segment,
+            chunk_size=self.repo.config.chunk_size,
+            segment_entries=self.repo.config.segment_entries,
             segments=segments,
             changes=dict(changes) if changes else {"method": "full"},
             stats=stats.as_dict(),
