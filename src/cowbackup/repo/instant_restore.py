@@ -130,27 +130,24 @@ class InstantRestoreNode(FilterNode):
         whole = [p for p in span if p * cs >= offset and min((p + 1) * cs, self._size) <= offset + length]
         partial = [p for p in span if p not in whole]
         await asyncio.gather(*(self.ensure(p) for p in partial))
-        for p in whole:  # a copy or another claim in flight must finish first
-            while p in self._busy:
-                await asyncio.shield(self._busy[p])
+        # Copies or claims in flight on the whole chunks finish first -- all of them at once: between
+        # waiting for one and claiming, another could start (the background copy), and the claims below
+        # must be taken with no await in between.
+        while busy := [self._busy[p] for p in whole if p in self._busy]:
+            await asyncio.gather(*(asyncio.shield(b) for b in busy))
         claims = [p for p in whole if not self.restored[p]]
-        if not claims:
-            await call()
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def claimed() -> None:
-            await done
-
-        holds = asyncio.gather(*(self._hold(p, claimed()) for p in claims))
+        loop = asyncio.get_running_loop()
+        futures = {p: loop.create_future() for p in claims}
+        self._busy.update(futures)
         try:
             await call()
-        except BaseException as err:
-            done.set_exception(err)
-            await asyncio.gather(holds, return_exceptions=True)
-            raise
-        done.set_result(None)
-        await holds
+            for p in claims:
+                self.restored[p] = 1
+                self.remaining -= 1
+        finally:
+            for p, future in futures.items():
+                del self._busy[p]
+                future.set_result(None)
 
     async def write(self, offset: int, data: Buffer, flags: RequestFlags = NO_FLAGS) -> None:
         length = memoryview(data).nbytes
