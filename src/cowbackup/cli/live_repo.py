@@ -248,9 +248,9 @@ async def _push(
 ) -> tuple[Manifest, float]:
     """Start one backup job per disk in one transaction (the snapshot's instant), follow them, and clean
     up: the target nodes, and the tracking bitmaps that lost."""
-    jobs = [
-        args.job_id or f"backup-{d.node}" if len(plan.disks) == 1 else f"backup-{d.node}" for d in plan.disks
-    ]
+    jobs = [f"backup-{d.node}" for d in plan.disks]
+    if args.job_id and len(jobs) == 1:
+        jobs = [args.job_id]
     interrupted: list[int] = []
     committed = False
     started = False
