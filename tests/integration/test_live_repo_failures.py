@@ -3,7 +3,8 @@
 Every way a bitmap may no longer be trusted -- its parent snapshot forgotten or recorded damaged, the
 bitmap deleted or disabled by someone else -- makes ``--incremental`` refuse with the exact reason, and
 ``--fallback-full`` read the whole disk instead, whose snapshot restores to the disk at its instant.  A
-monitor that refuses a command midway leaves nothing of the fleecing set-up behind.
+repository that fills up mid-backup fails the backup and commits nothing while the guest goes on writing;
+a monitor that refuses a command midway leaves nothing of the fleecing set-up behind.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from typing import Any
 
 import pytest
 
-from .conftest import RunCli, random_file
-from .test_live_backup import DaemonKind, DaemonProcess, start_daemon
+from .conftest import MiB, RunCli, random_file
+from .test_live_backup import DaemonKind, DaemonProcess, daemon_argv, kill_all, launch, start_daemon
 from .test_live_repo import SIZE, backup, daemon, repo, restored, write_round
+from .test_repo_crash import small_filesystem
 
 __all__ = ["daemon", "repo", "start_daemon"]  # fixtures, used here by name
+
+KINDS: list[DaemonKind] = ["cowbackup", "qemu-storage-daemon"]
 
 
 def qmp(run_cli: RunCli, daemon: DaemonProcess, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -148,6 +152,47 @@ def test_a_bitmap_disabled_by_someone_else(
     assert bitmaps(run_cli, daemon)[name]["recording"] is False
     write_round(daemon, random.Random(26))  # unrecorded: an incremental now would miss these
     refuses_then_falls_back(run_cli, daemon, repo, workdir, f"bitmap '{name}' was disabled")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_full_repository_fails_the_backup_and_commits_nothing(
+    run_cli: RunCli, repo: Path, workdir: Path, kind: DaemonKind
+) -> None:
+    """The repository's file system fills up mid-backup: exit 1 with the reason, no snapshot, nothing
+    left on the daemon (target or fleecing nodes, the new bitmap), and the guest still writes."""
+    image = random_file(workdir / "disk.img", 24 * MiB, seed=7)  # random: neither dedup nor zstd shrink it
+    started: list[subprocess.Popen[bytes]] = []
+    with small_filesystem(workdir / "small", 8) as mnt:
+        full = mnt / "repo"
+        proc = run_cli("repo", "init", str(full), "--chunk-size", "256K")
+        assert proc.returncode == 0, proc.stderr
+        try:
+            daemon = launch(kind, daemon_argv(kind, image, workdir), workdir, started)
+            before = snapshots(run_cli, full)
+            args = ["backup", "--qmp", str(daemon.qmp), "disk", "--repo", str(full), "--name", "vm1"]
+            proc = run_cli(*args, "--bitmap", "cb", "--nbd-socket", str(daemon.nbd))
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+            # Push: the job's error; pull: the repository's own, naming the chunk it could not write.
+            space = "No space left on device" if kind == "cowbackup" else "no space left on the repository's"
+            assert lines[0].startswith("cowbackup: backup failed: ") and space in lines[0], lines
+            assert lines[0].endswith("; no snapshot committed"), lines
+            assert snapshots(run_cli, full) == before == []
+            # Nothing of the backup is left on the daemon: no target, no fleecing node, no bitmap.
+            leftovers = {n for n in node_names(run_cli, daemon) if n.startswith(("repo-", "cb-"))}
+            assert leftovers == set()
+            assert bitmaps(run_cli, daemon) == {}
+            exports = qmp(run_cli, daemon, "query-block-exports")
+            assert [e["id"] for e in exports] == ["e"]
+            # The guest goes on writing through its export, and reads back what it wrote.
+            subprocess.run(
+                ["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 1M", "-c", "read -P 0x5a 1M 1M", daemon.uri],
+                check=True,
+                capture_output=True,
+            )
+            assert image.read_bytes()[MiB : 2 * MiB] == b"\x5a" * MiB
+        finally:
+            kill_all(started)
 
 
 @pytest.fixture

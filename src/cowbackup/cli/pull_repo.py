@@ -41,7 +41,7 @@ from cowbackup.daemon import Daemon
 from cowbackup.nbd.client_conn import NBDClient
 from cowbackup.nbd.uri import NBDAddress
 from cowbackup.repo.audit import audit_clean_chunks
-from cowbackup.repo.errors import MissingObject
+from cowbackup.repo.errors import MissingObject, RepoError
 from cowbackup.repo.manifest import DiskRecord, Manifest
 from cowbackup.repo.repository import Repository
 from cowbackup.repo.writer import BackupRun, DirtyTest
@@ -129,7 +129,11 @@ async def pull_backup(
                 export["bitmaps"] = [view.frozen]
             await execute(client, "block-export-add", export)
             setup.exports.append(spec.prefix)
-        committed = await _read_into_repository(repo, plan, str(socket), specs, views, reporter)
+        try:
+            committed = await _read_into_repository(repo, plan, str(socket), specs, views, reporter)
+        except RepoError as err:
+            # Say what push mode says: the repository failed, and nothing was committed.
+            raise CliError(f"backup failed: {err}; no snapshot committed", err.exit_code) from err
         return committed, time.monotonic() - started
     finally:
         # The tracking bitmaps that lost: the new ones if nothing was committed, else the parent's.
