@@ -244,3 +244,14 @@ def test_a_missing_scratch_dir_fails_before_anything_is_set_up(
     scratch = workdir / "scratch"
     scratch.mkdir()
     assert_nothing_left(run_cli, qsd, scratch)
+
+
+def test_a_full_backup_retires_the_bitmap_of_the_one_before(
+    run_cli: RunCli, daemon: DaemonProcess, repo: Path, workdir: Path
+) -> None:
+    """A full backup (no --incremental) arms its own bitmap; the next incremental's parent is that full
+    one, so the bitmap of the snapshot before it is of no use any more: it goes when the full commits."""
+    backup(run_cli, daemon, repo)
+    write_round(daemon, random.Random(28))
+    second = backup(run_cli, daemon, repo)
+    assert set(bitmaps(run_cli, daemon)) == {tracking_bitmap_of(run_cli, repo, second["snapshot"])}

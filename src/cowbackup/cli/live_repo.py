@@ -18,7 +18,8 @@ then the job copies only the clusters the bitmap marks (``sync=bitmap``, ``bitma
 bitmap stays intact if anything fails), and every chunk the job does not write is the parent's.  Anything
 else is a clear reason: with ``--fallback-full`` the backup reads the whole disk (dedup still stores only
 what changed) and arms a new bitmap at its instant; without it the command fails.  On success the parent's
-bitmap is removed; on failure the new one is.
+bitmap is removed (after a full backup too: the next incremental starts from the new snapshot); on
+failure the new one is.
 """
 
 from __future__ import annotations
@@ -203,6 +204,10 @@ async def _plan_disk(
             await _drop_unusable(client, args, info, plan.parent, known)
         else:
             d.changes = {"method": "bitmap", "bitmap": d.old_bitmap}
+    elif args.bitmap and plan.parent is not None:
+        previous = tracking_bitmap(args.bitmap, plan.parent.id)
+        if any(b.get("name") == previous for b in info.get("dirty-bitmaps", [])):
+            d.retired = previous
     if args.bitmap:
         d.new_bitmap = tracking_bitmap(args.bitmap, plan.snapshot_id)
         d.changes["tracking"] = {"bitmap": d.new_bitmap, "node": node, "image": d.image}
@@ -306,6 +311,8 @@ async def _push(
                 stale = d.old_bitmap if committed else d.new_bitmap
                 if stale is not None:
                     await _remove_bitmap(client, d.node, stale)
+                if committed and d.retired is not None:
+                    await _remove_bitmap(client, d.node, d.retired)
     if interrupted and not committed:
         name = signal.Signals(interrupted[0]).name
         raise CliError(f"interrupted by {name}: backup cancelled, no snapshot committed", EXIT_INTERRUPTED)

@@ -59,6 +59,9 @@ class DiskPlan:
     parent_disk: DiskRecord | None = None
     old_bitmap: str | None = None
     new_bitmap: str | None = None
+    #: A full backup's parent's tracking bitmap: once this snapshot commits, the next incremental's parent
+    #: is this one, so that bitmap serves nobody -- it is removed then (else it would grow forever).
+    retired: str | None = None
     #: QEMU stores persistent bitmaps in qcow2 images only; elsewhere the bitmap lives as long as the
     #: daemon (a restart then means a full backup, with the reason said).
     persistent: bool = True
@@ -141,6 +144,8 @@ async def pull_backup(
             stale = d.old_bitmap if committed is not None else d.new_bitmap if tracking_added else None
             if stale is not None:
                 setup.bitmaps.append((d.node, stale))
+            if committed is not None and d.retired is not None:
+                setup.bitmaps.append((d.node, d.retired))
         errors = await setup.teardown(client)
         with contextlib.suppress(OSError):
             os.rmdir(socket_dir)
