@@ -18,7 +18,8 @@ then the job copies only the clusters the bitmap marks (``sync=bitmap``, ``bitma
 bitmap stays intact if anything fails), and every chunk the job does not write is the parent's.  Anything
 else is a clear reason: with ``--fallback-full`` the backup reads the whole disk (dedup still stores only
 what changed) and arms a new bitmap at its instant; without it the command fails.  On success the parent's
-bitmap is removed; on failure the new one is.
+bitmap is removed (after a full backup too: the next incremental starts from the new snapshot); on
+failure the new one is.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import sys
@@ -135,7 +137,8 @@ async def live_backup(args: argparse.Namespace, repo: Repository) -> Manifest:
     """The live backup ``args`` describe (``backup --qmp ... --repo``'s options), on the running loop;
     the committed snapshot.  CliError when it fails (nothing committed then)."""
     loop = asyncio.get_running_loop()
-    parents = [s for s in await loop.run_in_executor(None, repo.snapshots) if s.name == args.name]
+    everything = await loop.run_in_executor(None, repo.snapshots)
+    parents = [s for s in everything if s.name == args.name]
     plan = SnapshotPlan(
         secrets.token_hex(16), args.name, list(args.tag), parents[-1] if parents else None, []
     )
@@ -143,7 +146,8 @@ async def live_backup(args: argparse.Namespace, repo: Repository) -> Manifest:
     reporter = make_reporter(args.json)
     async with connect(args.qmp) as client:
         for node, disk in _nodes_and_disks(args):
-            plan.disks.append(await _plan_disk(client, args, repo, plan, node, disk))
+            known = {s.id for s in everything}
+            plan.disks.append(await _plan_disk(client, args, repo, plan, node, disk, known))
         pushed = False
         if not plan.audit:  # an audit reads the frozen view itself: that is pull mode
             with _password_file(args, repo) as password_file:
@@ -173,9 +177,16 @@ def _nodes_and_disks(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 async def _plan_disk(
-    client: QMPClient, args: argparse.Namespace, repo: Repository, plan: SnapshotPlan, node: str, disk: str
+    client: QMPClient,
+    args: argparse.Namespace,
+    repo: Repository,
+    plan: SnapshotPlan,
+    node: str,
+    disk: str,
+    known: set[str],
 ) -> DiskPlan:
-    """How one disk is backed up: full, or incremental if its parent's bitmap can be trusted."""
+    """How one disk is backed up: full, or incremental if its parent's bitmap can be trusted.  ``known``:
+    the ids of every snapshot in the repository (a bitmap of none of them is an orphan)."""
     info = await query_node(client, node)
     d = DiskPlan(node, disk, int(info["image"]["virtual-size"]), _image(info), {"method": "full"})
     d.persistent = info.get("drv") == "qcow2" or await _is_ours(client)
@@ -190,9 +201,13 @@ async def _plan_disk(
                 )
             sys.stderr.write(f"cowbackup: full backup of '{node}' instead of incremental: {reason}\n")
             d.changes["fallback"] = reason
-            await _drop_unusable(client, args, info, plan.parent)
+            await _drop_unusable(client, args, info, plan.parent, known)
         else:
             d.changes = {"method": "bitmap", "bitmap": d.old_bitmap}
+    elif args.bitmap and plan.parent is not None:
+        previous = tracking_bitmap(args.bitmap, plan.parent.id)
+        if any(b.get("name") == previous for b in info.get("dirty-bitmaps", [])):
+            d.retired = previous
     if args.bitmap:
         d.new_bitmap = tracking_bitmap(args.bitmap, plan.snapshot_id)
         d.changes["tracking"] = {"bitmap": d.new_bitmap, "node": node, "image": d.image}
@@ -296,6 +311,8 @@ async def _push(
                 stale = d.old_bitmap if committed else d.new_bitmap
                 if stale is not None:
                     await _remove_bitmap(client, d.node, stale)
+                if committed and d.retired is not None:
+                    await _remove_bitmap(client, d.node, d.retired)
     if interrupted and not committed:
         name = signal.Signals(interrupted[0]).name
         raise CliError(f"interrupted by {name}: backup cancelled, no snapshot committed", EXIT_INTERRUPTED)
@@ -311,14 +328,25 @@ async def _push(
 
 
 async def _drop_unusable(
-    client: QMPClient, args: argparse.Namespace, node: dict[str, Any], parent: Manifest | None
+    client: QMPClient,
+    args: argparse.Namespace,
+    node: dict[str, Any],
+    parent: Manifest | None,
+    known: set[str],
 ) -> None:
-    """Remove the parent's bitmap if it exists but cannot be trusted: it would only grow."""
-    if parent is None:
-        return
-    name = tracking_bitmap(args.bitmap, parent.id)
-    if any(b.get("name") == name for b in node.get("dirty-bitmaps", [])):
-        await _remove_bitmap(client, str(node["node-name"]), name)
+    """Remove the bitmaps of our stem that no backup can use: the parent's, which cannot be trusted, and
+    the orphans of snapshots that no longer exist (a forgotten newest snapshot leaves its bitmap behind,
+    and the next backup falls back to an older parent).  Each would only grow, forever."""
+    ours = re.compile(re.escape(args.bitmap) + "-([0-9a-f]{16})")
+    for bitmap in node.get("dirty-bitmaps", []):
+        found = ours.fullmatch(str(bitmap.get("name", "")))
+        if found is None or bitmap.get("busy"):  # busy: another job's; it removes it itself
+            continue
+        stem_id = found[1]
+        if (parent is not None and parent.id.startswith(stem_id)) or not any(
+            s.startswith(stem_id) for s in known
+        ):
+            await _remove_bitmap(client, str(node["node-name"]), str(bitmap["name"]))
 
 
 async def _remove_bitmap(client: QMPClient, node: str, name: str) -> None:

@@ -41,7 +41,7 @@ from cowbackup.daemon import Daemon
 from cowbackup.nbd.client_conn import NBDClient
 from cowbackup.nbd.uri import NBDAddress
 from cowbackup.repo.audit import audit_clean_chunks
-from cowbackup.repo.errors import MissingObject
+from cowbackup.repo.errors import MissingObject, RepoError
 from cowbackup.repo.manifest import DiskRecord, Manifest
 from cowbackup.repo.repository import Repository
 from cowbackup.repo.writer import BackupRun, DirtyTest
@@ -59,6 +59,9 @@ class DiskPlan:
     parent_disk: DiskRecord | None = None
     old_bitmap: str | None = None
     new_bitmap: str | None = None
+    #: A full backup's parent's tracking bitmap: once this snapshot commits, the next incremental's parent
+    #: is this one, so that bitmap serves nobody -- it is removed then (else it would grow forever).
+    retired: str | None = None
     #: QEMU stores persistent bitmaps in qcow2 images only; elsewhere the bitmap lives as long as the
     #: daemon (a restart then means a full backup, with the reason said).
     persistent: bool = True
@@ -129,7 +132,11 @@ async def pull_backup(
                 export["bitmaps"] = [view.frozen]
             await execute(client, "block-export-add", export)
             setup.exports.append(spec.prefix)
-        committed = await _read_into_repository(repo, plan, str(socket), specs, views, reporter)
+        try:
+            committed = await _read_into_repository(repo, plan, str(socket), specs, views, reporter)
+        except RepoError as err:
+            # Say what push mode says: the repository failed, and nothing was committed.
+            raise CliError(f"backup failed: {err}; no snapshot committed", err.exit_code) from err
         return committed, time.monotonic() - started
     finally:
         # The tracking bitmaps that lost: the new ones if nothing was committed, else the parent's.
@@ -137,6 +144,8 @@ async def pull_backup(
             stale = d.old_bitmap if committed is not None else d.new_bitmap if tracking_added else None
             if stale is not None:
                 setup.bitmaps.append((d.node, stale))
+            if committed is not None and d.retired is not None:
+                setup.bitmaps.append((d.node, d.retired))
         errors = await setup.teardown(client)
         with contextlib.suppress(OSError):
             os.rmdir(socket_dir)

@@ -132,12 +132,19 @@ class RepoTargetNode(BlockNode):
         cs = self.chunk_size
         positions = self._positions(offset, len(data))
         # The chunks of one large write are stored in parallel (the workers hash, seal and upload).
-        entries = await asyncio.gather(
-            *(
-                self.run.store_chunk(data[p * cs - offset : (p + 1) * cs - offset], self.stats)
-                for p in positions
+        try:
+            entries = await asyncio.gather(
+                *(
+                    self.run.store_chunk(data[p * cs - offset : (p + 1) * cs - offset], self.stats)
+                    for p in positions
+                )
             )
-        )
+        except RepoError as err:
+            # The block layer knows write errors as OSError (the job fails, or breaks the snapshot, per
+            # its error policy); anything else would kill the copy task and leave the job hanging.
+            cause = err.__cause__
+            code = cause.errno if isinstance(cause, OSError) and cause.errno else errno.EIO
+            raise OSError(code, str(err)) from err
         for pos, packed in zip(positions, entries, strict=True):
             self.written[pos] = packed
 
