@@ -479,6 +479,15 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
                 # "About 10x": proportional, neither swamped by a fixed cost nor worse than linear.
                 near = 0.7 * GOAL_PROPORTIONAL <= ratio <= 1.3 * GOAL_PROPORTIONAL
                 goal(f"{system} incr 10% / 1%{own}", ratio, f"~ {GOAL_PROPORTIONAL:g}", near)
+    # A line through the two points: time = fixed + per-share * share; the fixed part is what a
+    # proportional cost would not have.
+    fit: dict[str, dict[str, float]] = {}
+    for system in DAEMONS:
+        for own in ("", " own"):
+            one, ten = med(f"incr 1%{own} s", system), med(f"incr 10%{own} s", system)
+            if one is not None and ten is not None:
+                per = (ten - one) / 9
+                fit[f"{system}{own}"] = {"fixed s": one - per, "per 1% s": per}
     first = med("first read ms", "cowbackup")
     if first is not None:
         goal("instant first 4 KiB read ms", first, f"<= {GOAL_FIRST_READ_MS:g}", first <= GOAL_FIRST_READ_MS)
@@ -487,7 +496,7 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
         goal(
             "background / plain restore speed", speed, f">= {GOAL_RESTORE_SPEED}", speed >= GOAL_RESTORE_SPEED
         )
-    return {"metrics": stats, "goals": goals}
+    return {"metrics": stats, "goals": goals, "fit": fit}
 
 
 def _cell(entry: dict[str, Any] | None) -> str:
@@ -512,6 +521,10 @@ def print_table(summary: dict[str, Any], layout: Layout, plans: list[Plan], args
     for g in summary["goals"]:
         verdict = "ok" if g["met"] else "MISSED"
         print(f"goal {g['goal']:<34} {g['value']:>9.3f}  want {g['want']:<8} {verdict}")
+    for key, line in summary["fit"].items():
+        print(
+            f"incremental {key:<14} = {line['fixed s']:.3f} s fixed + {line['per 1% s']:.3f} s per 1% dirty"
+        )
     print(
         "s: wall time of the whole CLI run (process start to exit: Python start, repository open, QMP\n"
         "set-up and teardown included); own s: the command's own 'seconds'; restic: 'restic backup' of\n"
