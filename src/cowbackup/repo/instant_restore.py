@@ -178,11 +178,13 @@ async def restore_in_background(
     node: InstantRestoreNode,
     *,
     speed: int = 0,
-    workers: int = 8,
+    workers: int = 0,
     progress: Progress | None = None,
 ) -> None:
-    """Copy every chunk not restored yet, ``workers`` at a time, at most ``speed`` bytes per second (0: no
-    limit; QEMU's slices: a copy waits for the limit before it starts)."""
+    """Copy every chunk not restored yet, ``workers`` at a time (default: 64 MiB of chunks in flight, 4 to
+    32 of them), at most ``speed`` bytes per second (0: no limit; QEMU's slices: a copy waits for the
+    limit before it starts)."""
+    workers = workers or max(4, min(32, (64 << 20) // node.chunk_size))
     limit = RateLimit(speed)
     report = progress or (lambda _n: None)
     window = asyncio.Semaphore(workers)
