@@ -77,6 +77,12 @@ def write_round(daemon: DaemonProcess, rng: random.Random) -> set[int]:
     return touched
 
 
+def canary_chunks(changes: dict[str, Any]) -> set[int]:
+    """The chunk positions of a snapshot's generation marker: the next incremental reads them too."""
+    canary = changes["tracking"]["canary"]
+    return {offset // CHUNK for offset in canary["offsets"]}
+
+
 def restored(run_cli: RunCli, repo: Path, snapshot: str, out: Path) -> bytes:
     proc = run_cli("restore", "--repo", str(repo), snapshot, str(out))
     assert proc.returncode == 0, proc.stderr
@@ -89,19 +95,21 @@ def test_a_chain_of_incrementals_restores_every_instant(
     rng = random.Random(11)
     image = workdir / "disk.img"
     chain = []
-    first = backup(run_cli, daemon, repo)
-    assert first["changes"]["method"] == "full"
-    chain.append((first["snapshot"], image.read_bytes()))
+    previous = backup(run_cli, daemon, repo)
+    assert previous["changes"]["method"] == "full"
+    chain.append((previous["snapshot"], image.read_bytes()))
     for _ in range(5):
-        touched = write_round(daemon, rng)
+        touched = write_round(daemon, rng) | canary_chunks(previous["changes"])
         truth = image.read_bytes()  # nobody writes between here and the backup's instant
         result = backup(run_cli, daemon, repo, "--incremental")
         assert result["changes"]["method"] == "bitmap", result["stderr"]
         stats = result["stats"]
-        # Exactly the written chunks are read (as data or as zeros); every other one is the parent's.
+        # Exactly the written chunks (and the parent's canaries) are read, as data or as zeros; every
+        # other one is the parent's.
         assert stats["data_bytes"] + stats["zero_bytes"] == len(touched) * CHUNK
         assert stats["reused_bytes"] == SIZE - len(touched) * CHUNK
         chain.append((result["snapshot"], truth))
+        previous = result
     for i, (snapshot, truth) in enumerate(chain):
         assert restored(run_cli, repo, snapshot, workdir / f"restored{i}.img") == truth
     proc = run_cli("verify", "--repo", str(repo), "--read-data")
@@ -134,7 +142,7 @@ def test_a_killed_daemon_makes_the_next_incremental_fall_back(
     assert why in result["stderr"]
     assert restored(run_cli, repo, result["snapshot"], workdir / "after.img") == truth
     # The fallback armed a new bitmap: the next one is incremental again.
-    touched = write_round(again, random.Random(4))
+    touched = write_round(again, random.Random(4)) | canary_chunks(result["changes"])
     truth = (workdir / "disk.img").read_bytes()
     following = backup(run_cli, again, repo, "--incremental")
     assert following["changes"]["method"] == "bitmap"
@@ -165,7 +173,11 @@ def test_a_consistent_group_of_two_disks(
         inc = backup(run_cli, daemon, repo, "--node", "disk2", "--incremental")
         assert {d["method"] for d in inc["disks"].values()} == {"bitmap"}
         stats = inc["stats"]
-        assert stats["data_bytes"] + stats["zero_bytes"] == len(touched) * CHUNK  # none from disk2
+        # From disk2 only its canaries.
+        read = len(touched | canary_chunks(full["disks"]["disk"])) + len(
+            canary_chunks(full["disks"]["disk2"])
+        )
+        assert stats["data_bytes"] + stats["zero_bytes"] == read * CHUNK
         for name, contents in zip(("disk", "disk2"), truth, strict=True):
             out = workdir / f"restored-{name}.img"
             assert restored(run_cli, repo, f"{inc['snapshot']}:{name}", out) == contents
@@ -180,8 +192,8 @@ def test_an_audit_catches_a_write_behind_the_daemons_back(
     with the parent; a write the bitmap never saw (straight into the image file) is caught, said loudly,
     and the snapshot is read whole -- it still restores to the disk at its instant."""
     image = workdir / "disk.img"
-    backup(run_cli, daemon, repo)
-    touched = write_round(daemon, random.Random(6))
+    full = backup(run_cli, daemon, repo)
+    touched = write_round(daemon, random.Random(6)) | canary_chunks(full["changes"])
     clean = backup(run_cli, daemon, repo, "--incremental", "--audit", "100")
     assert clean["changes"]["method"] == "bitmap"
     assert clean["changes"]["audit"] == {"checked": SIZE // CHUNK - len(touched), "mismatches": 0}

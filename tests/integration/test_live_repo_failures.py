@@ -143,6 +143,23 @@ def test_a_bitmap_deleted_by_someone_else(
     refuses_then_falls_back(run_cli, daemon, repo, workdir, f"bitmap '{name}' is gone")
 
 
+def test_a_bitmap_deleted_and_created_again_by_someone_else(
+    run_cli: RunCli, daemon: DaemonProcess, repo: Path, workdir: Path
+) -> None:
+    """Same name, same node, enabled, consistent: it only lacks the writes made while it did not exist --
+    and the parent's generation marker, which gives it away."""
+    first = backup(run_cli, daemon, repo)
+    name = tracking_bitmap_of(run_cli, repo, first["snapshot"])
+    qmp(run_cli, daemon, "block-dirty-bitmap-remove", {"node": "disk", "name": name})
+    write_round(daemon, random.Random(29))  # unrecorded by the impostor
+    persistent = daemon.kind == "cowbackup"  # qemu-storage-daemon stores bitmaps in qcow2 images only
+    qmp(run_cli, daemon, "block-dirty-bitmap-add", {"node": "disk", "name": name, "persistent": persistent})
+    write_round(daemon, random.Random(30))  # recorded by it
+    why = f"bitmap '{name}' lacks the generation marker of the parent snapshot {first['snapshot'][:8]}"
+    refuses_then_falls_back(run_cli, daemon, repo, workdir, why)
+    assert "cb-" not in "".join(n for n in node_names(run_cli, daemon) if n != "disk")  # no canary left
+
+
 def test_a_bitmap_disabled_by_someone_else(
     run_cli: RunCli, daemon: DaemonProcess, repo: Path, workdir: Path
 ) -> None:

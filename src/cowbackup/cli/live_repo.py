@@ -13,6 +13,8 @@ the bitmap, the node and the image.  ``--incremental`` trusts that bitmap only i
 * it names this node and image, and a bitmap of that exact name;
 * the daemon still has the bitmap, enabled (recording), not in use by another job, and not inconsistent
   (a persistent bitmap that was in use when its daemon died is inconsistent);
+* it still carries its generation marker: the canary bits the snapshot's transaction set in it
+  (:mod:`cowbackup.cli.canary`; a bitmap deleted and created again under the same name has none);
 
 then the job copies only the clusters the bitmap marks (``sync=bitmap``, ``bitmap-mode=never``, so the
 bitmap stays intact if anything fails), and every chunk the job does not write is the parent's.  Anything
@@ -38,6 +40,14 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
+from cowbackup.cli.canary import (
+    Canary,
+    bitmap_has_canaries,
+    choose_canary,
+    close_canary,
+    mark_actions,
+    open_canary,
+)
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 from cowbackup.cli.live import (
     JOB_EVENTS,
@@ -49,7 +59,7 @@ from cowbackup.cli.live import (
     signals_to,
 )
 from cowbackup.cli.progress import JsonReporter, Reporter, make_reporter
-from cowbackup.cli.pull_repo import DiskPlan, SnapshotPlan, pull_backup
+from cowbackup.cli.pull_repo import DiskPlan, SnapshotPlan, pull_backup, scratch_dir
 from cowbackup.cli.repo_common import human, open_repository, read_passphrase
 from cowbackup.repo.errors import RepoError
 from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name, check_snapshot_name
@@ -194,7 +204,10 @@ async def _plan_disk(
         reason, d.parent_disk, d.old_bitmap = await asyncio.get_running_loop().run_in_executor(
             None, trust_problem, repo, plan.parent, disk, info, args.bitmap
         )
+        if reason is None:
+            reason = await _generation_problem(client, args, plan, d)
         if reason is not None:
+            d.parent_disk = d.old_bitmap = None
             if not args.fallback_full:
                 raise CliError(
                     f"cannot back up '{node}' incrementally: {reason} (--fallback-full reads it all)"
@@ -211,7 +224,30 @@ async def _plan_disk(
     if args.bitmap:
         d.new_bitmap = tracking_bitmap(args.bitmap, plan.snapshot_id)
         d.changes["tracking"] = {"bitmap": d.new_bitmap, "node": node, "image": d.image}
+        d.canary = choose_canary(d.size, repo.config.chunk_size)
+        if d.canary is not None:
+            d.changes["tracking"]["canary"] = d.canary.as_dict()
     return d
+
+
+async def _generation_problem(
+    client: QMPClient, args: argparse.Namespace, plan: SnapshotPlan, d: DiskPlan
+) -> str | None:
+    """Why the bitmap that passed :func:`trust_problem` is still not the parent's own, or None: it must
+    carry the canary granules the parent recorded (a bitmap created again under its name has none)."""
+    assert d.parent_disk is not None and d.old_bitmap is not None and plan.parent is not None
+    tracking = d.parent_disk.changes["tracking"]
+    canary = Canary.from_record(tracking.get("canary"))
+    if canary is None or not canary.fits(d.size):
+        return f"the parent snapshot's bitmap '{d.old_bitmap}' has no generation marker to check"
+    prefix = f"cb-{plan.snapshot_id[:8]}-check{len(plan.disks)}"
+    path = os.path.join(scratch_dir(args), f"{prefix}.canary.qcow2")
+    if await bitmap_has_canaries(client, d.node, d.old_bitmap, d.size, canary, path, prefix):
+        return None
+    return (
+        f"bitmap '{d.old_bitmap}' lacks the generation marker of the parent snapshot {plan.parent.id[:8]}: "
+        "it was deleted and created again since (writes in between are not in it)"
+    )
 
 
 async def _is_ours(client: QMPClient) -> bool:
@@ -269,6 +305,7 @@ async def _push(
     interrupted: list[int] = []
     committed = False
     started = False
+    canaries: list[tuple[str, str]] = []
     listener = EventListener(JOB_EVENTS)
     try:
         with client.listen(listener):
@@ -277,6 +314,14 @@ async def _push(
                 if d.new_bitmap is not None:
                     add = {"node": d.node, "name": d.new_bitmap, "persistent": d.persistent}
                     actions.append({"type": "block-dirty-bitmap-add", "data": add})
+                    if d.canary is not None:
+                        canary = (
+                            f"{_target_name(plan, i)}-canary",
+                            os.path.join(scratch_dir(args), f"{_target_name(plan, i)}.canary.qcow2"),
+                        )
+                        await open_canary(client, *canary, d.size, d.canary)
+                        canaries.append(canary)
+                        actions += mark_actions(d.node, d.new_bitmap, canary[0])
                 backup: dict[str, Any] = {
                     "job-id": job,
                     "device": d.node,
@@ -306,6 +351,8 @@ async def _push(
     finally:
         for i in range(len(plan.disks)):
             await blockdev_del_quietly(client, _target_name(plan, i))
+        for canary in canaries:
+            await close_canary(client, *canary)
         if started:
             for d in plan.disks:
                 stale = d.old_bitmap if committed else d.new_bitmap

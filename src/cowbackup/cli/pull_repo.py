@@ -5,7 +5,9 @@ way libvirt does on QEMU 7.2, reads the point-in-time view over NBD, and tears e
 happens::
 
     blockdev-add       cb-ID-scratch: a qcow2 scratch image (a new file) whose backing node is NODE
+                       [cb-ID-canary: the new bitmap's generation marker, a read-only qcow2 (cli/canary.py)]
     transaction        block-dirty-bitmap-add STEM-ID (persistent: tracks writes from this instant)
+                       + merge the canary bits into it
                        [incremental: block-dirty-bitmap-add cb-ID-frozen (disabled) + merge the parent's
                         bitmap into it: the changes since the parent, frozen at this instant]
                        blockdev-backup sync=none NODE -> scratch: old data is saved before a write
@@ -33,6 +35,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from cowbackup.block.node import BlockNode
+from cowbackup.cli.canary import Canary, mark_actions, open_canary
 from cowbackup.cli.errors import CliError
 from cowbackup.cli.fleece import Fleeced, FleeceSpec, Setup, fleece_with_backup_job, start_nbd_server
 from cowbackup.cli.live import execute
@@ -62,6 +65,8 @@ class DiskPlan:
     #: A full backup's parent's tracking bitmap: once this snapshot commits, the next incremental's parent
     #: is this one, so that bitmap serves nobody -- it is removed then (else it would grow forever).
     retired: str | None = None
+    #: The new bitmap's generation marker (see :mod:`cowbackup.cli.canary`), recorded in ``changes``.
+    canary: Canary | None = None
     #: QEMU stores persistent bitmaps in qcow2 images only; elsewhere the bitmap lives as long as the
     #: daemon (a restart then means a full backup, with the reason said).
     persistent: bool = True
@@ -84,6 +89,11 @@ class SnapshotPlan:
         return sum(d.size for d in self.disks)
 
 
+def scratch_dir(args: argparse.Namespace) -> str:
+    """Where the scratch and canary images go: the daemon opens them there (``--scratch-dir``)."""
+    return str(args.scratch_dir or tempfile.gettempdir())
+
+
 async def pull_backup(
     client: QMPClient,
     args: argparse.Namespace,
@@ -94,26 +104,33 @@ async def pull_backup(
     """Fleece every disk at one instant, read them, commit, tear down; ``(snapshot, seconds)``.
     CliError if anything fails (then nothing is committed, and everything set up is removed)."""
     prefix = f"cb-{plan.snapshot_id[:8]}"
-    scratch_dir = args.scratch_dir or tempfile.gettempdir()
+    scratch = scratch_dir(args)
     socket_dir = tempfile.mkdtemp(prefix="cb-nbd-")
     setup = Setup()
     committed: Manifest | None = None
     tracking_added = False
     try:
         started = time.monotonic()
-        tracking = [
-            {
-                "type": "block-dirty-bitmap-add",
-                "data": {"node": d.node, "name": d.new_bitmap, "persistent": d.persistent},
-            }
-            for d in plan.disks
-            if d.new_bitmap is not None
-        ]
+        tracking: list[dict[str, Any]] = []
+        for i, d in enumerate(plan.disks):
+            if d.new_bitmap is None:
+                continue
+            add = {"node": d.node, "name": d.new_bitmap, "persistent": d.persistent}
+            tracking.append({"type": "block-dirty-bitmap-add", "data": add})
+            if d.canary is not None:
+                canary_node, path = (
+                    f"{prefix}-{i}-canary",
+                    os.path.join(scratch, f"{prefix}-{i}.canary.qcow2"),
+                )
+                await open_canary(client, canary_node, path, d.size, d.canary)
+                setup.files.append(path)
+                setup.nodes.append(canary_node)
+                tracking += mark_actions(d.node, d.new_bitmap, canary_node)
         specs = [
             FleeceSpec(
                 d.node,
                 d.size,
-                os.path.join(scratch_dir, f"{prefix}-{i}.scratch.qcow2"),
+                os.path.join(scratch, f"{prefix}-{i}.scratch.qcow2"),
                 f"{prefix}-{i}",
                 d.old_bitmap,
             )
