@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import KiB, MiB, RunCli, build_image, layout
+from .conftest import KiB, MiB, RunCli, StartCli, build_image, layout
 from .test_live_backup import DaemonKind, DaemonProcess, daemon_argv, kill_all, launch, start_daemon
 
 __all__ = ["start_daemon"]  # the fixture, used here by name
@@ -61,20 +61,28 @@ def backup(run_cli: RunCli, daemon: DaemonProcess, repo: Path, *extra: str) -> d
 
 def write_round(daemon: DaemonProcess, rng: random.Random) -> set[int]:
     """A few writes, zero writes and discards through the export; the chunk positions they touch."""
+    written, discarded = write_round_by_kind(daemon, rng)
+    return written | discarded
+
+
+def write_round_by_kind(daemon: DaemonProcess, rng: random.Random) -> tuple[set[int], set[int]]:
+    """:func:`write_round`, whose chunk positions are told apart: written (data or zeros), discarded."""
     commands: list[str] = []
-    touched: set[int] = set()
+    written: set[int] = set()
+    discarded: set[int] = set()
     for _ in range(rng.randrange(2, 7)):
         length = rng.choice([4 * KiB, 64 * KiB, 300 * KiB])
         # 4 KiB-aligned: a smaller discard is trimmed to nothing (advisory), as in QEMU
         offset = rng.randrange(0, SIZE - length) // (4 * KiB) * (4 * KiB)
         op = rng.choice([f"write -P {rng.randrange(1, 256):#04x}", "write -z", "discard"])
         commands += ["-c", f"{op} {offset} {length}"]
-        touched.update(range(offset // CHUNK, (offset + length - 1) // CHUNK + 1))
+        touched = range(offset // CHUNK, (offset + length - 1) // CHUNK + 1)
+        (discarded if op == "discard" else written).update(touched)
     # -d unmap: else qemu-io drops its discards before they reach the daemon
     subprocess.run(
         ["qemu-io", "-f", "raw", "-d", "unmap", *commands, daemon.uri], check=True, capture_output=True
     )
-    return touched
+    return written, discarded
 
 
 def canary_chunks(changes: dict[str, Any]) -> set[int]:
@@ -116,6 +124,44 @@ def test_a_chain_of_incrementals_restores_every_instant(
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_writes_during_each_backup_are_in_the_next_one_only(
+    run_cli: RunCli, start_cli: StartCli, daemon: DaemonProcess, repo: Path, workdir: Path
+) -> None:
+    """qemu-io writes, writes zeros and discards while each backup of a chain runs (slowed by --speed):
+    each snapshot holds the disk as it was at its instant, never a byte written after it, and the next
+    incremental reads exactly what was written during the one before (plus that one's canaries).
+
+    qemu-storage-daemon drops a guest's discards while a backup job runs (its copy-before-write filter
+    node is opened without "unmap": they succeed, change nothing and mark no bitmap); ours pass them on."""
+    rng = random.Random(12)
+    image = workdir / "disk.img"
+    chain = []
+    previous: dict[str, Any] | None = None
+    during: set[int] = set()
+    for i in range(5):
+        truth = image.read_bytes()  # nobody writes between here and the backup's instant
+        args = ["backup", "--qmp", str(daemon.qmp), "disk", "--repo", str(repo), "--name", "vm1"]
+        args += ["--bitmap", "cb", "--json", "--nbd-socket", str(daemon.nbd)]
+        # A few seconds each: the full reads 16 MiB, an incremental about ten chunks of 256 KiB.
+        proc = start_cli(*args, *(["--incremental", "--speed", "1M"] if i else ["--speed", "4M"]))
+        proc.wait_line(lambda line: '"type": "start"' in line)  # after the instant
+        written, discarded = write_round_by_kind(daemon, rng)
+        still_running = proc.proc.poll() is None
+        assert proc.finish() == 0, proc.stderr()
+        assert still_running, "the writes came after the backup had ended: slow it down further"
+        result: dict[str, Any] = json.loads(proc.stdout_lines[-1])
+        if previous is not None:
+            assert result["changes"]["method"] == "bitmap", proc.stderr()
+            read = during | canary_chunks(previous["changes"])
+            stats = result["stats"]
+            assert stats["data_bytes"] + stats["zero_bytes"] == len(read) * CHUNK
+        chain.append((result["snapshot"], truth))
+        previous = result
+        during = written | discarded if daemon.kind == "cowbackup" else written
+    for i, (snapshot, truth) in enumerate(chain):
+        assert restored(run_cli, repo, snapshot, workdir / f"restored{i}.img") == truth
+
+
 def test_a_killed_daemon_makes_the_next_incremental_fall_back(
     run_cli: RunCli,
     daemon: DaemonProcess,
@@ -142,7 +188,11 @@ def test_a_killed_daemon_makes_the_next_incremental_fall_back(
     assert why in result["stderr"]
     assert restored(run_cli, repo, result["snapshot"], workdir / "after.img") == truth
     # The fallback armed a new bitmap: the next one is incremental again.
-    touched = write_round(again, random.Random(4)) | canary_chunks(result["changes"])
+    touched = (
+        write_round(again, random.Random(4))
+        | canary_chunks(result["changes"])
+        | canary_chunks(result["changes"])
+    )
     truth = (workdir / "disk.img").read_bytes()
     following = backup(run_cli, again, repo, "--incremental")
     assert following["changes"]["method"] == "bitmap"

@@ -35,6 +35,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from cowbackup.block.node import BlockNode
+from cowbackup.block.ratelimit import RateLimit
 from cowbackup.cli.canary import Canary, mark_actions, open_canary
 from cowbackup.cli.errors import CliError
 from cowbackup.cli.fleece import Fleeced, FleeceSpec, Setup, fleece_with_backup_job, start_nbd_server
@@ -150,7 +151,9 @@ async def pull_backup(
             await execute(client, "block-export-add", export)
             setup.exports.append(spec.prefix)
         try:
-            committed = await _read_into_repository(repo, plan, str(socket), specs, views, reporter)
+            committed = await _read_into_repository(
+                repo, plan, str(socket), specs, views, reporter, RateLimit(args.speed or 0)
+            )
         except RepoError as err:
             # Say what push mode says: the repository failed, and nothing was committed.
             raise CliError(f"backup failed: {err}; no snapshot committed", err.exit_code) from err
@@ -177,6 +180,7 @@ async def _read_into_repository(
     specs: list[FleeceSpec],
     views: list[Fleeced],
     reporter: Reporter,
+    limit: RateLimit,
 ) -> Manifest:
     daemon = Daemon()
     run: BackupRun | None = None
@@ -219,6 +223,7 @@ async def _read_into_repository(
                     dirty=dirty,
                     changes=disk.changes,
                     progress=progress,
+                    limit=limit,
                 )
             )
         reporter.update(done, plan.size, force=True)

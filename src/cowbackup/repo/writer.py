@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cowbackup.block.node import BlockNode
+from cowbackup.block.ratelimit import RateLimit
 from cowbackup.block.zero import is_zero
 from cowbackup.repo import blob, crypto, gc
 from cowbackup.repo.blob import Kind
@@ -130,11 +131,13 @@ class BackupRun:
         dirty: DirtyTest | None = None,
         changes: dict[str, object] | None = None,
         progress: Progress | None = None,
+        limit: RateLimit | None = None,
     ) -> DiskRecord:
         """Store disk ``name`` read from ``node``; its record for the manifest.
 
         With ``parent`` and ``dirty`` (an incremental), a position that ``dirty`` calls clean takes the
         parent's entry without being read, and a segment with no dirty position is the parent's segment.
+        ``limit``: every chunk read is charged to it, and waits for it (a backup's ``speed``).
         """
         check_disk_name(name)
         size = node.size
@@ -168,7 +171,9 @@ class BackupRun:
                     self._pool, self.repo.read_index, usable_parent.segments[s]
                 )
             builder = SegmentBuilder(count)
-            await self._write_positions(node, first, count, builder, parent_entries, dirty, stats, report)
+            await self._write_positions(
+                node, first, count, builder, parent_entries, dirty, stats, report, limit or RateLimit()
+            )
             segments.append(await self._store_segment(builder))
         return self._record(name, size, segments, changes, stats, source)
 
@@ -256,6 +261,7 @@ class BackupRun:
         dirty: DirtyTest | None,
         stats: DiskStats,
         report: Progress,
+        limit: RateLimit,
     ) -> None:
         cs = self.repo.config.chunk_size
         size = node.size
@@ -286,6 +292,10 @@ class BackupRun:
                         report(length)
                         continue
                     await window.acquire()
+                    delay = limit.calculate_delay()
+                    if delay:  # the slice's quota is spent: its end admits the next read
+                        await asyncio.sleep(delay / 1e9)
+                    limit.account(length)
                     tasks.create_task(one(i, offset, length))
         except BaseExceptionGroup as group:
             raise first_error(group) from None
