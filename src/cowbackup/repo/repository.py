@@ -143,6 +143,23 @@ class Repository:
         master = keys.unwrap_master(wrapped, config.id, passphrase(), where)
         return cls(store, config, crypto.Keys.from_master(master), master)
 
+    @classmethod
+    def open_with_master(cls, store: Store, master_file: bytes, where: str) -> Repository:
+        """Open an encrypted repository with its master secret already unwrapped (the contents of a
+        :func:`keys.dump_master` file, named ``where`` in errors): no scrypt.  RepoUsageError if the
+        repository is not encrypted or the file is not this repository's key."""
+        config = load_config(store)
+        if config.encryption == "none":
+            raise RepoUsageError(f"'{store.location}' is not encrypted: it takes no key")
+        master = keys.load_master(master_file, config.id, where)
+        return cls(store, config, crypto.Keys.from_master(master), master)
+
+    def dump_master(self) -> bytes:
+        """The master secret as an unwrapped key file (:func:`keys.dump_master`: keep it private)."""
+        if self._master is None:
+            raise RepoUsageError("the repository is not open with its key")
+        return keys.dump_master(self._master, self.config.id)
+
     @staticmethod
     def _key_object(store: Store, config: RepoConfig) -> tuple[str, bytes]:
         if config.encryption == "repokey":
