@@ -25,7 +25,7 @@ import hashlib
 import secrets
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from cowbackup.block.node import BlockNode
@@ -285,7 +285,10 @@ class BackupRun:
 
         async def one(i: int, offset: int, length: int) -> None:
             try:
-                if await _reads_as_zero(node, offset, length):
+                # In an incremental a dirty chunk was written since the parent: almost always data, so
+                # it is read at once (one request, not a block status query first); one that reads as
+                # zeros is found so by its bytes, with the same entry and stats.
+                if not incremental and await _reads_as_zero(node, offset, length):
                     builder.set_packed(i, ZERO_ENTRY)  # over the parent's entry, in an incremental
                     with self._stats_lock:
                         stats.zero_bytes += length
@@ -296,32 +299,47 @@ class BackupRun:
             finally:
                 window.release()
 
-        clean = 0  # bytes of the run of clean positions not yet counted
-
-        def count_clean() -> None:
-            nonlocal clean
-            if clean:
+        def clean_until(end: int) -> None:
+            """Positions up to ``end`` are clean: the parent's entries stay, no read, no task; a run of
+            them is counted and reported at once (most positions of an incremental)."""
+            clean = min(size, end * cs) - min(size, done * cs)
+            if clean > 0:
                 with self._stats_lock:
                     stats.reused_bytes += clean
                 report(clean)
-                clean = 0
 
+        done = first  # positions before this one are dealt with
         try:
             async with asyncio.TaskGroup() as tasks:
-                for i in range(count):
-                    offset = (first + i) * cs
-                    length = min(cs, size - offset)
-                    if incremental and dirty is not None and not dirty(offset, length):
-                        # Clean: the parent's entry stays, no read and no task (most positions of an
-                        # incremental); a run of them is counted and reported once.
-                        clean += length
-                        continue
-                    count_clean()
+                for pos in self._positions_to_read(first, count, size, dirty if incremental else None):
+                    clean_until(pos)
+                    offset = pos * cs
                     await window.acquire()
-                    tasks.create_task(one(i, offset, length))
-                count_clean()
+                    tasks.create_task(one(pos - first, offset, min(cs, size - offset)))
+                    done = pos + 1
+                clean_until(first + count)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
+
+    def _positions_to_read(self, first: int, count: int, size: int, dirty: DirtyTest | None) -> Iterator[int]:
+        """The positions of ``[first, first + count)`` to read, in order: all of them, or only those
+        ``dirty`` calls changed -- found by halving the ranges it calls dirty, so that a clean range
+        costs one test whatever its length (an incremental's few changes cost ~log2(count) tests each)."""
+        if dirty is None:
+            yield from range(first, first + count)
+            return
+        cs = self.repo.config.chunk_size
+        ranges = [(first, first + count)]
+        while ranges:
+            lo, hi = ranges.pop()
+            start = lo * cs
+            if not dirty(start, min(size, hi * cs) - start):
+                continue
+            if hi - lo == 1:
+                yield lo
+                continue
+            mid = (lo + hi) // 2
+            ranges += [(mid, hi), (lo, mid)]  # the lower half first
 
     async def _read_and_store(self, node: BlockNode, offset: int, length: int, stats: DiskStats) -> bytes:
         buf = self._buffers.pop() if self._buffers else bytearray(self.repo.config.chunk_size)
