@@ -19,18 +19,20 @@ import contextlib
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cowbackup.block.errors import BlockError
-from cowbackup.cli import argtypes, live, live_repo, repo_backup
+from cowbackup.cli import argtypes, repo_backup
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
-from cowbackup.cli.progress import PROGRESS_INTERVAL, Reporter, make_reporter
-from cowbackup.cli.targets import check_nbd_target, source_options, summary, target_options
-from cowbackup.daemon import Daemon
-from cowbackup.jobs.backup import BackupParams, BackupPerf
-from cowbackup.jobs.events import Event
-from cowbackup.jobs.job import JobStatus
 from cowbackup.nbd.uri import is_nbd_uri
+
+if TYPE_CHECKING:
+    from cowbackup.cli.progress import Reporter
+    from cowbackup.daemon import Daemon
+    from cowbackup.jobs.backup import BackupParams
+    from cowbackup.jobs.events import Event
+
+# The one-shot backup's engine (the daemon, the job, the drivers) and the live paths are imported by the
+# functions that use them: each kind of backup loads only its own (``backup --qmp --repo`` runs nightly).
 
 
 def add_parser(sub: Any) -> None:
@@ -105,11 +107,15 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.repo is not None:
         if args.qmp is not None:
+            from cowbackup.cli import live_repo
+
             return live_repo.run(args)
         return repo_backup.run_backup(args)
     if args.target is None:
         args.backup_parser.error("the following arguments are required: TARGET (or --repo)")
     if args.qmp is not None:
+        from cowbackup.cli import live
+
         return live.run_backup(args)
     if args.job_id is not None:
         raise UsageError("--job-id needs --qmp")
@@ -131,6 +137,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _backup(args: argparse.Namespace) -> int:
+    from cowbackup.block.errors import BlockError
+    from cowbackup.cli.progress import make_reporter
+    from cowbackup.cli.targets import check_nbd_target, source_options, target_options
+    from cowbackup.daemon import Daemon
+    from cowbackup.jobs.backup import BackupParams, BackupPerf
+
     reporter = make_reporter(args.json)
     daemon = Daemon()
     try:
@@ -163,6 +175,10 @@ async def _backup(args: argparse.Namespace) -> int:
 
 
 async def _run_job(daemon: Daemon, params: BackupParams, reporter: Reporter, args: argparse.Namespace) -> int:
+    from cowbackup.cli.progress import PROGRESS_INTERVAL
+    from cowbackup.cli.targets import summary
+    from cowbackup.jobs.job import JobStatus
+
     loop = asyncio.get_running_loop()
     interrupted: list[int] = []
     outcome: dict[str, Any] = {}

@@ -36,10 +36,8 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from cowbackup.block.drivers import qcow2
 from cowbackup.cli.errors import CliError
 from cowbackup.cli.live import blockdev_del_quietly, execute, query_node
-from cowbackup.daemon import Daemon
 
 #: Canary granules per bitmap, and their preferred size.  A granule of a default-granularity bitmap
 #: (4 KiB to 64 KiB) is never larger, so each canary covers whole bits.
@@ -106,6 +104,10 @@ def choose_canary(size: int, chunk_size: int) -> Canary | None:
 async def write_canary_image(path: str, size: int, canary: Canary) -> None:
     """A new qcow2 image of ``size`` bytes (``path`` must not exist) holding no data and one persistent
     bitmap, :data:`CANARY_BITMAP`, with exactly the canary granules set."""
+    # Imported here: a backup that arms no bitmap needs no block layer in this process.
+    from cowbackup.block.drivers import qcow2
+    from cowbackup.daemon import Daemon
+
     await qcow2.create(path, size)
     daemon = Daemon()
     try:

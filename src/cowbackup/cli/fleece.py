@@ -22,7 +22,6 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
-from cowbackup.block.drivers import qcow2
 from cowbackup.cli.errors import CliError
 from cowbackup.cli.live import execute
 
@@ -162,6 +161,8 @@ async def fleece_with_backup_job(
     transaction: the changes up to the instant, frozen with the view.  ``actions`` join the transaction
     too (bitmaps that start tracking at that instant).
     """
+    from cowbackup.block.drivers import qcow2  # only fleecing writes qcow2: not every user of this module
+
     steps = list(actions or [])
     views = []
     for spec in specs:

@@ -34,7 +34,6 @@ import re
 import secrets
 import signal
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -60,7 +59,7 @@ from cowbackup.cli.live import (
 )
 from cowbackup.cli.progress import JsonReporter, Reporter, make_reporter
 from cowbackup.cli.pull_repo import DiskPlan, SnapshotPlan, pull_backup, scratch_dir
-from cowbackup.cli.repo_common import human, open_repository, read_passphrase
+from cowbackup.cli.repo_common import daemon_key_file, human, open_repository
 from cowbackup.repo.errors import RepoError
 from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name, check_snapshot_name
 from cowbackup.repo.repository import Repository, index_name
@@ -160,8 +159,8 @@ async def live_backup(args: argparse.Namespace, repo: Repository) -> Manifest:
             plan.disks.append(await _plan_disk(client, args, repo, plan, node, disk, known))
         pushed = False
         if not plan.audit:  # an audit reads the frozen view itself: that is pull mode
-            with _password_file(args, repo) as password_file:
-                pushed = await _add_targets(client, args, plan, password_file)
+            with daemon_key_file(repo) as key_file:
+                pushed = await _add_targets(client, args, plan, key_file)
         if not pushed:
             # Not our daemon (qemu-storage-daemon, QEMU), or an audit: fleece and read the view.
             snap, elapsed = await pull_backup(client, args, repo, plan, reporter)
@@ -260,9 +259,10 @@ def _target_name(plan: SnapshotPlan, i: int) -> str:
 
 
 async def _add_targets(
-    client: QMPClient, args: argparse.Namespace, plan: SnapshotPlan, password_file: str | None
+    client: QMPClient, args: argparse.Namespace, plan: SnapshotPlan, key_file: str | None
 ) -> bool:
-    """A ``cowbackup-repo`` target node per disk, one group; False if the daemon has no such driver."""
+    """A ``cowbackup-repo`` target node per disk, one group; False if the daemon has no such driver.
+    ``key_file``: the repository's unwrapped key (the daemon need not run scrypt again)."""
     for i, d in enumerate(plan.disks):
         options: dict[str, Any] = {
             "driver": "cowbackup-repo",
@@ -281,8 +281,8 @@ async def _add_targets(
             options["parent"] = plan.parent.id
         if plan.tags:
             options["tag"] = plan.tags[0]
-        if password_file is not None:
-            options["password-file"] = password_file
+        if key_file is not None:
+            options["key-file"] = key_file
         try:
             await execute(client, "blockdev-add", options)
         except CliError as err:
@@ -401,29 +401,6 @@ async def _remove_bitmap(client: QMPClient, node: str, name: str) -> None:
         await execute(client, "block-dirty-bitmap-remove", {"node": node, "name": name})
     except CliError as err:
         sys.stderr.write(f"cowbackup: warning: could not remove bitmap '{name}': {err.message}\n")
-
-
-class _password_file:
-    """A private temporary file with the passphrase for the daemon's target node (removed at exit)."""
-
-    def __init__(self, args: argparse.Namespace, repo: Repository) -> None:
-        self.args = args
-        self.repo = repo
-        self.path: str | None = None
-
-    def __enter__(self) -> str | None:
-        if not self.repo.encrypted:
-            return None
-        if self.args.password_file:
-            return str(os.path.abspath(self.args.password_file))
-        fd, self.path = tempfile.mkstemp(prefix="cowbackup-key-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(read_passphrase(self.args) + b"\n")
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        if self.path is not None:
-            os.unlink(self.path)
 
 
 def _report(reporter: Reporter, snap: Manifest, size: int, elapsed: float) -> None:

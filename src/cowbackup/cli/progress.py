@@ -16,18 +16,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 #: How often the CLI's backups refresh the progress display, in seconds.
 PROGRESS_INTERVAL = 0.2
@@ -47,6 +39,17 @@ class BarReporter:
     """A rich progress bar with bytes done, rate and ETA (for terminals)."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
+        # Imported here: rich takes a while to import, and programs (--json) never see a bar.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self._console = Console(file=stream or sys.stderr)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),

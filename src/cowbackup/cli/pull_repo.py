@@ -30,25 +30,23 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qemu.qmp import QMPClient
 
-from cowbackup.block.node import BlockNode
 from cowbackup.block.ratelimit import RateLimit
 from cowbackup.cli.canary import Canary, mark_actions, open_canary
 from cowbackup.cli.errors import CliError
 from cowbackup.cli.fleece import Fleeced, FleeceSpec, Setup, fleece_with_backup_job, start_nbd_server
 from cowbackup.cli.live import execute
 from cowbackup.cli.progress import Reporter
-from cowbackup.daemon import Daemon
-from cowbackup.nbd.client_conn import NBDClient
-from cowbackup.nbd.uri import NBDAddress
-from cowbackup.repo.audit import audit_clean_chunks
 from cowbackup.repo.errors import MissingObject, RepoError
 from cowbackup.repo.manifest import DiskRecord, Manifest
 from cowbackup.repo.repository import Repository
-from cowbackup.repo.writer import BackupRun, DirtyTest
+
+if TYPE_CHECKING:
+    from cowbackup.block.node import BlockNode
+    from cowbackup.repo.writer import DirtyTest
 
 
 @dataclass
@@ -182,6 +180,10 @@ async def _read_into_repository(
     reporter: Reporter,
     limit: RateLimit,
 ) -> Manifest:
+    # Imported here: push mode (live_repo) shares this module's plans but reads nothing itself.
+    from cowbackup.daemon import Daemon
+    from cowbackup.repo.writer import BackupRun
+
     daemon = Daemon()
     run: BackupRun | None = None
     try:
@@ -246,6 +248,8 @@ async def _audit(
 ) -> tuple[DirtyTest | None, DiskRecord | None]:
     """``--audit``: re-read a sample of what the bitmap calls clean; if any of it changed, the bitmap
     lied -- say so loudly and read the whole disk instead (dedup still stores only what changed)."""
+    from cowbackup.repo.audit import audit_clean_chunks
+
     result = await audit_clean_chunks(repo, view, parent, dirty, percent)
     disk.changes["audit"] = result.as_dict()
     if not result.mismatches:
@@ -282,6 +286,9 @@ async def _dirty_chunks(
     socket: str, export: str, context: str, size: int, repo: Repository
 ) -> Callable[[int, int], bool]:
     """The chunk positions the frozen bitmap marks, read once from the export's dirty-bitmap context."""
+    from cowbackup.nbd.client_conn import NBDClient
+    from cowbackup.nbd.uri import NBDAddress
+
     cs = repo.config.chunk_size
     marks = bytearray(-(-size // cs))
     client = await NBDClient.connect(NBDAddress(export=export, socket=socket), extra_contexts=(context,))

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from cowbackup.block.errors import BlockError
-from cowbackup.cli import argtypes, serve
+from cowbackup.cli import argtypes
 from cowbackup.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 from cowbackup.cli.progress import JsonReporter, make_reporter
 from cowbackup.cli.repo_common import (
@@ -33,11 +33,11 @@ from cowbackup.cli.repo_common import (
     resolve_disk,
 )
 from cowbackup.cli.targets import source_options, target_options
-from cowbackup.daemon import Daemon
 from cowbackup.nbd.uri import is_nbd_uri
 from cowbackup.repo.manifest import check_disk_name, check_snapshot_name
-from cowbackup.repo.reader import restore_disk
-from cowbackup.repo.writer import BackupRun
+
+# The daemon, the server, the reader and the writer are imported by the functions that use them: the
+# parser of ``backup`` is built from this module, and ``backup --qmp --repo`` needs none of them.
 
 T = TypeVar("T")
 
@@ -185,6 +185,9 @@ def run_backup(args: argparse.Namespace) -> int:
 
 
 async def _backup(args: argparse.Namespace, repo: Any) -> int:
+    from cowbackup.daemon import Daemon
+    from cowbackup.repo.writer import BackupRun
+
     reporter = make_reporter(args.json)
     daemon = Daemon()
     run: BackupRun | None = None
@@ -270,6 +273,8 @@ def _instant_restore(args: argparse.Namespace, repo: Any, sid: str, disk: Any, f
         raise UsageError("--partial is not for --serve: a read of a lost range fails with EIO there")
     if is_nbd_uri(args.target):
         raise UsageError("--serve restores into a local file or block device, not an NBD export")
+    from cowbackup.cli import serve
+
     reporter = make_reporter(args.json)
     reporter.start(f"restore {sid[:8]}:{disk.name}", disk.size)
     opener = serve.InstantRestoreOpener(
@@ -309,6 +314,9 @@ def _fresh_target(path: str, fmt: str) -> bool:
 
 
 async def _restore(args: argparse.Namespace, repo: Any, sid: str, disk: Any, fresh: bool) -> int:
+    from cowbackup.daemon import Daemon
+    from cowbackup.repo.reader import restore_disk
+
     reporter = make_reporter(args.json)
     daemon = Daemon()
     try:

@@ -7,9 +7,13 @@ a prompt when stdin is a terminal; with none of them an encrypted repository is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from cowbackup.repo.backends import open_store
@@ -74,6 +78,24 @@ def open_repository(args: argparse.Namespace, *, key: bool = True) -> Repository
     store = open_store(args.repo, args.sync_level, endpoint_url=getattr(args, "endpoint_url", None))
     source: PassphraseSource | None = (lambda: read_passphrase(args)) if key else None
     return Repository.open(store, source)
+
+
+@contextlib.contextmanager
+def daemon_key_file(repo: Repository) -> Iterator[str | None]:
+    """A private temporary file holding ``repo``'s unwrapped key, for a daemon's repository target node
+    to open the repository with (its ``key-file``) without running scrypt again; removed when the block
+    ends.  None for a repository that is not encrypted.  The key is never put on a command line, in a
+    QMP message or in a log: only the file's name travels."""
+    if not repo.encrypted:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="cowbackup-key-")  # mode 0600, created exclusively
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(repo.dump_master())
+        yield path
+    finally:
+        os.unlink(path)
 
 
 def emit_json(obj: Any) -> None:

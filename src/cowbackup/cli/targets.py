@@ -14,7 +14,6 @@ import stat
 import sys
 from typing import Any
 
-from cowbackup.block.drivers.nbd import nbd_options_from_uri
 from cowbackup.cli.errors import UsageError
 from cowbackup.cli.progress import JsonReporter, Reporter
 from cowbackup.nbd.uri import is_nbd_uri
@@ -37,7 +36,7 @@ def target_options(
     if is_nbd_uri(path):
         if fmt != "raw":
             raise UsageError("--target-format qcow2 needs a file TARGET, not an NBD URI")
-        return nbd_options_from_uri(path)
+        return _nbd_options(path)
     if fmt == "qcow2":
         return _qcow2_target(path, size, force, backing_file)
 
@@ -108,7 +107,7 @@ def source_options(path: str, fmt: str | None = None) -> dict[str, Any]:
     if is_nbd_uri(path):
         if fmt == "qcow2":
             raise UsageError("--source-format qcow2 needs a file SOURCE, not an NBD URI")
-        return {**nbd_options_from_uri(path), "read-only": True}
+        return {**_nbd_options(path), "read-only": True}
     if not os.path.exists(path):
         raise UsageError(f"source '{path}' does not exist")
     driver = "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
@@ -143,3 +142,10 @@ def summary(args: argparse.Namespace, reporter: Reporter, length: int, elapsed: 
     sys.stderr.write(
         f"cowbackup: backed up {length / mib:.1f} MiB in {elapsed:.2f} s ({rate / mib:.1f} MiB/s){where}\n"
     )
+
+
+def _nbd_options(uri: str) -> dict[str, Any]:
+    # Imported here: the NBD driver brings the NBD client, which only NBD targets and sources need.
+    from cowbackup.block.drivers.nbd import nbd_options_from_uri
+
+    return nbd_options_from_uri(uri)

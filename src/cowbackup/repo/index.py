@@ -61,6 +61,14 @@ class SegmentBuilder:
     def set_packed(self, position: int, packed: bytes | memoryview) -> None:
         self._buf[position * ENTRY_SIZE : (position + 1) * ENTRY_SIZE] = packed
 
+    def set_all(self, plaintext: bytes) -> None:
+        """Every position at once, from an index plaintext of this segment's length (checked by
+        :func:`check_entries`): an incremental starts from its parent's segment and overwrites what
+        changed, with no per-entry work."""
+        if len(plaintext) != len(self._buf):
+            raise ValueError(f"{len(plaintext)} bytes of entries for a segment of {self.count}")
+        self._buf[:] = plaintext
+
     def index_plaintext(self) -> bytes:
         return bytes(self._buf)
 
@@ -76,14 +84,22 @@ def refs_of(index_plaintext: bytes | bytearray | memoryview) -> bytes:
     return b"".join(sorted(records))
 
 
-def parse_entries(plaintext: bytes, name: str, expected: int) -> list[Entry]:
-    """The entries of an index or refs segment.  ValueError (with a reason) if the length is wrong or
-    a record is inconsistent (a zero id with a size, or a non-zero id without one)."""
+def check_entries(plaintext: bytes, expected: int) -> None:
+    """ValueError (with a reason) unless ``plaintext`` is ``expected`` entries (any number if negative),
+    each consistent: a zero id has no size, a chunk id has one."""
     if len(plaintext) % ENTRY_SIZE or (expected >= 0 and len(plaintext) != expected * ENTRY_SIZE):
         raise ValueError(f"{len(plaintext)} bytes, not {expected} entries of {ENTRY_SIZE}")
-    entries = []
-    for chunk_id, size, checksum in ENTRY.iter_unpack(plaintext):
+    for chunk_id, size, _checksum in ENTRY.iter_unpack(plaintext):
         if (chunk_id == ZERO_ID) != (size == 0):
             raise ValueError("an entry with a zero id and a size, or a chunk id without one")
-        entries.append(Entry(chunk_id, size, checksum) if size else ZERO)
-    return entries
+
+
+def parse_entries(plaintext: bytes, name: str, expected: int) -> list[Entry]:
+    """The entries of an index or refs segment.  ValueError as :func:`check_entries`."""
+    check_entries(plaintext, expected)
+    return entries_of(plaintext)
+
+
+def entries_of(plaintext: bytes) -> list[Entry]:
+    """The entries of a plaintext :func:`check_entries` has accepted."""
+    return [Entry(cid, size, sha) if size else ZERO for cid, size, sha in ENTRY.iter_unpack(plaintext)]

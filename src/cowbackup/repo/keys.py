@@ -96,6 +96,39 @@ def unwrap_master(key_object: bytes, repo_id: str, passphrase: bytes, where: str
         raise WrongPassphrase("wrong passphrase (the repository key does not open with it)") from None
 
 
+#: The format of an unwrapped key file (:func:`dump_master`).
+MASTER_FILE_FORMAT = "cowbackup-master-key"
+
+
+def dump_master(master: bytes, repo_id: str) -> bytes:
+    """An *unwrapped* key file: the master secret itself, for a process that runs one backup on behalf of
+    one that has already unwrapped it (``backup --qmp --repo`` hands it to the daemon's repository target
+    node, which would otherwise run scrypt again).  It is as secret as the passphrase and the key object
+    together: write it only to a private file, remove it once read, never log it."""
+    doc = {"format": MASTER_FILE_FORMAT, "version": 1, "repository": repo_id, "master": _b64(master)}
+    return json.dumps(doc).encode() + b"\n"
+
+
+def load_master(data: bytes, repo_id: str, where: str) -> bytes:
+    """The master secret of an unwrapped key file (:func:`dump_master`).  RepoUsageError naming ``where``
+    (never quoting the contents) if it is malformed or belongs to another repository."""
+    if len(data) > MAX_KEY_SIZE:
+        raise RepoUsageError(f"'{where}' is too large for a key file")
+    try:
+        doc: Any = json.loads(data)
+        if doc["format"] != MASTER_FILE_FORMAT or doc["version"] != 1:
+            raise ValueError("not an unwrapped cowbackup key")
+        master = base64.b64decode(doc["master"], validate=True)
+        owner = doc["repository"]
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
+        raise RepoUsageError(f"'{where}' is not an unwrapped cowbackup key file") from None
+    if owner != repo_id:
+        raise RepoUsageError(f"the key in '{where}' belongs to repository {owner}, not {repo_id}")
+    if len(master) != MASTER_SIZE:
+        raise RepoUsageError(f"'{where}' holds a key of the wrong size")
+    return master
+
+
 def passphrase_from(password_file: str | None, what: str = "password file") -> bytes | None:
     """The passphrase of ``password_file`` (its first line), else of ``$COWBACKUP_PASSWORD``; None if
     neither gives one.  RepoUsageError for a file that cannot be read or starts with an empty line."""

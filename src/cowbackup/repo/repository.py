@@ -36,7 +36,7 @@ from cowbackup.repo.errors import (
     RepoUsageError,
     SnapshotNotFound,
 )
-from cowbackup.repo.index import Entry, parse_entries
+from cowbackup.repo.index import Entry, check_entries, entries_of, parse_entries
 from cowbackup.repo.manifest import Manifest, SegmentRef
 from cowbackup.repo.store import Store
 
@@ -143,6 +143,23 @@ class Repository:
         master = keys.unwrap_master(wrapped, config.id, passphrase(), where)
         return cls(store, config, crypto.Keys.from_master(master), master)
 
+    @classmethod
+    def open_with_master(cls, store: Store, master_file: bytes, where: str) -> Repository:
+        """Open an encrypted repository with its master secret already unwrapped (the contents of a
+        :func:`keys.dump_master` file, named ``where`` in errors): no scrypt.  RepoUsageError if the
+        repository is not encrypted or the file is not this repository's key."""
+        config = load_config(store)
+        if config.encryption == "none":
+            raise RepoUsageError(f"'{store.location}' is not encrypted: it takes no key")
+        master = keys.load_master(master_file, config.id, where)
+        return cls(store, config, crypto.Keys.from_master(master), master)
+
+    def dump_master(self) -> bytes:
+        """The master secret as an unwrapped key file (:func:`keys.dump_master`: keep it private)."""
+        if self._master is None:
+            raise RepoUsageError("the repository is not open with its key")
+        return keys.dump_master(self._master, self.config.id)
+
     @staticmethod
     def _key_object(store: Store, config: RepoConfig) -> tuple[str, bytes]:
         if config.encryption == "repokey":
@@ -237,6 +254,12 @@ class Repository:
 
     def read_index(self, segment: SegmentRef) -> list[Entry]:
         """The entries of an index segment, proven by its id (authenticated, or re-hashed)."""
+        return entries_of(self.read_index_plaintext(segment))
+
+    def read_index_plaintext(self, segment: SegmentRef) -> bytes:
+        """The plaintext of an index segment, proven by its id and checked entry by entry as
+        :meth:`read_index` does, without making an object of each entry (an incremental copies its
+        parent's segments whole)."""
         self.require_key()
         name = index_name(segment.index_id)
         limit = blob.max_stored_size(segment.entries * index.ENTRY_SIZE)
@@ -249,9 +272,10 @@ class Repository:
         if self.keys is None and not hmac.compare_digest(self.hash(plaintext), segment.index_id):
             raise CorruptObject(name, "its contents do not hash to its id")
         try:
-            return parse_entries(plaintext, name, segment.entries)
+            check_entries(plaintext, segment.entries)
         except ValueError as err:
             raise CorruptObject(name, str(err)) from None
+        return plaintext
 
     def read_refs(self, segment: SegmentRef, max_entries: int) -> list[Entry]:
         """The records of a refs segment (works without the key)."""

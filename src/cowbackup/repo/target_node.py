@@ -12,6 +12,9 @@ Options::
     size            the disk's size (the backup source's)                            required
     disk            the disk's name in the snapshot                                  default disk0
     password-file   the repository passphrase (first line); else $COWBACKUP_PASSWORD
+    key-file        instead of a passphrase: a private file holding the repository's unwrapped key
+                    (``keys.dump_master``), written by ``backup --qmp --repo``, which has unwrapped it
+                    already -- so that one backup runs scrypt once; read when the node is added
     parent          a snapshot id: an incremental -- a chunk the job never writes is the parent's
     snapshot-id     the new snapshot's id (32 hex digits; default random), known before the job runs so
                     that a dirty bitmap can be named after it
@@ -41,9 +44,9 @@ from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode, Extent, RequestFlags, Status
 from cowbackup.block.options import Options
 from cowbackup.repo.backends import open_store
-from cowbackup.repo.errors import RepoError
+from cowbackup.repo.errors import RepoError, RepoUsageError
 from cowbackup.repo.index import ZERO_ENTRY
-from cowbackup.repo.keys import passphrase_from
+from cowbackup.repo.keys import MAX_KEY_SIZE, passphrase_from
 from cowbackup.repo.manifest import DiskRecord, Manifest, check_disk_name, check_snapshot_name, is_snapshot_id
 from cowbackup.repo.repository import Repository
 from cowbackup.repo.writer import BackupRun, DiskStats
@@ -201,6 +204,7 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
     size = opts.get_int("size", minimum=1)
     disk = opts.get_str("disk", "disk0")
     password_file = opts.get_str("password-file", None)
+    key_file = opts.get_str("key-file", None)
     parent_id = opts.get_str("parent", None)
     snapshot_id = opts.get_str("snapshot-id", None)
     group = opts.get_str("group", node_name)
@@ -216,6 +220,8 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
             raise ValueError("'changes' must be a JSON object")
     except ValueError as err:
         raise BlockError(f"cowbackup-repo: {err}") from None
+    if password_file is not None and key_file is not None:
+        raise BlockError("cowbackup-repo: give 'password-file' or 'key-file', not both")
     for key, value in (("parent", parent_id), ("snapshot-id", snapshot_id)):
         if value is not None and not is_snapshot_id(value):
             raise BlockError(f"cowbackup-repo: '{key}' must be a snapshot id of 32 hex digits")
@@ -224,7 +230,9 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
     pending = groups.get(group)
     try:
         if pending is None:
-            repo = await loop.run_in_executor(None, _open_repository, location, password_file, sync_level)
+            repo = await loop.run_in_executor(
+                None, _open_repository, location, password_file, key_file, sync_level
+            )
             run = await BackupRun.start(repo)
             pending = PendingSnapshot(run, name, group_disks, parent_id, snapshot_id, [tag] if tag else [])
             groups[group] = pending
@@ -259,11 +267,22 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
     return RepoTargetNode(node_name, pending, group, groups, disk, size, parent, changes)
 
 
-def _open_repository(location: str, password_file: str | None, sync_level: str) -> Repository:
+def _open_repository(
+    location: str, password_file: str | None, key_file: str | None, sync_level: str
+) -> Repository:
+    store = open_store(location, sync_level)
+    if key_file is not None:
+        try:
+            with open(key_file, "rb") as f:
+                data = f.read(MAX_KEY_SIZE + 1)
+        except OSError as err:
+            raise RepoUsageError(f"cannot read key-file '{key_file}': {err.strerror}") from None
+        return Repository.open_with_master(store, data, key_file)
+
     def passphrase() -> bytes:
         given = passphrase_from(password_file, "password-file")
         if given is None:
             raise RepoError("the repository is encrypted: give 'password-file' (or COWBACKUP_PASSWORD)")
         return given
 
-    return Repository.open(open_store(location, sync_level), passphrase)
+    return Repository.open(store, passphrase)

@@ -25,7 +25,7 @@ import hashlib
 import secrets
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from cowbackup.block.node import BlockNode
@@ -165,14 +165,17 @@ class BackupRun:
                 stats.reused_bytes += end - start
                 report(end - start)
                 continue
-            parent_entries = None
-            if usable_parent is not None:
-                parent_entries = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, self.repo.read_index, usable_parent.segments[s]
-                )
             builder = SegmentBuilder(count)
+            incremental = False
+            if usable_parent is not None:
+                # Every position starts as the parent's; the dirty ones are overwritten below.
+                parent_plain = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self.repo.read_index_plaintext, usable_parent.segments[s]
+                )
+                builder.set_all(parent_plain)
+                incremental = True
             await self._write_positions(
-                node, first, count, builder, parent_entries, dirty, stats, report, limit or RateLimit()
+                node, first, count, builder, incremental, dirty, stats, report, limit or RateLimit()
             )
             segments.append(await self._store_segment(builder))
         return self._record(name, size, segments, changes, stats, source)
@@ -207,29 +210,46 @@ class BackupRun:
             raise RepoError(
                 f"disk '{name}': the parent's geometry differs; an incremental cannot build on it"
             )
-        touched = {pos // per_segment for pos in written}
-        segments: list[SegmentRef] = []
-        loop = asyncio.get_running_loop()
+        touched: dict[int, list[tuple[int, bytes]]] = {}
+        for pos, packed in written.items():
+            touched.setdefault(pos // per_segment, []).append((pos, packed))
+        segments: list[SegmentRef | None] = []
+        work = []
         for s in range(-(-positions // per_segment)):
             first = s * per_segment
             count = min(per_segment, positions - first)
-            if parent is not None and s not in touched:
+            seg_bytes = min(size, (first + count) * cs) - first * cs
+            changed = touched.get(s, [])
+            if parent is not None and not changed:
                 segments.append(parent.segments[s])
-                stats.reused_bytes += min(size, (first + count) * cs) - first * cs
+                stats.reused_bytes += seg_bytes
                 continue
-            builder = SegmentBuilder(count)
             if parent is not None:
-                entries = await loop.run_in_executor(self._pool, self.repo.read_index, parent.segments[s])
-                for i, entry in enumerate(entries):
-                    if first + i not in written:
-                        builder.set_packed(i, entry.pack())
-                        stats.reused_bytes += min(cs, size - (first + i) * cs)
-            for i in range(count):
-                packed = written.get(first + i)
-                if packed is not None:
-                    builder.set_packed(i, packed)
-            segments.append(await self._store_segment(builder))
-        return self._record(name, size, segments, changes, stats, source)
+                stats.reused_bytes += seg_bytes - sum(min(cs, size - pos * cs) for pos, _ in changed)
+            base = parent.segments[s] if parent is not None else None
+            work.append((len(segments), base, first, count, changed))
+            segments.append(None)
+        # The touched segments are built and stored at once, each in a worker (hashing, compression and
+        # encryption release the GIL).
+        loop = asyncio.get_running_loop()
+        built = await asyncio.gather(
+            *(loop.run_in_executor(self._pool, self._merge_segment, *w[1:]) for w in work)
+        )
+        for (at, *_), ref in zip(work, built, strict=True):
+            segments[at] = ref
+        return self._record(name, size, [s for s in segments if s is not None], changes, stats, source)
+
+    def _merge_segment(
+        self, parent: SegmentRef | None, first: int, count: int, changed: list[tuple[int, bytes]]
+    ) -> SegmentRef:
+        """In a worker thread: store the segment of ``count`` positions from ``first`` that is the
+        ``parent`` segment (or zeros) with the ``changed`` positions' packed entries put in."""
+        builder = SegmentBuilder(count)
+        if parent is not None:
+            builder.set_all(self.repo.read_index_plaintext(parent))
+        for pos, packed in changed:
+            builder.set_packed(pos - first, packed)
+        return self._store_segment_sync(builder)
 
     def _record(
         self,
@@ -257,19 +277,25 @@ class BackupRun:
         first: int,
         count: int,
         builder: SegmentBuilder,
-        parent_entries: list[Entry] | None,
+        incremental: bool,
         dirty: DirtyTest | None,
         stats: DiskStats,
         report: Progress,
         limit: RateLimit,
     ) -> None:
+        """Fill ``builder``: every position read and stored, or -- ``incremental``, the builder holding
+        the parent's entries -- only those ``dirty`` calls changed."""
         cs = self.repo.config.chunk_size
         size = node.size
         window = asyncio.Semaphore(self.workers + 2)
 
         async def one(i: int, offset: int, length: int) -> None:
             try:
-                if await _reads_as_zero(node, offset, length):
+                # In an incremental a dirty chunk was written since the parent: almost always data, so
+                # it is read at once (one request, not a block status query first); one that reads as
+                # zeros is found so by its bytes, with the same entry and stats.
+                if not incremental and await _reads_as_zero(node, offset, length):
+                    builder.set_packed(i, ZERO_ENTRY)  # over the parent's entry, in an incremental
                     with self._stats_lock:
                         stats.zero_bytes += length
                 else:
@@ -279,26 +305,52 @@ class BackupRun:
             finally:
                 window.release()
 
+        def clean_until(end: int) -> None:
+            """Positions up to ``end`` are clean: the parent's entries stay, no read, no task; a run of
+            them is counted and reported at once (most positions of an incremental)."""
+            clean = min(size, end * cs) - min(size, done * cs)
+            if clean > 0:
+                with self._stats_lock:
+                    stats.reused_bytes += clean
+                report(clean)
+
+        done = first  # positions before this one are dealt with
         try:
             async with asyncio.TaskGroup() as tasks:
-                for i in range(count):
-                    offset = (first + i) * cs
-                    length = min(cs, size - offset)
-                    if parent_entries is not None and dirty is not None and not dirty(offset, length):
-                        # Clean: the parent's entry, no read and no task (most positions of an incremental).
-                        builder.set_packed(i, parent_entries[i].pack())
-                        with self._stats_lock:
-                            stats.reused_bytes += length
-                        report(length)
-                        continue
+                for pos in self._positions_to_read(first, count, size, dirty if incremental else None):
+                    clean_until(pos)
+                    offset = pos * cs
                     await window.acquire()
+                    length = min(cs, size - offset)
                     delay = limit.calculate_delay()
                     if delay:  # the slice's quota is spent: its end admits the next read
                         await asyncio.sleep(delay / 1e9)
                     limit.account(length)
-                    tasks.create_task(one(i, offset, length))
+                    tasks.create_task(one(pos - first, offset, length))
+                    done = pos + 1
+                clean_until(first + count)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
+
+    def _positions_to_read(self, first: int, count: int, size: int, dirty: DirtyTest | None) -> Iterator[int]:
+        """The positions of ``[first, first + count)`` to read, in order: all of them, or only those
+        ``dirty`` calls changed -- found by halving the ranges it calls dirty, so that a clean range
+        costs one test whatever its length (an incremental's few changes cost ~log2(count) tests each)."""
+        if dirty is None:
+            yield from range(first, first + count)
+            return
+        cs = self.repo.config.chunk_size
+        ranges = [(first, first + count)]
+        while ranges:
+            lo, hi = ranges.pop()
+            start = lo * cs
+            if not dirty(start, min(size, hi * cs) - start):
+                continue
+            if hi - lo == 1:
+                yield lo
+                continue
+            mid = (lo + hi) // 2
+            ranges += [(mid, hi), (lo, mid)]  # the lower half first
 
     async def _read_and_store(self, node: BlockNode, offset: int, length: int, stats: DiskStats) -> bytes:
         buf = self._buffers.pop() if self._buffers else bytearray(self.repo.config.chunk_size)

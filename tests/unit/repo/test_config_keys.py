@@ -221,3 +221,51 @@ def test_hostile_key_documents_are_corrupt(tmp_path: Path, raw: bytes) -> None:
     with pytest.raises(CorruptObject) as caught:
         reopen(repo)
     assert caught.value.name == keys.REPOKEY_NAME
+
+
+# -- unwrapped key files (backup --qmp --repo hands one to the daemon's target node) --------------------
+
+
+def test_an_unwrapped_key_file_opens_the_repository_without_scrypt(tmp_path: Path) -> None:
+    repo = new_repo(tmp_path / "r")
+    again = Repository.open_with_master(LocalStore(repo.store.location, "none"), repo.dump_master(), "f")
+    assert again.keys == repo.keys and again.has_key
+
+
+def test_an_unwrapped_key_file_of_another_repository_is_refused(tmp_path: Path) -> None:
+    ours, theirs = new_repo(tmp_path / "ours"), new_repo(tmp_path / "theirs")
+    with pytest.raises(RepoUsageError, match="belongs to repository"):
+        Repository.open_with_master(ours.store, theirs.dump_master(), "f")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"secret passphrase\n",
+        b'{"format": "cowbackup-master-key", "version": 2}',
+        b'{"format": "cowbackup-key", "version": 1, "repository": "x", "master": "AAAA"}',
+        b"[" * 100000,
+    ],
+)
+def test_a_malformed_unwrapped_key_file_is_refused_without_quoting_it(tmp_path: Path, raw: bytes) -> None:
+    repo = new_repo(tmp_path / "r")
+    with pytest.raises(RepoUsageError) as info:
+        Repository.open_with_master(repo.store, raw, "the-file")
+    assert "the-file" in str(info.value) and "passphrase" not in str(info.value)
+
+
+def test_an_unwrapped_key_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
+    repo = new_repo(tmp_path / "r")
+    doc = json.loads(repo.dump_master())
+    doc["master"] = "AAAA"
+    with pytest.raises(RepoUsageError, match="wrong size"):
+        Repository.open_with_master(repo.store, json.dumps(doc).encode(), "f")
+
+
+def test_no_unwrapped_key_for_a_plain_repository_or_without_the_key(tmp_path: Path) -> None:
+    plain = new_repo(tmp_path / "plain", "none")
+    with pytest.raises(RepoUsageError, match="not encrypted"):
+        Repository.open_with_master(plain.store, b"{}", "f")
+    with pytest.raises(RepoUsageError, match="not open with its key"):
+        reopen(new_repo(tmp_path / "r"), key=False).dump_master()
