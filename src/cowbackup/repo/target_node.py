@@ -5,6 +5,13 @@ chunks, which are hashed, compressed, encrypted and stored off the event loop as
 succeeds (its *prepare* phase) the node writes the index and commits the snapshot.  A job that fails or is
 cancelled commits nothing: what was stored is garbage for ``gc``.
 
+Writes are *write-behind*: a write returns once its data is copied into memory, and is stored in the
+background (at most :data:`WRITE_BEHIND_BYTES` at a time; then writers wait).  So a guest write that must
+first copy its cluster waits for a read and a memcpy, as with a file target, not for the repository.  A
+store that fails fails the next write and the job's prepare: the snapshot breaks, nothing is committed,
+the guest goes on writing -- even with ``on-cbw-error=break-guest-write``, whose guest write has returned
+by then (the policy still applies to a failing read of the source).
+
 Options::
 
     repo            the repository (a directory)                                     required
@@ -84,6 +91,11 @@ class PendingSnapshot:
             )
 
 
+#: Copies accepted but not stored yet, at most this many bytes in all.  A write returns once its data is
+#: copied into memory -- a guest write that had to copy its cluster first waits for a memcpy, not for
+#: hashing, compression, encryption and upload -- and beyond this, writers wait for room.
+WRITE_BEHIND_BYTES = 64 << 20
+
 #: Pending snapshots by group, per graph (a process may run several daemons, tests do).
 _groups: weakref.WeakKeyDictionary[BlockGraph, dict[str, PendingSnapshot]] = weakref.WeakKeyDictionary()
 
@@ -118,6 +130,12 @@ class RepoTargetNode(BlockNode):
         self.known_zero_init = parent is None
         self.written: dict[int, bytes] = {}
         self.stats = DiskStats(size=size)
+        #: Stores in the background (write-behind), their bytes, and the first that failed.
+        self._behind: dict[asyncio.Task[None], int] = {}
+        self._behind_bytes = 0
+        self._failure: OSError | None = None
+        #: The newest write of each position: an older store finishing late never overwrites it.
+        self._latest: dict[int, object] = {}
 
     def describe(self) -> dict[str, object]:
         return {"file": f"cowbackup-repo:{self.run.repo.store.location}", "snapshot": self.pending.name}
@@ -132,29 +150,63 @@ class RepoTargetNode(BlockNode):
         raise OSError(errno.EACCES, "a repository target is write-only")
 
     async def _do_write(self, offset: int, data: memoryview, flags: RequestFlags) -> None:
-        cs = self.chunk_size
         positions = self._positions(offset, len(data))
-        # The chunks of one large write are stored in parallel (the workers hash, seal and upload).
+        self._raise_failure()
+        while self._behind and self._behind_bytes + len(data) > WRITE_BEHIND_BYTES:
+            await asyncio.wait(set(self._behind), return_when=asyncio.FIRST_COMPLETED)
+            self._raise_failure()
+        copy = bytes(data)  # the caller's buffer is the caller's again once we return
+        token = object()
+        for pos in positions:
+            self._latest[pos] = token
+        self._behind_bytes += len(copy)
+        task = asyncio.create_task(self._store(offset, positions, copy, token))
+        self._behind[task] = len(copy)
+        task.add_done_callback(self._stored)
+
+    async def _store(self, offset: int, positions: range, data: bytes, token: object) -> None:
+        cs = self.chunk_size
+        view = memoryview(data)
         try:
+            # The chunks of one large write are stored in parallel (the workers hash, seal and upload).
             entries = await asyncio.gather(
                 *(
-                    self.run.store_chunk(data[p * cs - offset : (p + 1) * cs - offset], self.stats)
+                    self.run.store_chunk(view[p * cs - offset : (p + 1) * cs - offset], self.stats)
                     for p in positions
                 )
             )
         except RepoError as err:
-            # The block layer knows write errors as OSError (the job fails, or breaks the snapshot, per
-            # its error policy); anything else would kill the copy task and leave the job hanging.
-            cause = err.__cause__
-            code = cause.errno if isinstance(cause, OSError) and cause.errno else errno.EIO
-            raise OSError(code, str(err)) from err
+            # The block layer knows write errors as OSError: the next write or the job's prepare fails
+            # with it (the snapshot breaks; the guest's writes went on).
+            if self._failure is None:
+                cause = err.__cause__
+                code = cause.errno if isinstance(cause, OSError) and cause.errno else errno.EIO
+                self._failure = OSError(code, str(err))
+            return
         for pos, packed in zip(positions, entries, strict=True):
-            self.written[pos] = packed
+            if self._latest.get(pos) is token:
+                self.written[pos] = packed
+
+    def _stored(self, task: asyncio.Task[None]) -> None:
+        self._behind_bytes -= self._behind.pop(task)
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = OSError(errno.EIO, f"storing a chunk failed: {task.exception()!r}")
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise OSError(self._failure.errno, self._failure.strerror)
+
+    async def _drain_behind(self) -> None:
+        """Wait for every store in the background; raise the first failure."""
+        while self._behind:
+            await asyncio.wait(set(self._behind))
+        self._raise_failure()
 
     async def _do_write_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         positions = self._positions(offset, length)
         for pos in positions:
             self.written[pos] = ZERO_ENTRY
+            self._latest[pos] = ZERO_ENTRY
         self.stats.zero_bytes += min(self._size, positions.stop * self.chunk_size) - offset
 
     async def _do_discard(self, offset: int, length: int) -> None:
@@ -180,6 +232,7 @@ class RepoTargetNode(BlockNode):
             )
 
     async def backup_target_prepare(self) -> None:
+        await self._drain_behind()
         try:
             record = await self.run.finish_disk(
                 self.disk, self._size, self.written, self.stats, parent=self.parent, changes=self.changes
@@ -190,8 +243,16 @@ class RepoTargetNode(BlockNode):
 
     async def backup_target_abort(self) -> None:
         self.pending.aborted = True
+        await self._cancel_behind()
+
+    async def _cancel_behind(self) -> None:
+        for task in self._behind:
+            task.cancel()
+        while self._behind:
+            await asyncio.wait(set(self._behind))
 
     async def _do_close(self) -> None:
+        await self._cancel_behind()
         self.pending.members -= 1
         if self.pending.members == 0:
             self._groups.pop(self._group, None)
