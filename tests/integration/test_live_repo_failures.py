@@ -160,6 +160,66 @@ def test_a_bitmap_deleted_and_created_again_by_someone_else(
     assert "cb-" not in "".join(n for n in node_names(run_cli, daemon) if n != "disk")  # no canary left
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_daemon_killed_between_two_incrementals_leaves_its_qcow2_bitmap_in_use(
+    run_cli: RunCli, repo: Path, workdir: Path, kind: DaemonKind
+) -> None:
+    """A qcow2 image keeps the tracking bitmap; a clean restart stores it (and the next open marks it in
+    use); a SIGKILL then leaves it in use, so it loads inconsistent: the next incremental falls back."""
+    image = workdir / "disk.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", str(image), str(SIZE)], check=True, capture_output=True
+    )
+    blockdevs = [f"driver=qcow2,node-name=disk,file.driver=file,file.filename={image}"]
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> DaemonProcess:
+        (workdir / "daemon.pid").unlink(missing_ok=True)
+        return launch(kind, daemon_argv(kind, image, workdir, blockdevs), workdir, started)
+
+    try:
+        daemon = start()
+        write_round(daemon, random.Random(31))
+        first = backup(run_cli, daemon, repo)
+        name = tracking_bitmap_of(run_cli, repo, first["snapshot"])
+        qmp(run_cli, daemon, "quit")  # a clean stop stores the bitmap
+        daemon.proc.wait(30)
+        daemon = start()
+        assert bitmaps(run_cli, daemon)[name]["persistent"] is True
+        write_round(daemon, random.Random(32))
+        second = backup(run_cli, daemon, repo, "--incremental")  # the chain goes on across the restart
+        assert second["changes"]["method"] == "bitmap", second["stderr"]
+        name = tracking_bitmap_of(run_cli, repo, second["snapshot"])
+        qmp(run_cli, daemon, "quit")
+        daemon.proc.wait(30)
+        daemon = start()  # the bitmap is stored now, and marked in use while the image is open
+        write_round(daemon, random.Random(33))
+        daemon.proc.kill()
+        daemon.proc.wait(30)
+        daemon = start()
+        assert bitmaps(run_cli, daemon)[name]["inconsistent"] is True
+        write_round(daemon, random.Random(34))
+        refused = incremental(run_cli, daemon, repo)
+        why = f"bitmap '{name}' is inconsistent (its daemon stopped while it was in use)"
+        assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+        truth = run_image_bytes(image)
+        result = backup(run_cli, daemon, repo, "--incremental", "--fallback-full")
+        assert result["changes"]["method"] == "full" and why in result["changes"]["fallback"]
+        assert restored(run_cli, repo, result["snapshot"], workdir / "fallback.img") == truth
+    finally:
+        kill_all(started)
+
+
+def run_image_bytes(image: Path) -> bytes:
+    """The guest's view of a qcow2 image (its daemon writes nothing meanwhile)."""
+    raw = image.with_suffix(".view.raw")
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(raw)], check=True)
+    try:
+        return raw.read_bytes()
+    finally:
+        raw.unlink()
+
+
 def test_a_bitmap_disabled_by_someone_else(
     run_cli: RunCli, daemon: DaemonProcess, repo: Path, workdir: Path
 ) -> None:
