@@ -94,7 +94,7 @@ class RawNode(BlockNode):
             return
         self._in_flight += 1
         try:
-            await self.child.read(self.offset + offset, buf)
+            await self.children["file"].node.read(self.offset + offset, buf)
         finally:
             self._in_flight -= 1
             if self._quiescent is not None and not self._in_flight:
@@ -111,12 +111,12 @@ class RawNode(BlockNode):
             return
         self._in_flight += 1
         try:
-            await self.child.write(self.offset + offset, data, flags)
+            await self.children["file"].node.write(self.offset + offset, data, flags)
         finally:
             self._in_flight -= 1
             if self._quiescent is not None and not self._in_flight:
                 self._wake_drainers()
-            if self.dirty_bitmaps or self.write_observers:
+            if self.dirty_bitmaps.marking or self.write_observers:
                 self._notify_write(offset, length)
 
     # ------------------------------------------------------------------ driver hooks
