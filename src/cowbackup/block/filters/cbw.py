@@ -293,6 +293,8 @@ class CopyBeforeWriteNode(FilterNode):
                 self.passed += 1
             await self.children["file"].node.write(offset, data, flags)
         finally:
+            # FilterNode.write's ending, inline as on every data path (a call per layer per request
+            # costs more than these lines).
             self._in_flight -= 1
             if self._quiescent is not None and not self._in_flight:
                 self._wake_drainers()
