@@ -12,6 +12,13 @@ On tmpfs every request completes without suspending, so the handler's coroutine 
 ``send(None)`` and no event-loop turn is measured: what remains is the Python of the request path.
 Prints the minimum over ``--repeat`` runs of ``--count`` requests, in µs per request.
 
+``--through server`` measures the connection's per-request work as well: the requests go in as wire
+bytes through :class:`cowbackup.nbd.transmission.Transmission` (what the event loop calls when the
+socket has data: parse, start, serve, reply) after a handshake in memory, ``--batch`` requests per
+receive (1: one request per recv, as at queue depth 1; 16: what a client at queue depth 16 sends in
+one go), and the replies are written to ``/dev/null`` by the connection's
+:class:`~cowbackup.nbd.vector_writer.VectorWriter`.  Still no event-loop turn, socket or kernel time.
+
 For instruction counts, run one stack and operation under callgrind at two counts and divide the
 difference (the start-up cost cancels out)::
 
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
+import struct
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -33,10 +42,22 @@ from cowbackup.block.drivers import open_node
 from cowbackup.block.filters.cbw import cbw_append
 from cowbackup.block.graph import BlockGraph, Root
 from cowbackup.block.node import BlockNode
-from cowbackup.nbd.constants import NBD_CMD_READ, NBD_CMD_WRITE
-from cowbackup.nbd.events import Request
+from cowbackup.nbd.client import ClientProtocol
+from cowbackup.nbd.constants import (
+    NBD_CMD_READ,
+    NBD_CMD_WRITE,
+    NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA,
+    NBD_FLAG_SEND_WRITE_ZEROES,
+    NBD_REQUEST_MAGIC,
+)
+from cowbackup.nbd.events import ExportSelected, Greeting, NeedData, Request, SendData
+from cowbackup.nbd.exports import ExportInfo
 from cowbackup.nbd.handlers import RequestHandler
 from cowbackup.nbd.replies import ReplyBuilder
+from cowbackup.nbd.server import ServerProtocol
+from cowbackup.nbd.transmission import Transmission
+from cowbackup.nbd.vector_writer import VectorWriter
 
 STACKS = ("file", "raw/file", "cbw/raw/file", "cbw+inflight")
 SIZE = 64 * 1024 * 1024
@@ -83,7 +104,97 @@ def _drive(make: Callable[[], Awaitable[object]], count: int) -> None:
         raise RuntimeError("a request suspended: use a memory-backed --dir (tmpfs)")
 
 
-async def _measure(kind: str, op: str, count: int, repeat: int, directory: str) -> float:
+#: An NBD request header (magic, flags, type, cookie, offset, length), as a client sends it.
+_REQUEST = struct.Struct(">IHHQQI")
+
+
+def _handshake(node: BlockNode) -> ServerProtocol:
+    """A server core in transmission for an export of ``node``, negotiated in memory with our client
+    (structured replies, no metadata contexts)."""
+    info = ExportInfo(
+        "bench", node.size, NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_WRITE_ZEROES
+    )
+    server = ServerProtocol(lookup=lambda name: info, list_exports=lambda: [info])
+    client = ClientProtocol()
+    client.receive_data(server.initial_bytes())
+    for _ in range(100):
+        moved = False
+        while not isinstance(event := client.next_event(), NeedData):
+            moved = True
+            if isinstance(event, SendData):
+                server.receive_data(event.data)
+            elif isinstance(event, Greeting):  # our client flags went out just before
+                server.receive_data(client.go("bench", meta_contexts=()))
+        while not isinstance(sevent := server.next_event(), NeedData):
+            moved = True
+            if isinstance(sevent, SendData):
+                client.receive_data(sevent.data)
+            elif isinstance(sevent, ExportSelected):
+                return server
+        if not moved:
+            break
+    raise RuntimeError("the handshake does not settle")
+
+
+class _Transport:
+    """What :class:`Transmission` uses of a socket transport; the bench feeds it bytes itself."""
+
+    def set_protocol(self, protocol: object) -> None:
+        pass
+
+    def is_reading(self) -> bool:
+        return True
+
+    def pause_reading(self) -> None:
+        raise RuntimeError("a request suspended: use a memory-backed --dir (tmpfs)")
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
+def _serve_loop(node: BlockNode, reqs: list[Request], payload: bytes, batch: int) -> Callable[[int], None]:
+    """A function running ``n`` requests through a connection's transmission, ``batch`` per receive."""
+    server = _handshake(node)
+    loop = asyncio.get_running_loop()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    writer = VectorWriter(loop, devnull)
+    os.close(devnull)  # the writer keeps its own duplicate
+    handler = RequestHandler(lambda: node, server.replies, {})
+    log = logging.getLogger("bench")
+    trans = Transmission(
+        server, handler, writer, stream_protocol=asyncio.Protocol(), max_in_flight=16, log=log
+    )
+    trans.start(_Transport(), b"", eof=False)  # type: ignore[arg-type]
+    wire = [
+        _REQUEST.pack(NBD_REQUEST_MAGIC, 0, r.type, r.cookie, r.offset, r.length)
+        + (payload if r.type == NBD_CMD_WRITE else b"")
+        for r in reqs
+    ]
+    # Groups of ``batch`` consecutive requests, as one receive each.
+    groups = [b"".join(wire[i : i + batch]) for i in range(0, len(wire), batch)]
+    it = iter(range(1 << 62))
+
+    def run(n: int) -> None:
+        for _ in range(n // batch):
+            data = groups[next(it) % len(groups)]
+            buf = trans.get_buffer(len(data))
+            buf[: len(data)] = data
+            trans.buffer_updated(len(data))
+        if trans.tasks or trans.in_flight or writer.queued:
+            raise RuntimeError("a request suspended: use a memory-backed --dir (tmpfs)")
+
+    return run
+
+
+async def _measure(
+    kind: str, op: str, count: int, repeat: int, directory: str, through: str = "handler", batch: int = 1
+) -> float:
     graph = BlockGraph()
     with tempfile.NamedTemporaryFile(dir=directory) as f:
         f.write(os.urandom(SIZE // 16) * 16)
@@ -99,11 +210,18 @@ async def _measure(kind: str, op: str, count: int, repeat: int, directory: str) 
         def make() -> Awaitable[object]:
             return handler.handle(reqs[next(it) & 1023], payload if op == "write" else None)
 
-        _drive(make, len(reqs))  # warm up: first-time paths (each cluster marked done, caches)
+        if through == "server":
+            run = _serve_loop(node, reqs, bytes(payload), batch)
+        else:
+
+            def run(n: int) -> None:
+                _drive(make, n)
+
+        run(len(reqs))  # warm up: first-time paths (each cluster marked done, caches)
         best = float("inf")
         for _ in range(repeat):
             t0 = time.perf_counter_ns()
-            _drive(make, count)
+            run(count)
             best = min(best, (time.perf_counter_ns() - t0) / count / 1000)
         for obj in keep:
             if isinstance(obj, asyncio.Future):
@@ -118,10 +236,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--only", choices=STACKS, action="append")
     parser.add_argument("--op", choices=("write", "read"), action="append")
+    parser.add_argument("--through", choices=("handler", "server"), default="handler")
+    parser.add_argument("--batch", type=int, default=1, help="requests per receive (--through server)")
     args = parser.parse_args()
     for op in args.op or ("write", "read"):
         for kind in args.only or STACKS:
-            us = asyncio.run(_measure(kind, op, args.count, args.repeat, args.dir))
+            us = asyncio.run(_measure(kind, op, args.count, args.repeat, args.dir, args.through, args.batch))
             print(f"{op:5} {kind:14} {us:7.2f} µs/request")
 
 

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from cowbackup.block.bitmap import DirtyBitmap
 from cowbackup.block.copy import BlockCopyState, CopyCall, CopyCancelled, CopyError
 from cowbackup.block.drivers import open_node
 from cowbackup.block.drivers.memory import MemoryNode
@@ -16,7 +17,7 @@ from cowbackup.block.errors import RequestError
 from cowbackup.block.filters.cbw import cbw_append, cbw_drop
 from cowbackup.block.filters.fault import FaultNode
 from cowbackup.block.graph import BlockGraph, Root
-from cowbackup.block.node import BlockNode, Extent
+from cowbackup.block.node import BlockNode, Extent, RequestFlags
 
 MiB = 1 << 20
 C = 64 * 1024
@@ -410,3 +411,73 @@ def test_long_runs_and_sync_top_ask_block_status(monkeypatch: pytest.MonkeyPatch
         await cbw_drop(graph, filt)
 
     asyncio.run(main())
+
+
+def test_pass_cache_answers_only_while_nothing_changed() -> None:
+    """The filter's pass cache: a write inside a cluster that passed the full test before is waved
+    through without asking the bitmaps again; once the copy bitmap is dirtied there, or ``done`` is
+    cleaned, the next write takes the full test -- and copies the old data first where it must."""
+
+    async def main() -> None:
+        graph, src, tgt, guest = await _setup()
+        await src.write(0, os.urandom(C))
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        asked: list[int] = []
+        full_test = filt._passes
+
+        def spy(op: str, offset: int, length: int, flags: RequestFlags) -> bool:
+            asked.append(offset)
+            return full_test(op, offset, length, flags)
+
+        filt._passes = spy  # type: ignore[method-assign]
+        await guest.node.write(0, b"a")  # copies cluster 0 and marks it done
+        await guest.node.write(1, b"b")  # passes the full test, and is remembered
+        await guest.node.write(2, b"c")  # the cache
+        await guest.node.write(C - 1, b"d")  # the cache: same cluster
+        assert asked == [0, 1] and filt.passed == 3
+        # A write across two clusters always takes the full test.
+        await guest.node.write(C - 1, b"ef")
+        assert asked[-1] == C - 1 and not bcs.bitmap.get(C) and filt.passed == 3
+        # The copy bitmap dirtied again (as re-seeding it would): the old data is copied anew.
+        asked.clear()
+        before = src.snapshot()[:C]
+        bcs.bitmap.set(0, C)
+        await guest.node.write(3, b"g")
+        assert asked == [3] and filt.passed == 3
+        assert tgt.snapshot()[:C] == before and not bcs.bitmap.get(0)
+        await guest.node.write(4, b"h")
+        await guest.node.write(5, b"i")
+        assert asked == [3, 4] and filt.passed == 5
+        # ``done`` cleaned there: the full test again, which marks it done again.
+        assert filt.done is not None
+        filt.done.reset(0, C)
+        await guest.node.write(6, b"j")
+        assert asked == [3, 4, 6] and filt.passed == 5 and filt.done.get(0)
+        # Writes past the end are refused as before, whatever the cache holds.
+        with pytest.raises(RequestError):
+            await guest.node.write(src.size, b"k")
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_bitmap_change_stamps_move_with_changes_only() -> None:
+    """``dirtied``/``cleaned`` move when a granule changes that way, and never repeat across bitmaps."""
+    a = DirtyBitmap(MiB, C)
+    d0, c0 = a.dirtied, a.cleaned
+    a.reset(0, C)  # already clean: nothing changed
+    assert (a.dirtied, a.cleaned) == (d0, c0)
+    a.set(0, 1)
+    assert a.dirtied > d0 and a.cleaned == c0
+    d1 = a.dirtied
+    a.set(0, C)  # already dirty
+    assert a.dirtied == d1
+    a.reset(0, C)
+    assert a.cleaned > c0 and a.dirtied == d1
+    b = DirtyBitmap(MiB, C)
+    b.set(C, C)
+    a.merge(b)
+    assert a.dirtied > d1
+    copy = a.copy()
+    assert copy.dirtied not in (a.dirtied, a.cleaned) and copy.dirtied > b.dirtied

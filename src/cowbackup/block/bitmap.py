@@ -44,12 +44,21 @@ Serialized format
 first, and the unused bits of the last byte are zero. This is the bit order of
 QEMU's qcow2 bitmap data, so a qcow2 module can store the bytes as they are.
 
+Change stamps
+-------------
+``dirtied`` and ``cleaned`` change whenever some granule goes from clean to dirty, or from dirty to clean,
+and a new bitmap (made, copied, deserialized, resized) starts with fresh ones.  They come from one counter
+for all bitmaps, so a value is never seen twice, even on another bitmap: a reader that remembers what it
+concluded from a bitmap (the copy-before-write filter's cache of clusters a write may pass) knows that
+nothing relevant changed while the stamp it remembered is still the bitmap's.
+
 Thread safety: none. A bitmap is owned by the one event loop thread that owns
 its block node (QEMU protects its bitmaps with the BQL / bitmap mutex instead).
 """
 
 from __future__ import annotations
 
+import itertools
 from array import array
 from collections.abc import Iterator
 
@@ -68,6 +77,9 @@ from cowbackup.block._bitwords import (
 )
 
 __all__ = ["DirtyBitmap"]
+
+#: Change stamps of every bitmap (see "Change stamps" above).
+_STAMPS = itertools.count(1)
 
 
 class DirtyBitmap:
@@ -96,6 +108,7 @@ class DirtyBitmap:
         # _allocate (construction, resize) replaces these fields together; the
         # update methods change _l0, _count and the towers in place.
         self._size = size
+        self.dirtied = self.cleaned = next(_STAMPS)
         self._bits = (size + self._granularity - 1) >> self._shift
         self._l0: array[int] = zero_words((self._bits + 63) >> 6)
         self._count = 0  # set bits of level 0, kept exact by every update
@@ -141,7 +154,12 @@ class DirtyBitmap:
         flipped = fill_bits(self._l0, a, b, value)
         if not flipped:
             return
-        self._count += flipped if value else -flipped
+        if value:
+            self._count += flipped
+            self.dirtied = next(_STAMPS)
+        else:
+            self._count -= flipped
+            self.cleaned = next(_STAMPS)
         for tower, full in ((self._any, False), (self._full, True)):
             src, lo, hi = self._l0, a, b - 1  # changed bits of `src`, inclusive
             for dst in tower:
@@ -294,6 +312,7 @@ class DirtyBitmap:
             mine = words_to_int(self._l0, w, end)
             merged = mine | words_to_int(other._l0, w, end)
             if merged != mine:
+                self.dirtied = next(_STAMPS)
                 self._l0[w:end] = words_from_int(merged, end - w)
                 self._count += merged.bit_count() - mine.bit_count()
                 self._resummarize(w, end - 1)
@@ -452,6 +471,7 @@ class DirtyBitmap:
         new._shift = self._shift
         new._size = self._size
         new._bits = self._bits
+        new.dirtied = new.cleaned = next(_STAMPS)
         new._count = self._count
         new._l0 = self._l0[:]
         new._any = [level[:] for level in self._any]

@@ -222,15 +222,23 @@ class BlockNode:
 
     # ------------------------------------------------------------------ in-flight tracking
 
+    # A request in flight is counted with ``self._in_flight += 1`` (the data paths do it inline: a call
+    # per layer per request costs more than the increment) and ended with :meth:`_end`, or its inline
+    # form.  ``_quiescent`` exists only while someone drains: the request that brings the count to zero
+    # wakes the drainers and drops it, so starting a request never has to touch it.
+
     def _begin(self) -> None:
         self._in_flight += 1
-        if self._quiescent is not None:
-            self._quiescent.clear()
 
     def _end(self) -> None:
         self._in_flight -= 1
-        if self._in_flight == 0 and self._quiescent is not None:
-            self._quiescent.set()
+        if self._quiescent is not None and not self._in_flight:
+            self._wake_drainers()
+
+    def _wake_drainers(self) -> None:
+        assert self._quiescent is not None
+        self._quiescent.set()
+        self._quiescent = None
 
     @property
     def in_flight(self) -> int:
@@ -290,7 +298,7 @@ class BlockNode:
             self._check_request("read", offset, length, write=False)
         if length == 0:
             return
-        self._begin()
+        self._in_flight += 1
         try:
             align = self.limits.request_alignment
             if length <= self.limits.max_transfer and not (offset % align or length % align):
@@ -304,7 +312,9 @@ class BlockNode:
             else:
                 await self._read_split(offset, view)
         finally:
-            self._end()
+            self._in_flight -= 1
+            if self._quiescent is not None and not self._in_flight:
+                self._wake_drainers()
 
     async def _read_split(self, offset: int, view: memoryview) -> None:
         step = self.limits.max_transfer
@@ -331,7 +341,7 @@ class BlockNode:
             return
         align = self.limits.request_alignment
         unaligned = align > 1 and bool(offset % align or length % align)
-        self._begin()
+        self._in_flight += 1
         req = None if align == 1 else await self._track_write(offset, length, unaligned)
         try:
             if length <= self.limits.max_transfer and not unaligned:
@@ -352,8 +362,10 @@ class BlockNode:
         finally:
             if req is not None:
                 self._untrack_write(req)
-            self._end()
-            if self.dirty_bitmaps or self.write_observers:
+            self._in_flight -= 1
+            if self._quiescent is not None and not self._in_flight:
+                self._wake_drainers()
+            if self.dirty_bitmaps.marking or self.write_observers:
                 self._notify_write(offset, length)
 
     async def _write_split(self, offset: int, view: memoryview, flags: RequestFlags) -> None:
@@ -605,28 +617,32 @@ class FilterNode(BlockNode):
         length = memoryview(buf).nbytes
         if self.closed:
             self._check_open()
-        self._begin()
+        self._in_flight += 1
         try:
             if not self.reads_unchanged and not self._passes("read", offset, length, NO_FLAGS):
                 await self._intercept("read", offset, length, NO_FLAGS)
             await self.child.read(offset, buf)
         finally:
-            self._end()
+            self._in_flight -= 1
+            if self._quiescent is not None and not self._in_flight:
+                self._wake_drainers()
 
     async def write(self, offset: int, data: Buffer, flags: RequestFlags = NO_FLAGS) -> None:
         length = memoryview(data).nbytes
         if self.closed or self.read_only:
             self._check_open()
             self._check_writable("write")
-        self._begin()
+        self._in_flight += 1
         try:
             if not self._passes("write", offset, length, flags):
                 await self._intercept("write", offset, length, flags)
             await self.child.write(offset, data, flags)
         finally:
-            self._end()
+            self._in_flight -= 1
+            if self._quiescent is not None and not self._in_flight:
+                self._wake_drainers()
             # A filter's own bitmaps see what passed through it, as on any node.
-            if self.dirty_bitmaps or self.write_observers:
+            if self.dirty_bitmaps.marking or self.write_observers:
                 self._notify_write(offset, length)
 
     async def write_zeroes(self, offset: int, length: int, flags: RequestFlags = NO_FLAGS) -> None:

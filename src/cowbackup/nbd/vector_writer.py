@@ -33,6 +33,12 @@ Buffer = bytes | memoryview
 IOV_MAX = 1024
 #: ``drain()`` waits while more than this is queued (asyncio transports default to the same).
 HIGH_WATER = 64 * 1024
+#: While held (the replies of requests received together, sent in one go when let go), a sender is
+#: congested only past this: sixteen 4 KiB read replies are just over HIGH_WATER, and the last one
+#: would otherwise become a task waiting for a drain that the release of the hold does at once anyway.
+#: Still a bound: a client sending many read requests at once gets no more than this queued before
+#: its requests wait.
+HELD_HIGH_WATER = 1024 * 1024
 
 
 class VectorWriter:
@@ -175,8 +181,9 @@ class VectorWriter:
         self._stop_writing()
 
     def congested(self) -> bool:
-        """More than HIGH_WATER bytes are queued: :meth:`drain` would wait."""
-        return self._queued > HIGH_WATER
+        """More than HIGH_WATER bytes are queued (HELD_HIGH_WATER while held): the sender should
+        :meth:`drain`."""
+        return self._queued > (HELD_HIGH_WATER if self._held else HIGH_WATER)
 
     async def drain(self) -> None:
         """Wait while more than HIGH_WATER bytes are queued (flow control), or until all is sent."""

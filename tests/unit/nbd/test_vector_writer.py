@@ -11,7 +11,7 @@ import tempfile
 import pytest
 
 from cowbackup.nbd.replies import FileSegment, Message
-from cowbackup.nbd.vector_writer import HIGH_WATER, VectorWriter
+from cowbackup.nbd.vector_writer import HELD_HIGH_WATER, HIGH_WATER, VectorWriter
 
 
 async def _read_all(sock: socket.socket, n: int) -> bytes:
@@ -149,6 +149,32 @@ def test_empty_messages_queue_nothing(pieces: Message) -> None:
         writer.send(pieces)
         assert writer.queued == 0 and not writer.congested()
         await asyncio.wait_for(writer.flush(), 1)
+        writer.abort()
+        ours.close()
+        peer.close()
+
+    asyncio.run(body())
+
+
+def test_held_replies_congest_only_past_the_held_high_water() -> None:
+    """Sixteen 4 KiB read replies held together are just over HIGH_WATER: that is no congestion (the
+    release sends them at once), but more than HELD_HIGH_WATER is, held or not."""
+
+    async def body() -> None:
+        ours, peer = _pair()
+        writer = VectorWriter(asyncio.get_running_loop(), ours.fileno())
+        writer.hold(True)
+        for _ in range(16):
+            writer.send([bytes(16), bytes(4096)])
+        assert writer.queued > HIGH_WATER and not writer.congested()
+        writer.send([bytes(HELD_HIGH_WATER)])
+        assert writer.congested()
+        writer.hold(False)
+        total = 16 * (16 + 4096) + HELD_HIGH_WATER
+        data = await asyncio.wait_for(_read_all(peer, total), 10)
+        assert len(data) == total
+        await asyncio.wait_for(writer.flush(), 10)
+        assert not writer.congested()
         writer.abort()
         ours.close()
         peer.close()

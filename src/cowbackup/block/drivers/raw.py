@@ -92,11 +92,13 @@ class RawNode(BlockNode):
             self._check_request("read", offset, length, write=False)
         if length == 0:
             return
-        self._begin()
+        self._in_flight += 1
         try:
-            await self.child.read(self.offset + offset, buf)
+            await self.children["file"].node.read(self.offset + offset, buf)
         finally:
-            self._end()
+            self._in_flight -= 1
+            if self._quiescent is not None and not self._in_flight:
+                self._wake_drainers()
 
     async def write(self, offset: int, data: Buffer, flags: RequestFlags = NO_FLAGS) -> None:
         if self.detect_zeroes != "off":
@@ -107,12 +109,14 @@ class RawNode(BlockNode):
             self._check_request("write", offset, length, write=True)
         if length == 0:
             return
-        self._begin()
+        self._in_flight += 1
         try:
-            await self.child.write(self.offset + offset, data, flags)
+            await self.children["file"].node.write(self.offset + offset, data, flags)
         finally:
-            self._end()
-            if self.dirty_bitmaps or self.write_observers:
+            self._in_flight -= 1
+            if self._quiescent is not None and not self._in_flight:
+                self._wake_drainers()
+            if self.dirty_bitmaps.marking or self.write_observers:
                 self._notify_write(offset, length)
 
     # ------------------------------------------------------------------ driver hooks

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,7 +57,7 @@ from cowbackup.block.dirty_bitmaps import BitmapCheck, NodeDirtyBitmap, lookup_b
 from cowbackup.block.drivers import open_child
 from cowbackup.block.errors import BlockError, RequestError
 from cowbackup.block.graph import BlockGraph
-from cowbackup.block.node import BlockNode, Buffer, Extent, FilterNode, RequestFlags
+from cowbackup.block.node import NO_FLAGS, BlockNode, Buffer, Extent, FilterNode, RequestFlags
 from cowbackup.block.options import Options
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ log = logging.getLogger(__name__)
 ON_CBW_ERROR = ("break-guest-write", "break-snapshot")
 #: Guest-triggered copies run with many workers and no chunk limit (QEMU's BLOCK_COPY_MAX_WORKERS).
 CBW_WORKERS = 64
+
+#: Stands for the copy bitmap and ``done`` in the pass cache's stamps before the copy state is attached.
+_NO_BITS = DirtyBitmap(0, 1)
 
 
 @dataclass(eq=False)
@@ -92,7 +96,7 @@ class CopyBeforeWriteNode(FilterNode):
             raise BlockError(f"Parameter 'on-cbw-error' does not accept value '{on_cbw_error}'")
         self.on_cbw_error = on_cbw_error
         self.cbw_timeout = cbw_timeout
-        self.bcs: BlockCopyState | None = None
+        self._bcs: BlockCopyState | None = None
         self.snapshot_error: OSError | None = None
         #: Called once with the error when ``break-snapshot`` gives up the snapshot.
         self.on_snapshot_error: Callable[[OSError], None] = lambda err: None
@@ -101,6 +105,16 @@ class CopyBeforeWriteNode(FilterNode):
         self._background: set[asyncio.Future[None]] = set()
         #: Write-type requests that took the fast path (:meth:`_passes`): no copy, no wait.
         self.passed = 0
+        # The pass cache (see :meth:`write`): one byte per cluster, 1 where :meth:`_passes` found that a
+        # write needs nothing from the filter; valid while the copy bitmap has not been dirtied and
+        # ``done`` not cleaned since (their change stamps, remembered in _pass_dirtied/_pass_cleaned).
+        # Made anew with the copy state (:meth:`_reset_pass_cache`).  A byte, not a bit: indexing is
+        # all the test costs.  An anonymous mapping, not a bytearray: only the pages of clusters written
+        # take memory (one page covers 256 MiB of disk at 64 KiB clusters), whatever the disk's size.
+        self._pass_shift = 63
+        self._pass_bits = mmap.mmap(-1, 1)
+        self._copy_bits = self._done_bits = _NO_BITS
+        self._pass_dirtied = self._pass_cleaned = 0
         # The snapshot API's state (see the module docstring); set up by :meth:`init_snapshot`, touched
         # only from the event loop.
         self.access: DirtyBitmap | None = None
@@ -112,6 +126,16 @@ class CopyBeforeWriteNode(FilterNode):
 
     def describe(self) -> dict[str, object]:
         return {"file": self.child.node_name}
+
+    @property
+    def bcs(self) -> BlockCopyState | None:
+        """The copy state (None until the target is attached)."""
+        return self._bcs
+
+    @bcs.setter
+    def bcs(self, bcs: BlockCopyState | None) -> None:
+        self._bcs = bcs
+        self._reset_pass_cache()
 
     # ------------------------------------------------------------------ interception
 
@@ -203,7 +227,80 @@ class CopyBeforeWriteNode(FilterNode):
         ):
             return False
         self.passed += 1
+        if done is not None:
+            self._remember_pass(start, min(end, bcs.size))
         return True
+
+    def _reset_pass_cache(self) -> None:
+        """An empty pass cache for the current copy state and ``done``."""
+        bcs, done = self._bcs, self.done
+        if bcs is None or done is None:
+            self._pass_shift, self._pass_bits = 63, mmap.mmap(-1, 1)
+            self._copy_bits = self._done_bits = _NO_BITS
+        else:
+            clusters = -(-bcs.size // bcs.cluster_size)
+            self._pass_shift = bcs.cluster_size.bit_length() - 1
+            self._pass_bits = mmap.mmap(-1, clusters or 1)
+            self._copy_bits, self._done_bits = bcs.bitmap, done
+        self._pass_dirtied, self._pass_cleaned = self._copy_bits.dirtied, self._done_bits.cleaned
+
+    def _remember_pass(self, start: int, end: int) -> None:
+        """Add the clusters of ``[start, end)``, just found to pass, to the pass cache.
+
+        Whatever could make a cached cluster need the filter again changes a stamp: the copy bitmap
+        dirtied there (a task claims only dirty clusters, so "being copied" comes after it) or ``done``
+        cleaned there.  A snapshot read of the source is the one other reason, and the cache is never
+        used while one is in flight.  So the cache is emptied when a stamp moved, and otherwise grows.
+        """
+        copy_bits, done = self._copy_bits, self._done_bits
+        if self._pass_dirtied != copy_bits.dirtied or self._pass_cleaned != done.cleaned:
+            self._pass_bits = mmap.mmap(-1, len(self._pass_bits))
+            self._pass_dirtied, self._pass_cleaned = copy_bits.dirtied, done.cleaned
+        bits = self._pass_bits
+        for c in range(start >> self._pass_shift, ((end - 1) >> self._pass_shift) + 1):
+            bits[c] = 1
+
+    async def write(self, offset: int, data: Buffer, flags: RequestFlags = NO_FLAGS) -> None:
+        """FilterNode's write, with the pass cache tried before :meth:`_passes`.
+
+        Most writes during a long backup land in one cluster that an earlier write already copied: a
+        bit test and two stamp comparisons find that the write needs nothing from the filter, where
+        :meth:`_passes` asks three bitmaps.  The cache only ever answers "passes" where ``_passes`` did
+        and nothing has changed since (:meth:`_remember_pass`); any other write asks ``_passes``.
+        """
+        length = data.nbytes if type(data) is memoryview else memoryview(data).nbytes
+        if self.closed or self.read_only:
+            self._check_open()
+            self._check_writable("write")
+        self._in_flight += 1
+        try:
+            shift = self._pass_shift
+            c = offset >> shift
+            try:
+                cached = (
+                    not self._frozen
+                    and (offset + length - 1) >> shift == c
+                    and self._pass_bits[c]
+                    and self._pass_dirtied == self._copy_bits.dirtied
+                    and self._pass_cleaned == self._done_bits.cleaned
+                )
+            except IndexError:  # past the end (the child refuses it; a negative offset too)
+                cached = False
+            if not cached:
+                if not self._passes("write", offset, length, flags):
+                    await self._intercept("write", offset, length, flags)
+            else:
+                self.passed += 1
+            await self.children["file"].node.write(offset, data, flags)
+        finally:
+            # FilterNode.write's ending, inline as on every data path (a call per layer per request
+            # costs more than these lines).
+            self._in_flight -= 1
+            if self._quiescent is not None and not self._in_flight:
+                self._wake_drainers()
+            # A filter's own bitmaps see what passed through it, as on any node.
+            if self.dirty_bitmaps.marking or self.write_observers:
+                self._notify_write(offset, length)
 
     async def _intercept(self, op: str, offset: int | None, length: int, flags: RequestFlags) -> None:
         if op in ("write", "write_zeroes", "discard") and offset is not None:
@@ -217,8 +314,8 @@ class CopyBeforeWriteNode(FilterNode):
         Its copy bitmap is listed on the source, and ``done`` on this filter, as anonymous bitmaps,
         as QEMU lists them (they go with :meth:`release_copy_bitmaps`).
         """
-        self.bcs = bcs
         self.done = DirtyBitmap(bcs.size, bcs.cluster_size)
+        self.bcs = bcs
         self._shown = [
             bcs.source.node.dirty_bitmaps.create_internal(bcs.bitmap),
             self.dirty_bitmaps.create_internal(self.done),
