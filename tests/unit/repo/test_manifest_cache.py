@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -283,3 +284,32 @@ def test_two_locations_of_one_repository_keep_apart(tmp_path: Path) -> None:
     a = ManifestCache(repo.config.id, repo.store.location)
     b = ManifestCache(repo.config.id, repo.store.location + "-copy")
     assert a.path != b.path and os.path.isdir(a.path) and not os.path.exists(b.path)
+
+
+def test_processes_sharing_the_cache_never_see_a_partial_entry(tmp_path: Path) -> None:
+    """Readers, writers and pruners of one folder at once (threads standing in for processes, each with
+    its own Repository): every listing gets whole, authentic manifests, and the folder settles."""
+    repo, snaps = with_snapshots(tmp_path / "repo", 12)
+    forgotten = {s.id for s in snaps[8:]}
+    errors: list[BaseException] = []
+
+    def reader(rounds: int) -> None:
+        try:
+            for _ in range(rounds):
+                found = ids(reopen(repo).snapshots())
+                assert set(found) <= set(ids(snaps)) and set(found) >= set(ids(snaps)) - forgotten
+        except BaseException as err:  # reported below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=reader, args=(6,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    repo.store.delete(snapshot_name(sid) for sid in forgotten)
+    for t in threads:
+        t.join()
+    assert errors == []
+    warm = counts_of_snapshots(repo)
+    assert warm["get"] == 0 and warm["list"] == 1
+    cache = repo.manifest_cache
+    assert cache is not None
+    assert sorted(os.listdir(cache.path)) == sorted(set(ids(snaps)) - forgotten)
