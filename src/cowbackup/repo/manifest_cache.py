@@ -49,12 +49,14 @@ STALE_TEMPORARY = 3600.0
 class ManifestCache:
     """The cached manifests of one repository at one location (see the module docstring).
 
-    Stateless between calls: every method works on the folder alone, so one object may serve several
-    threads, and several processes may share the folder.
+    Every method works on the folder alone, so one object may serve several threads, and several
+    processes may share the folder.  (``_warned`` only quiets repeated warnings; a race on it costs a
+    second warning at most.)
     """
 
     def __init__(self, repo_id: str, location: str) -> None:
         self.path = os.path.join(cache_dir(repo_id), f"manifests-{location_tag(location)}")
+        self._warned = False
 
     def load(self, snapshot_id: str, listed: ObjectInfo) -> bytes | None:
         """The stored bytes of ``snapshots/<snapshot_id>`` kept when the listing showed it as
@@ -92,7 +94,9 @@ class ManifestCache:
                 f.write(stored)
             os.replace(tmp, os.path.join(self.path, snapshot_id))
         except OSError as err:
-            log.warning("manifest cache: %s not saved: %s", snapshot_id, err)
+            # One warning per command: a folder we cannot write would fail for every manifest alike.
+            log.log(logging.DEBUG if self._warned else logging.WARNING, "manifest cache: not saved: %s", err)
+            self._warned = True
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import threading
@@ -313,3 +314,20 @@ def test_processes_sharing_the_cache_never_see_a_partial_entry(tmp_path: Path) -
     cache = repo.manifest_cache
     assert cache is not None
     assert sorted(os.listdir(cache.path)) == sorted(set(ids(snaps)) - forgotten)
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_reads_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo, snaps = with_snapshots(tmp_path / "repo", 3)
+    cache = repo.manifest_cache
+    assert cache is not None
+    os.makedirs(os.path.dirname(cache.path), exist_ok=True)
+    with open(cache.path, "wb"):  # a file where the folder should be
+        pass
+    caplog.set_level(logging.WARNING)
+    fresh = reopen(repo)
+    found, counts = requests_of(fresh, fresh.snapshots)
+    assert sorted(ids(found)) == sorted(ids(snaps)) and counts["get"] == 3
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "not saved" in r.getMessage()]
+    assert len(warnings) == 1
