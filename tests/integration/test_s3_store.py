@@ -7,6 +7,7 @@ relies on must hold for both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cowbackup.repo.errors import MissingObject, RepoUsageError, StoreError
+from cowbackup.repo.repository import Repository
 from cowbackup.repo.store import REQUEST_KINDS, RequestCounts, Store
 from cowbackup.repo.store_local import LocalStore
 from cowbackup.repo.store_s3 import S3Store
@@ -358,6 +360,39 @@ def test_requests_of_a_backup(
         "put": 3, "get": 1 + 2, "stat": 1, "list": 2, "delete": 0,
     }  # fmt: skip
     assert len(ceph.keys(bucket, "chunks/")) == 8
+
+
+def test_snapshots_read_each_manifest_once(
+    repo_env: None, ceph: Ceph, run_cli: RunCli, workdir: Path, fault_proxy: FaultProxy
+) -> None:
+    """200 manifests on S3: the first ``snapshots`` reads every one, the next reads none (one listing),
+    a backup of one name finds its parent without reading any, and then only the new one is read."""
+    bucket = ceph.new_bucket("manifests")
+    location = f"s3://{bucket}"
+    disk = random_file(workdir / "disk.img", MiB, seed=21)
+    assert run_cli("repo", "init", location, "--chunk-size", "1M").returncode == 0
+    assert run_cli("backup", str(disk), "--repo", location, "--name", "vm0").returncode == 0
+    repo = Repository.open(S3Store(location), lambda: b"correct horse")
+    repo.manifest_cache = None  # the commands below start cold
+    try:
+        first = repo.resolve("latest")
+        for n in range(1, 200):
+            repo.commit(dataclasses.replace(first, id=uuid.uuid4().hex, name=f"vm{n % 10}"))
+    finally:
+        repo.store.close()
+
+    def manifest_requests(*args: str) -> tuple[int, int]:
+        """(manifest GETs, listings of snapshots/) of one command, as the server received them."""
+        fault_proxy.requests.clear()
+        p = run_cli(*args, "--repo", location, "--endpoint-url", f"http://127.0.0.1:{fault_proxy.port}")
+        assert p.returncode == 0, p.stderr
+        gets = sum(1 for method, path in fault_proxy.requests if method == "GET" and "/snapshots/" in path)
+        return gets, sum(1 for _, path in fault_proxy.requests if "snapshots%2F" in path)
+
+    assert manifest_requests("snapshots", "--json") == (200, 1)
+    assert manifest_requests("snapshots", "--json") == (0, 1)
+    assert manifest_requests("backup", str(disk), "--name", "vm3") == (0, 1)
+    assert manifest_requests("snapshots", "--json") == (1, 1)
 
 
 def test_ceph_tool_refuses_a_taken_port(tmp_path: Path) -> None:

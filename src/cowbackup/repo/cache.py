@@ -17,7 +17,6 @@ merely not cached.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import secrets
 import struct
 
 from cowbackup.repo import gc
+from cowbackup.repo.cachedir import cache_dir, location_tag
 from cowbackup.repo.errors import CorruptObject, MissingObject
 from cowbackup.repo.index import ENTRY, ENTRY_SIZE
 from cowbackup.repo.repository import Repository, chunk_name, id_from_name
@@ -37,13 +37,6 @@ Known = dict[bytes, bytes]
 _RECORD = struct.Struct(f"{ENTRY_SIZE}s")
 
 
-def cache_dir(repo_id: str) -> str:
-    base = os.environ.get("COWBACKUP_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cowbackup"
-    )
-    return os.path.join(base, repo_id)
-
-
 class ChunkCache:
     """The known chunks of one repository, loaded and brought up to date with its gc records."""
 
@@ -51,8 +44,7 @@ class ChunkCache:
         self.repo = repo
         self.enabled = enabled
         # One file per location too: two copies of a repository share its id but not its chunks.
-        where = hashlib.sha256(repo.store.location.encode()).hexdigest()[:16]
-        self.path = os.path.join(cache_dir(repo.config.id), f"chunks-{where}")
+        self.path = os.path.join(cache_dir(repo.config.id), f"chunks-{location_tag(repo.store.location)}")
         self.known: Known = {}
         self.gc_seq = 0
         self.rebuilt = False
@@ -108,11 +100,7 @@ class ChunkCache:
         if not sizes:
             return
         seen: set[bytes] = set()
-        for sid in self.repo.snapshot_ids():
-            try:
-                snap = self.repo.load_manifest(sid)
-            except (MissingObject, CorruptObject):
-                continue
+        for snap in self.repo.snapshots(skip_corrupt=True):  # manifests from the manifest cache
             for disk in snap.disks:
                 for seg in disk.segments:
                     if seg.refs_id in seen:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,10 @@ from cowbackup.repo.errors import (
 )
 from cowbackup.repo.index import Entry, check_entries, entries_of, parse_entries
 from cowbackup.repo.manifest import Manifest, SegmentRef
-from cowbackup.repo.store import Store
+from cowbackup.repo.manifest_cache import ManifestCache
+from cowbackup.repo.store import ObjectInfo, Store
+
+log = logging.getLogger(__name__)
 
 #: A function that returns the passphrase (asked only when a key must be unwrapped).
 PassphraseSource = Callable[[], bytes]
@@ -98,6 +102,12 @@ class Repository:
         self.keys = keyset
         self._master = master
         self.level = config.level
+        #: Manifests already read, kept locally; only with the MAC key, which can prove a kept copy
+        #: authentic (a key-less reader, or a repository without encryption, reads the store always).
+        #: A caller may set it to None to read every manifest from the store.
+        self.manifest_cache: ManifestCache | None = (
+            ManifestCache(config.id, store.location) if keyset is not None else None
+        )
 
     # -- creating and opening ---------------------------------------------------------------------
 
@@ -295,16 +305,24 @@ class Repository:
     # -- snapshots --------------------------------------------------------------------------------
 
     def snapshot_ids(self) -> list[str]:
-        return sorted(
-            info.name[len(SNAPSHOTS) :]
-            for info in self.store.list(SNAPSHOTS)
-            if manifest.is_snapshot_id(info.name[len(SNAPSHOTS) :])
-        )
+        return sorted(self._listing())
+
+    def _listing(self) -> dict[str, ObjectInfo]:
+        """What ``snapshots/`` holds now, by snapshot id (names that are not snapshot ids are skipped)."""
+        found = {}
+        for info in self.store.list(SNAPSHOTS):
+            sid = info.name[len(SNAPSHOTS) :]
+            if manifest.is_snapshot_id(sid):
+                found[sid] = info
+        return found
 
     def load_manifest(self, snapshot_id: str) -> Manifest:
-        """The manifest, authenticated when the key is at hand (checksummed in a plain repository)."""
+        """The manifest read from the store (never from the local cache: ``verify`` checks the store's
+        copy), authenticated when the key is at hand (checksummed in a plain repository)."""
         name = snapshot_name(snapshot_id)
-        raw = self.store.get(name, limit=manifest.MAX_MANIFEST_SIZE)
+        return self._check_manifest(self.store.get(name, limit=manifest.MAX_MANIFEST_SIZE), name)
+
+    def _check_manifest(self, raw: bytes, name: str) -> Manifest:
         parsed, canonical, mac = manifest.decode(raw, name)
         if parsed.repository != self.config.id:
             raise CorruptObject(name, f"belongs to repository {parsed.repository}")
@@ -312,12 +330,39 @@ class Repository:
             raise CorruptObject(name, "manifest authentication failed (altered, or written with another key)")
         return parsed
 
+    def _listed_manifest(self, snapshot_id: str, listed: ObjectInfo) -> Manifest:
+        """The manifest a listing showed as ``listed``: the local cache's copy if it holds this very
+        object and it passes every check a copy from the store must pass, MAC included; otherwise read
+        from the store and, once checked, kept in the cache."""
+        name = snapshot_name(snapshot_id)
+        cache = self.manifest_cache
+        if cache is not None:
+            kept = cache.load(snapshot_id, listed)
+            if kept is not None:
+                try:
+                    return self._check_manifest(kept, name)
+                except CorruptObject as err:
+                    log.warning("manifest cache: %s is unsound (%s); read again", name, err.problem)
+        raw = self.store.get(name, limit=manifest.MAX_MANIFEST_SIZE)
+        snap = self._check_manifest(raw, name)
+        if cache is not None:
+            cache.save(snapshot_id, listed, raw)
+        return snap
+
     def snapshots(self, *, skip_corrupt: bool = False) -> list[Manifest]:
-        """Every snapshot, oldest first (deleted meanwhile: skipped)."""
+        """Every snapshot, oldest first (deleted meanwhile: skipped).
+
+        One listing of ``snapshots/``; a manifest is read from the store only when the local manifest
+        cache has no sound copy of it (:mod:`.manifest_cache`), so a second call reads none that did not
+        change.  The listing decides which snapshots exist: the cache forgets every other id.
+        """
+        listing = self._listing()
+        if self.manifest_cache is not None:
+            self.manifest_cache.retain(set(listing))
         found = []
-        for sid in self.snapshot_ids():
+        for sid in sorted(listing):
             try:
-                found.append(self.load_manifest(sid))
+                found.append(self._listed_manifest(sid, listing[sid]))
             except MissingObject:
                 continue
             except CorruptObject:
@@ -338,12 +383,13 @@ class Repository:
             return candidates[-1]
         if len(spec) < 4 or not all(c in "0123456789abcdef" for c in spec):
             raise SnapshotNotFound(f"'{spec}' is not a snapshot id (at least 4 hex digits) or 'latest'")
-        matches = [sid for sid in self.snapshot_ids() if sid.startswith(spec)]
+        listing = self._listing()
+        matches = [sid for sid in listing if sid.startswith(spec)]
         if not matches:
             raise SnapshotNotFound(f"no snapshot '{spec}' in the repository")
         if len(matches) > 1:
             raise SnapshotNotFound(f"'{spec}' matches {len(matches)} snapshots; give more digits")
-        return self.load_manifest(matches[0])
+        return self._listed_manifest(matches[0], listing[matches[0]])
 
     def commit(self, snap: Manifest, last_check: Callable[[], None] | None = None) -> None:
         """Write the manifest -- the commit point.  Everything it references must be written already:
