@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from cowbackup.block.node import NO_FLAGS, BlockNode, Buffer, Extent, FilterNode, RequestFlags
 from cowbackup.block.ratelimit import RateLimit
+from cowbackup.repo.snapshot_node import SnapshotNode
 
 #: Called with the bytes just restored by the background copy.
 Progress = Callable[[int], None]
@@ -110,6 +111,14 @@ class InstantRestoreNode(FilterNode):
     async def _copy(self, position: int) -> None:
         offset = position * self.chunk_size
         length = min(self.chunk_size, self._size - offset)
+        if isinstance(self.source, SnapshotNode):
+            # The chunk's plaintext as the repository gives it: no block status, no cache, no copy.
+            data = await self.source.fetch_chunk(position)
+            if data is not None:
+                await self.child.write(offset, data)
+            elif not self.target_reads_zero:
+                await self.child.write_zeroes(offset, length, RequestFlags.MAY_UNMAP)
+            return
         ext = await self.source.block_status(offset, length)
         if ext.is_zero and ext.length == length:
             if not self.target_reads_zero:

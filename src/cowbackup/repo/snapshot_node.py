@@ -208,6 +208,24 @@ class SnapshotNode(BlockNode):
         except RepoError as err:
             raise self._io_error(f"chunk at offset {start}", err) from err
 
+    async def fetch_chunk(self, position: int) -> bytes | None:
+        """The plaintext of the chunk at ``position`` (None: a zero chunk) for a one-pass copy: a cached
+        copy is used, but one read now is not kept -- a restore going through the whole disk would only
+        evict what readers use.  RequestError (EIO) if it cannot be read."""
+        per = self.disk.segment_entries
+        entry = (await self._segment(position // per))[position % per]
+        if entry.is_zero:
+            return None
+        start = position * self.chunk_size
+        key = (entry, min(self.chunk_size, self._size - start))
+        cached = self.chunks.peek(key)
+        if cached is not None:
+            return cached
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._read_chunk, key)
+        except RepoError as err:
+            raise self._io_error(f"chunk at offset {start}", err) from err
+
     def _io_error(self, what: str, err: RepoError) -> RequestError:
         message = f"snapshot {self.snapshot_id[:8]} disk '{self.disk.name}': {what}: {err}"
         log.warning("%s", message)
