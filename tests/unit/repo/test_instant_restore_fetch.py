@@ -5,6 +5,7 @@ an EIO -- and the restored disk is the snapshot."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -55,42 +56,43 @@ def test_fetch_chunk_reads_without_filling_the_cache(tmp_path: Path) -> None:
     asyncio.run(body())
 
 
-def test_a_damaged_chunk_is_an_eio_and_the_rest_restores(tmp_path: Path) -> None:
+def _with_filter(
+    tmp_path: Path, damage: int | None, check: Callable[[InstantRestoreNode, MemoryNode], Awaitable[None]]
+) -> None:
+    """Back CONTENTS up (damaging chunk ``damage``), put a filter over a fresh target, run ``check``."""
     repo = new_repo(tmp_path / "r")
 
     async def body() -> None:
         snap = await backup(repo, {"disk": CONTENTS})
-        entry = repo.read_index(snap.disk("disk").segments[0])[2]
-        flip_byte(repo, chunk_name(entry.chunk_id))
+        if damage is not None:
+            entry = repo.read_index(snap.disk("disk").segments[0])[damage]
+            flip_byte(repo, chunk_name(entry.chunk_id))
         source = SnapshotNode("s", repo, snap.id, snap.disk("disk"))
         target = MemoryNode("t", len(CONTENTS))
-        node = _filter(source, target)
         try:
-            with pytest.raises(RequestError, match="chunk at offset"):
-                await node.ensure(2)
-            for position in (0, 1, 3):
-                await node.ensure(position)
-            assert target.snapshot()[: 2 * CHUNK] == CONTENTS[: 2 * CHUNK]
-            assert target.snapshot()[3 * CHUNK :] == CONTENTS[3 * CHUNK :]
-            assert not node.is_restored(2)
+            await check(_filter(source, target), target)
         finally:
             await source.close()
 
     asyncio.run(body())
+
+
+def test_a_damaged_chunk_is_an_eio_and_the_rest_restores(tmp_path: Path) -> None:
+    async def check(node: InstantRestoreNode, target: MemoryNode) -> None:
+        with pytest.raises(RequestError, match="chunk at offset"):
+            await node.ensure(2)
+        for position in (0, 1, 3):
+            await node.ensure(position)
+        assert target.snapshot()[: 2 * CHUNK] == CONTENTS[: 2 * CHUNK]
+        assert target.snapshot()[3 * CHUNK :] == CONTENTS[3 * CHUNK :]
+        assert not node.is_restored(2)
+
+    _with_filter(tmp_path, 2, check)
 
 
 def test_the_background_copy_restores_the_snapshot(tmp_path: Path) -> None:
-    repo = new_repo(tmp_path / "r")
+    async def check(node: InstantRestoreNode, target: MemoryNode) -> None:
+        await restore_in_background(node)
+        assert node.complete and target.snapshot() == CONTENTS
 
-    async def body() -> None:
-        snap = await backup(repo, {"disk": CONTENTS})
-        source = SnapshotNode("s", repo, snap.id, snap.disk("disk"))
-        target = MemoryNode("t", len(CONTENTS))
-        node = _filter(source, target)
-        try:
-            await restore_in_background(node)
-            assert node.complete and target.snapshot() == CONTENTS
-        finally:
-            await source.close()
-
-    asyncio.run(body())
+    _with_filter(tmp_path, None, check)
