@@ -2,7 +2,9 @@
 
 Options: ``size`` (default 1 GiB), ``read-zeroes`` (default off: reads leave the buffer untouched, as
 QEMU's does, which is fastest for benchmarks), ``latency-ns`` (each request sleeps this long first, to
-make timing-dependent tests deterministic).  Writes are accepted and dropped.
+make timing-dependent tests deterministic).  Writes are accepted and dropped.  Every node's options
+(:mod:`cowbackup.block.drivers`) are accepted too; ``cache.*`` and ``force-share`` do nothing here, and
+``discard=unmap`` only makes discards mark the node's dirty bitmaps (they change nothing either way).
 """
 
 from __future__ import annotations
@@ -57,5 +59,4 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
     read_zeroes = opts.get_bool("read-zeroes", False)
     latency_ns = opts.get_int("latency-ns", 0, minimum=0)
     node = NullNode(node_name, size, read_zeroes=read_zeroes, latency_ns=latency_ns)
-    node.read_only = opts.get_bool("read-only", False)
     return node
