@@ -45,11 +45,13 @@ DISCARDS = ("discard 0 1M", "discard 1620k 100k", "discard 3M 4k")
 @dataclass(frozen=True)
 class Case:
     blockdevs: tuple[str, ...]  # ``{img}`` stands for the image's path
-    fmt: str  # of the image: qcow2 or raw
+    fmt: str  # of the image: qcow2 or raw; "" for none (null-co)
     bitmaps: tuple[str, ...]  # nodes that get a bitmap
 
 
 CASES = {
+    # null-co has no discard of its own in QEMU: even with unmap, bdrv_co_pdiscard drops it untracked.
+    "null-co-unmap": Case(("driver=null-co,node-name=disk,size=4194304,discard=unmap",), "", ("disk",)),
     "qcow2-default": Case(
         ("driver=qcow2,node-name=disk,file.driver=file,file.filename={img}",), "qcow2", ("disk",)
     ),
@@ -177,10 +179,11 @@ def test_discards_match_qemu(workdir: Path, name: str) -> None:
     seen: dict[str, tuple[dict[str, int], bytes, list[tuple[int, int, bool, bool]]]] = {}
     for kind in ("qemu", "ours"):
         image = workdir / f"{kind}.{case.fmt}"
-        make_image(image, case.fmt)
+        if case.fmt:
+            make_image(image, case.fmt)
         with open(workdir / f"{kind}.log", "wb") as log:
             counts = asyncio.run(asyncio.wait_for(run_daemon(kind, case, image, workdir, log), 4 * WAIT))
-        seen[kind] = (counts, *contents(image, case.fmt, workdir))
+        seen[kind] = (counts, *contents(image, case.fmt, workdir)) if case.fmt else (counts, b"", [])
     qemu, ours = seen["qemu"], seen["ours"]
     assert ours[0] == qemu[0], "bitmap counts"
     assert ours[1] == qemu[1], "image contents"

@@ -1,9 +1,9 @@
 """``memory``: a disk held in a bytearray, for tests and demos.
 
 Options: ``size`` (bytes, required) and every node's (:mod:`cowbackup.block.drivers`): with
-``discard=unmap`` discards reach the driver (the default, ``ignore``, drops them).  Discard and write-zeroes zero the bytes and mark
-the range unallocated, so block status reports holes the way a sparse file would; the allocation map has
-4 KiB granularity.
+``discard=unmap`` discards reach the driver (the default, ``ignore``, drops them).  Discard and
+write-zeroes zero the bytes and mark the range unallocated, so block status reports holes the way a
+sparse file would; the allocation map has 4 KiB granularity.
 """
 
 from __future__ import annotations
