@@ -31,7 +31,8 @@ def pattern(n, seed):
 async def main(path, journal, seed, size):
     rnd = random.Random(seed)
     graph = BlockGraph()
-    node = await open_node(graph, {"driver": "qcow2", "node-name": "q",
+    # discard=unmap: the model zeroes what is discarded (the default, ignore, drops discards)
+    node = await open_node(graph, {"driver": "qcow2", "node-name": "q", "discard": "unmap",
                                    "file": {"driver": "file", "filename": path}, "l2-cache-size": 8192})
     with open(journal, "a", buffering=1) as log:
         for i in range(100000):

@@ -23,7 +23,8 @@ several writers, whose copy-before-write requests then race for it::
 Every operation of a writer lies inside one of its own stripes, and a writer awaits each operation before
 issuing its next one.  So the final value of every byte is decided by its owner alone, in the owner's
 program order, whatever the interleaving: the expected source is the snapshot with each writer's
-*acknowledged* operations applied in order.  Discard on ``memory`` zeroes exactly its range; on ``file``
+*acknowledged* operations applied in order.  Discard on ``memory`` (opened ``discard=unmap``, like the
+file) zeroes exactly its range; on ``file``
 (opened ``discard=unmap``, buffered, so ``request_alignment`` is 1) it punches exactly its range, which
 reads back as zeros -- both modelled as "becomes zeros".  Files are also opened with ``cache.direct``
 (``request_alignment`` 4096): unaligned writes then become read-modify-write cycles of shared 4 KiB blocks
@@ -318,7 +319,10 @@ async def open_pair(daemon: Daemon, sc: Scenario, backend: str, path: str) -> tu
     """The source (data extents of the layout, holes elsewhere) and the target, both ``size`` bytes."""
     rng = random.Random(sc.seed)
     if backend == "memory":
-        src = await daemon.blockdev_add({"driver": "memory", "node-name": "src", "size": sc.size})
+        # discard=unmap: the guests' discards must reach the disk (the default, ignore, drops them).
+        src = await daemon.blockdev_add(
+            {"driver": "memory", "node-name": "src", "size": sc.size, "discard": "unmap"}
+        )
         tgt = await daemon.blockdev_add({"driver": "memory", "node-name": "tgt", "size": sc.size})
         if sc.prefill_target:
             await tgt.write(0, rng.randbytes(sc.size))

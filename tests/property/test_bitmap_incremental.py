@@ -101,7 +101,8 @@ def test_full_plus_incremental_is_the_disk_at_the_incremental(
     async def main() -> None:
         d = Daemon()
         for name in ("src", "t0", "t1"):
-            await d.blockdev_add({"driver": "memory", "node-name": name, "size": size})
+            # discard=unmap: the guest's discards must reach the disk (the default, ignore, drops them).
+            await d.blockdev_add({"driver": "memory", "node-name": name, "size": size, "discard": "unmap"})
         src = d.graph.get("src")
         await src.write(0, random.Random(size).randbytes(size))
         guest = Root("guest")

@@ -24,7 +24,8 @@ C = 64 * 1024
 
 
 async def _memory(graph: BlockGraph, name: str, size: int) -> MemoryNode:
-    node = await open_node(graph, {"driver": "memory", "node-name": name, "size": size})
+    # discard=unmap: the guests' discards must reach the disk (the default, ignore, drops them).
+    node = await open_node(graph, {"driver": "memory", "node-name": name, "size": size, "discard": "unmap"})
     assert isinstance(node, MemoryNode)
     return node
 

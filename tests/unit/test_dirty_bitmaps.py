@@ -184,6 +184,7 @@ def test_every_write_path_marks_enabled_bitmaps_only(tmp_path: Path) -> None:
             {
                 "driver": "raw",
                 "node-name": "raw",
+                "discard": "unmap",
                 "file": {"driver": "file", "filename": str(tmp_path / "img"), "discard": "unmap"},
             }
         )
@@ -207,7 +208,7 @@ def test_every_write_path_marks_enabled_bitmaps_only(tmp_path: Path) -> None:
 def test_writes_through_a_backup_filter_mark_the_source_and_the_filter(tmp_path: Path) -> None:
     async def main() -> None:
         d = Daemon()
-        await d.blockdev_add({"driver": "memory", "node-name": "src", "size": MiB})
+        await d.blockdev_add({"driver": "memory", "node-name": "src", "size": MiB, "discard": "unmap"})
         await d.blockdev_add({"driver": "memory", "node-name": "tgt", "size": MiB})
         src: BlockNode = d.graph.get("src")
         bm = src.dirty_bitmaps.create("b", C)

@@ -77,7 +77,8 @@ def test_default_size_block_status_and_zero_init(tmp_path: Path) -> None:
         assert whole.known_zero_init
         await whole.write(64 * KiB, pattern(64 * KiB))
         shifted = await open_node(
-            graph, {"driver": "raw", "node-name": "part", "file": "file", "offset": 64 * KiB}
+            graph,
+            {"driver": "raw", "node-name": "part", "file": "file", "offset": 64 * KiB, "discard": "unmap"},
         )
         assert shifted.size == 192 * KiB
         assert not getattr(shifted, "known_zero_init")  # noqa: B009 -- the copy engine reads it like this
@@ -146,13 +147,15 @@ def test_inline_child_inherits_read_only_cache_discard(tmp_path: Path) -> None:
         raw = await open_raw(
             graph,
             file_ref(path, cache={"no-flush": True}),
-            **{"read-only": True, "discard": "unmap", "cache": {"direct": True}},
+            **{"read-only": True, "cache": {"direct": True}},
         )
         child = raw.child
         assert isinstance(child, FileNode)
         assert child.implicit
         assert child.read_only
-        assert child.discard_unmap
+        # QEMU's bdrv_inherited_options: an inline child's discard defaults to unmap, whatever the
+        # parent's (the parent drops what it ignores before the child sees it).
+        assert not raw.discard_unmap and child.discard_unmap
         assert child.direct
         assert child.no_flush
         assert raw.read_only
@@ -161,11 +164,40 @@ def test_inline_child_inherits_read_only_cache_discard(tmp_path: Path) -> None:
         assert info.value.errno == errno.EPERM
         await graph.remove("raw")
         assert graph.nodes == {}  # the implicit child went with its parent
-        # A child given by name does not inherit: the options would do nothing, so they are refused.
-        await open_node(graph, {**file_ref(path), "node-name": "file"})
-        with pytest.raises(BlockError, match="Parameter 'discard' is unexpected"):
-            await open_raw(graph, "file", discard="unmap")
+        # A child given by name keeps its own options; the raw node takes discard and cache for itself.
+        named = await open_node(graph, {**file_ref(path), "node-name": "file"})
+        raw = await open_raw(graph, "file", discard="unmap", cache={"direct": True})
+        assert raw.discard_unmap and raw.cache_direct
+        assert isinstance(named, FileNode) and not named.discard_unmap and not named.direct
         await graph.close_all()
+
+    run(main)
+
+
+def test_discard_is_dropped_by_the_node_that_ignores_it(tmp_path: Path) -> None:
+    """QEMU's bdrv_co_pdiscard: the node that receives a discard drops it unless it was opened with
+    discard=unmap -- no change, no dirty bitmap marked; a raw node with unmap marks its own bitmaps and
+    passes the discard on, for its child to decide the same way."""
+    path = tmp_path / "disk"
+    path.write_bytes(pattern(256 * KiB))
+
+    async def case(raw_discard: str, file_discard: str) -> tuple[int, int, bool]:
+        graph = BlockGraph()
+        file = await open_node(graph, {**file_ref(path), "node-name": "file", "discard": file_discard})
+        raw = await open_raw(graph, "file", discard=raw_discard)
+        on_raw = raw.dirty_bitmaps.create("r", 64 * KiB)
+        on_file = file.dirty_bitmaps.create("f", 64 * KiB)
+        await raw.discard(0, 128 * KiB)
+        ext = await file.block_status(0, 128 * KiB)
+        counts = on_raw.count(), on_file.count(), ext.is_data
+        await graph.close_all()
+        return counts
+
+    async def main() -> None:
+        assert await case("ignore", "ignore") == (0, 0, True)
+        assert await case("ignore", "unmap") == (0, 0, True)
+        assert await case("unmap", "ignore") == (128 * KiB, 0, True)
+        assert await case("unmap", "unmap") == (128 * KiB, 128 * KiB, False)
 
     run(main)
 

@@ -69,8 +69,8 @@ class Setup:
 
 async def _setup() -> Setup:
     graph = BlockGraph()
-    src = await open_node(graph, {"driver": "memory", "node-name": "src", "size": SIZE})
-    tgt = await open_node(graph, {"driver": "memory", "node-name": "tgt", "size": SIZE})
+    src = await open_node(graph, {"driver": "memory", "node-name": "src", "size": SIZE, "discard": "unmap"})
+    tgt = await open_node(graph, {"driver": "memory", "node-name": "tgt", "size": SIZE, "discard": "unmap"})
     assert isinstance(src, MemoryNode) and isinstance(tgt, MemoryNode)
     await src.write(0, os.urandom(SIZE // 2))  # the second half stays zeros
     guest = Root("guest")

@@ -129,8 +129,12 @@ class Run:
 
     async def setup(self) -> None:
         graph = self.graph = BlockGraph()
-        src = await open_node(graph, {"driver": "memory", "node-name": "src", "size": self.size})
-        tgt = await open_node(graph, {"driver": "memory", "node-name": "tgt", "size": self.size})
+        src = await open_node(
+            graph, {"driver": "memory", "node-name": "src", "size": self.size, "discard": "unmap"}
+        )
+        tgt = await open_node(
+            graph, {"driver": "memory", "node-name": "tgt", "size": self.size, "discard": "unmap"}
+        )
         assert isinstance(src, MemoryNode) and isinstance(tgt, MemoryNode)
         self.src = src
         for n in range(self.sc.clusters):

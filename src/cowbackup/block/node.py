@@ -93,6 +93,9 @@ class BlockNode:
 
     #: The QEMU driver name (``file``, ``raw``, ``null-co``, ...).
     driver_name: ClassVar[str] = ""
+    #: Whether the ``discard`` option decides what the node does with discards (every driver, as in
+    #: QEMU; ``copy-before-write`` opts out, see there).
+    discard_option_applies: ClassVar[bool] = True
     #: A format that can have a backing file (qcow2).  Its unallocated ranges stay unallocated even
     #: without one, as in QEMU: they read as zeros but belong to no layer (qemu:allocation-depth 0).
     supports_backing: ClassVar[bool] = False
@@ -115,6 +118,13 @@ class BlockNode:
         self.implicit = False
         #: ``off`` | ``on`` | ``unmap``: all-zero writes become write-zeroes (QEMU's detect-zeroes).
         self.detect_zeroes = "off"
+        #: Discards reach the driver (QEMU's BDRV_O_UNMAP); otherwise :meth:`discard` drops them.  The
+        #: registry sets it from the ``discard`` option (default ``ignore``); a node built directly, by
+        #: a test or the daemon itself, executes discards unless told otherwise.
+        self.discard_unmap = True
+        #: ``cache.direct`` and ``cache.no-flush`` as given (``query-named-block-nodes`` reports them).
+        self.cache_direct = False
+        self.cache_no_flush = False
 
     # ------------------------------------------------------------------ description
 
@@ -135,10 +145,12 @@ class BlockNode:
         return f"<{type(self).__name__} {self.node_name!r} size={self._size}>"
 
     def discards_change_data(self) -> bool:
-        """Whether a discard may change what the node reads (QEMU: the node is open with
-        ``discard=unmap``). A node that ignores discards does not mark its dirty bitmaps for them,
-        as QEMU drops such a discard before it is tracked."""
-        return True
+        """Whether a discard sent to this node is executed, and so marks its dirty bitmaps: the node is
+        open with ``discard=unmap``.  A node that ignores discards drops them before they are tracked
+        (QEMU's bdrv_co_pdiscard), so it marks nothing -- whatever its children would do.  A node that
+        executes them marks the range even where the driver, or a child that ignores discards, leaves
+        the data as it was, as QEMU does."""
+        return self.discard_unmap
 
     # ------------------------------------------------------------------ backup target hooks
 
@@ -421,10 +433,16 @@ class BlockNode:
         await self._do_write(astart, view, flags & RequestFlags.FUA)
 
     async def discard(self, offset: int, length: int) -> None:
-        """Discard the range.  Unaligned edges are left alone (discard is advisory, as in QEMU)."""
+        """Discard the range.  Unaligned edges are left alone (discard is advisory, as in QEMU).
+
+        A node without ``discard=unmap`` checks the request, then drops it: it succeeds, changes
+        nothing and marks no dirty bitmap (QEMU's bdrv_co_pdiscard).
+        """
         self._check_open()
         self._check_writable("discard")
         self._check_range("discard", offset, length)
+        if not self.discards_change_data():
+            return
         align = self.limits.request_alignment
         start = align_up(offset, align)
         end = align_down(offset + length, align)
@@ -442,8 +460,7 @@ class BlockNode:
         finally:
             self._untrack_write(req)
             self._end()
-            if self.discards_change_data():
-                self._notify_write(start, end - start)
+            self._notify_write(start, end - start)
 
     async def flush(self) -> None:
         """Make every completed write durable."""
@@ -558,11 +575,6 @@ class FilterNode(BlockNode):
     def size(self) -> int:
         return self.child.size
 
-    def discards_change_data(self) -> bool:
-        # The filter may have been dropped from the graph while the discard passed through it.
-        edge = self.children.get("file")
-        return edge is None or edge.node.discards_change_data()
-
     def refresh_limits(self) -> None:
         """Take the child's limits (called when the child is attached)."""
         child = self.child
@@ -606,7 +618,7 @@ class FilterNode(BlockNode):
             return await call()
         finally:
             self._end()
-            if op in _WRITE_OPS and offset is not None and (op != "discard" or self.discards_change_data()):
+            if op in _WRITE_OPS and offset is not None:
                 # A filter's own bitmaps see what passed through it, as on any node.
                 self._notify_write(offset, length)
 
@@ -650,6 +662,11 @@ class FilterNode(BlockNode):
         await self._forward("write_zeroes", offset, length, flags, call)
 
     async def discard(self, offset: int, length: int) -> None:
+        if not self.discards_change_data():
+            # Dropped before the filter sees it, as by any node (see BlockNode.discard).
+            self._check_open()
+            self._check_writable("discard")
+            return
         await self._forward("discard", offset, length, NO_FLAGS, lambda: self.child.discard(offset, length))
 
     async def flush(self) -> None:

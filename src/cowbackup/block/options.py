@@ -9,6 +9,7 @@ never silently dropped.  Messages follow QEMU's wording.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cowbackup.block.errors import BlockError
@@ -25,6 +26,8 @@ class Options:
     def __init__(self, options: Mapping[str, Any], prefix: str = "") -> None:
         self._opts = dict(options)
         self._prefix = prefix
+        #: The options every node has, once the registry has taken them out (:func:`parse_base`).
+        self.base = BaseOptions()
 
     def _name(self, key: str) -> str:
         return f"{self._prefix}{key}"
@@ -112,6 +115,84 @@ class Options:
         """Refuse every option nobody consumed."""
         for key in self._opts:
             raise BlockError(f"Parameter '{self._name(key)}' is unexpected")
+
+
+#: QEMU's BlockdevDiscardOptions and BlockdevDetectZeroesOptions.  ``discard`` is a QAPI enum for
+#: ``blockdev-add`` and ``--blockdev``: the ``on``/``off`` spellings of ``-drive`` are refused there.
+DISCARD_VALUES = ("ignore", "unmap")
+DETECT_ZEROES_VALUES = ("off", "on", "unmap")
+
+
+@dataclass(frozen=True)
+class BaseOptions:
+    """The options of every node, whatever its driver (QEMU's BlockdevOptionsBase).
+
+    ``discard_unmap``: ``discard=unmap``; a node without it drops the discards sent to it (QEMU's
+    BDRV_O_UNMAP, tested in bdrv_co_pdiscard).  ``cache_direct``/``cache_no_flush``: ``cache.direct``
+    and ``cache.no-flush``, acted on by the ``file`` driver and passed on to inline children.
+    ``auto_read_only``: a ``file`` node that cannot be opened read-write opens read-only.
+    ``force_share``: accepted (read-only nodes only, as QEMU) and without effect: we take no QEMU-style
+    image locks to share.
+    """
+
+    read_only: bool = False
+    auto_read_only: bool = False
+    force_share: bool = False
+    discard_unmap: bool = False
+    cache_direct: bool = False
+    cache_no_flush: bool = False
+    detect_zeroes: str = "off"
+
+
+def parse_base(opts: Options) -> BaseOptions:
+    """Take the options every node has out of ``opts`` and check them, with QEMU's messages."""
+    discard = opts.get_enum("discard", DISCARD_VALUES, "ignore")
+    cache = opts.get_dict("cache")
+    direct = cache.get_bool("direct", False)
+    no_flush = cache.get_bool("no-flush", False)
+    cache.finish()
+    base = BaseOptions(
+        read_only=opts.get_bool("read-only", False),
+        auto_read_only=opts.get_bool("auto-read-only", False),
+        force_share=opts.get_bool("force-share", False),
+        discard_unmap=discard == "unmap",
+        cache_direct=direct,
+        cache_no_flush=no_flush,
+        detect_zeroes=opts.get_enum("detect-zeroes", DETECT_ZEROES_VALUES, "off"),
+    )
+    if base.force_share and not base.read_only:
+        raise BlockError("force-share=on can only be used with read-only images")
+    if base.detect_zeroes == "unmap" and not base.discard_unmap:
+        raise BlockError(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+        )
+    return base
+
+
+def inherit(parent: BaseOptions, child: Mapping[str, Any], *, cow: bool = False) -> dict[str, Any]:
+    """The options of an inline child of a node with ``parent``'s base options (QEMU's
+    bdrv_inherited_options): what the child does not set itself.
+
+    ``cache.direct``, ``cache.no-flush`` and ``force-share`` come from the parent; ``read-only`` and
+    ``auto-read-only`` too, except for a backing file (``cow``), which is read-only by default; and
+    ``discard`` is ``unmap`` -- the parent drops the discards it ignores before they reach the child, so
+    the child may execute every one it gets.  ``detect-zeroes`` is never inherited.  A child given by
+    name keeps its own options: this applies to inline definitions only.
+    """
+    out = dict(child)
+    cache = out.get("cache", {})
+    if isinstance(cache, Mapping):
+        out["cache"] = {"direct": parent.cache_direct, "no-flush": parent.cache_no_flush, **cache}
+    if parent.force_share:
+        out.setdefault("force-share", True)
+    if cow:
+        out.setdefault("read-only", True)
+        out.setdefault("auto-read-only", False)
+    else:
+        out.setdefault("read-only", parent.read_only)
+        out.setdefault("auto-read-only", parent.auto_read_only)
+    out.setdefault("discard", "unmap")
+    return out
 
 
 _SUFFIXES = {

@@ -4,6 +4,27 @@ Every driver module has ``async def open_node(graph, node_name, opts) -> BlockNo
 options it knows from ``opts`` (an :class:`~cowbackup.block.options.Options`); :func:`open_node` below then
 refuses any left over.  Children given by name are looked up in the graph; children given inline as
 objects are opened first and marked implicit, so they disappear with their parent (as in QEMU).
+
+The options every node has, whatever its driver (QEMU's BlockdevOptionsBase), are taken out here before
+the driver runs, and handed to it as ``opts.base`` (:class:`~cowbackup.block.options.BaseOptions`):
+
+==================  =====================================================================================
+``read-only``       the node refuses writes (a ``file`` opens ``O_RDONLY``, a qcow2 never writes its image)
+``auto-read-only``  a ``file`` that cannot be opened read-write (EACCES, EPERM, EROFS) opens read-only
+``force-share``     accepted on read-only nodes (refused otherwise, as QEMU); no effect: we take no
+                    QEMU-style image locks to share
+``discard``         ``ignore`` (default): a discard sent to the node succeeds at once and changes nothing,
+                    nor marks a dirty bitmap; ``unmap``: the driver executes it (block/io.c's
+                    bdrv_co_pdiscard).  Inline children default to ``unmap``: their parent filters first.
+``cache.direct``    ``O_DIRECT`` for a ``file``; other drivers pass it on to their inline children
+``cache.no-flush``  flush does nothing on a ``file``; other drivers pass it on to their inline children
+``detect-zeroes``   ``off`` (default), ``on``, ``unmap`` (needs ``discard=unmap``): all-zero writes become
+                    write-zeroes, with ``unmap`` allowed to deallocate
+==================  =====================================================================================
+
+An inline child inherits ``cache.*``, ``force-share``, ``read-only`` and ``auto-read-only`` from its
+parent unless it sets them (a backing file is read-only by default), and ``discard`` defaults to
+``unmap`` for it (QEMU's bdrv_inherited_options).  A child given by name keeps its own options.
 """
 
 from __future__ import annotations
@@ -15,7 +36,7 @@ from typing import Any
 from cowbackup.block.errors import BlockError
 from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode
-from cowbackup.block.options import Options
+from cowbackup.block.options import Options, inherit, parse_base
 
 Opener = Callable[[BlockGraph, str, Options], Awaitable[BlockNode]]
 
@@ -32,8 +53,6 @@ DRIVER_MODULES: dict[str, str] = {
     "copy-before-write": "cowbackup.block.filters.cbw",
     "snapshot-access": "cowbackup.block.filters.snapshot_access",
 }
-
-_DETECT_ZEROES = ("off", "on", "unmap")
 
 
 def register_driver(driver: str, module_name: str) -> None:
@@ -67,34 +86,38 @@ async def open_node(graph: BlockGraph, options: Mapping[str, Any], *, implicit: 
         graph.check_node_name(name)
         if graph.find(name) is not None:
             raise BlockError(f"Duplicate nodes with node-name='{name}'")
-    # Common options of every node (QEMU's BlockdevOptionsBase).  "read-only" is left for the driver to
-    # consume too (a file opens O_RDONLY); the node is marked read-only here either way.
-    read_only = Options({"read-only": opts.peek("read-only", False)}).get_bool("read-only")
-    opts.get_bool("auto-read-only", False)
-    opts.get_bool("force-share", False)
-    detect_zeroes = opts.get_enum("detect-zeroes", _DETECT_ZEROES, "off")
+    # The options of every node (QEMU's BlockdevOptionsBase), taken out and checked before the driver
+    # sees the rest; drivers read them from ``opts.base``.
+    base = opts.base = parse_base(opts)
     node = await _opener(driver)(graph, name, opts)
     try:
-        opts.discard("read-only")
         opts.finish()
     except BlockError:
         await graph.abandon(node)
         raise
-    node.read_only = node.read_only or read_only
-    node.detect_zeroes = detect_zeroes
+    node.read_only = node.read_only or base.read_only
+    node.detect_zeroes = base.detect_zeroes
+    if node.discard_option_applies:
+        node.discard_unmap = base.discard_unmap
+    node.cache_direct = base.cache_direct
+    node.cache_no_flush = base.cache_no_flush
     node.implicit = implicit
     graph.add(node)
     return node
 
 
-async def open_child(graph: BlockGraph, opts: Options, key: str, default: Any = ...) -> BlockNode | None:
+async def open_child(
+    graph: BlockGraph, opts: Options, key: str, default: Any = ..., *, cow: bool = False
+) -> BlockNode | None:
     """Resolve the child option ``key`` (node name or inline object) to a node.
 
     Returns None when the option is absent and ``default`` is None; raises BlockError when it is required.
+    An inline child inherits the parent's options as in QEMU (:func:`~cowbackup.block.options.inherit`);
+    ``cow`` for a backing file.
     """
     ref = opts.get_ref(key, default) if default is not ... else opts.get_ref(key)
     if ref is None:
         return None
     if isinstance(ref, str):
         return graph.get(ref)
-    return await open_node(graph, ref, implicit=True)
+    return await open_node(graph, inherit(opts.base, ref, cow=cow), implicit=True)

@@ -5,12 +5,16 @@ Options (both driver names take the same ones and accept both kinds of file):
 ==================  =========================================================================================
 ``filename``        path of the file or block device (required)
 ``read-only``       open ``O_RDONLY`` (default off)
-``discard``         ``ignore`` / ``off`` (default): discard does nothing and write-zeroes never deallocates;
-                    ``unmap`` / ``on``: discard punches holes, write-zeroes with ``MAY_UNMAP`` may too
+``auto-read-only``  open ``O_RDONLY`` when ``O_RDWR`` fails with EACCES, EPERM or EROFS (default off); the
+                    node is then read-only
+``discard``         ``ignore`` (default): discards are dropped by the generic layer and write-zeroes never
+                    deallocates; ``unmap``: discard punches holes, write-zeroes with ``MAY_UNMAP`` may too
 ``cache.direct``    open with ``O_DIRECT`` (default off); requests are then aligned to the logical block size
                     (``BLKSSZGET`` for block devices, 4096 for regular files) and bounced through page-aligned
                     buffers when the caller's memory is not aligned
 ``cache.no-flush``  flush does nothing (default off)
+``force-share``,    as for every node (:mod:`cowbackup.block.drivers`); ``force-share`` has no effect
+``detect-zeroes``
 ``aio``             ``threads`` only: every system call runs in the bounded I/O thread pool;
                     ``native`` and ``io_uring`` are refused
 ``locking``         ``auto`` (default) and ``off`` take no lock; ``on`` takes a ``flock`` on the open file
@@ -54,6 +58,9 @@ from cowbackup.block.options import Options
 from cowbackup.block.threadpool import run_blocking
 
 log = logging.getLogger(__name__)
+
+#: Why an ``auto-read-only`` file falls back to read-only: it may be read but not written.
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -177,8 +184,8 @@ class FileNode(BlockNode):
         self._size = size
         self.is_block = is_block
         self.discard_unmap = discard_unmap
-        self.direct = direct
-        self.no_flush = no_flush
+        self.direct = self.cache_direct = direct
+        self.no_flush = self.cache_no_flush = no_flush
         self.known_zero_init = known_zero_init
         self.limits.request_alignment = alignment
         self.has_punch_hole = True
@@ -200,9 +207,6 @@ class FileNode(BlockNode):
 
     def describe(self) -> dict[str, object]:
         return {"file": self.filename}
-
-    def discards_change_data(self) -> bool:
-        return self.discard_unmap
 
     def _needs_bounce(self, view: memoryview) -> bool:
         if not self.direct:
@@ -536,19 +540,25 @@ def _open(filename: str, read_only: bool, direct: bool, lock: bool) -> tuple[int
 async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNode:
     """Open a ``file``/``host_device`` node (options in the module docstring)."""
     filename = opts.get_str("filename")
-    read_only = opts.get_bool("read-only", False)
-    discard = opts.get_enum("discard", ("ignore", "off", "unmap", "on"), "ignore")
-    cache = opts.get_dict("cache")
-    direct = cache.get_bool("direct", False)
-    no_flush = cache.get_bool("no-flush", False)
-    cache.finish()
+    base = opts.base
+    read_only = base.read_only
     aio = opts.get_enum("aio", ("threads", "native", "io_uring"), "threads")
     if aio != "threads":
         raise BlockError(f"aio={aio} is not supported; cowbackup only implements aio=threads")
     locking = opts.get_enum("locking", ("auto", "on", "off"), "auto")
-    fd, size, is_block, alignment, zero_init = await run_blocking(
-        _open, filename, read_only, direct, locking == "on"
-    )
+    try:
+        fd, size, is_block, alignment, zero_init = await run_blocking(
+            _open, filename, read_only, base.cache_direct, locking == "on"
+        )
+    except BlockError as err:
+        # auto-read-only: a file we may not write is opened read-only (QEMU's bdrv_apply_auto_read_only).
+        cause = err.__cause__
+        if read_only or not base.auto_read_only or getattr(cause, "errno", None) not in _READ_ONLY_ERRNOS:
+            raise
+        read_only = True
+        fd, size, is_block, alignment, zero_init = await run_blocking(
+            _open, filename, read_only, base.cache_direct, locking == "on"
+        )
     log.debug("opened %s: size=%d alignment=%d zero_init=%s", filename, size, alignment, zero_init)
     return FileNode(
         node_name,
@@ -557,10 +567,10 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
         size=size,
         read_only=read_only,
         is_block=is_block,
-        discard_unmap=discard in ("unmap", "on"),
-        direct=direct,
+        discard_unmap=base.discard_unmap,
+        direct=base.cache_direct,
         alignment=alignment,
-        no_flush=no_flush,
+        no_flush=base.cache_no_flush,
         known_zero_init=zero_init,
     )
 

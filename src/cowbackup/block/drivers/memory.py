@@ -1,8 +1,9 @@
 """``memory``: a disk held in a bytearray, for tests and demos.
 
-Options: ``size`` (bytes, required), ``read-only``.  Discard and write-zeroes zero the bytes and mark
-the range unallocated, so block status reports holes the way a sparse file would; the allocation map has
-4 KiB granularity.
+Options: ``size`` (bytes, required) and every node's (:mod:`cowbackup.block.drivers`): with
+``discard=unmap`` discards reach the driver (the default, ``ignore``, drops them).  Discard and
+write-zeroes zero the bytes and mark the range unallocated, so block status reports holes the way a
+sparse file would; the allocation map has 4 KiB granularity.
 """
 
 from __future__ import annotations
@@ -59,4 +60,4 @@ class MemoryNode(BlockNode):
 
 async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNode:
     size = opts.get_int("size", minimum=0)
-    return MemoryNode(node_name, size, read_only=opts.get_bool("read-only", False))
+    return MemoryNode(node_name, size, read_only=opts.base.read_only)

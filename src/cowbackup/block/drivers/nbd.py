@@ -29,7 +29,8 @@ Requests map onto NBD commands as QEMU's client maps them:
   ``max_transfer`` and ``max_zeroes`` its maximum block size (at most 32 MiB), ``max_discard`` 2 GiB;
 * write-zeroes is NBD_CMD_WRITE_ZEROES when advertised, with NBD_CMD_FLAG_NO_HOLE unless ``MAY_UNMAP`` and
   NBD_CMD_FLAG_FAST_ZERO for ``NO_FALLBACK``; without it, the generic fallback writes zero buffers;
-* discard is NBD_CMD_TRIM when advertised (else nothing: discard is advisory); flush is NBD_CMD_FLUSH;
+* discard, on a node opened with ``discard=unmap`` (by default it is dropped, as every node drops it), is
+  NBD_CMD_TRIM when advertised (else nothing: discard is advisory); flush is NBD_CMD_FLUSH;
 * ``FUA`` becomes NBD_CMD_FLAG_FUA when advertised, else a flush after the write;
 * block status asks ``base:allocation``: a hole that reads as zeros is ``ZERO``, a hole with unspecified
   contents is neither ``DATA`` nor ``ZERO`` (it is read when copied), anything else is ``DATA``; without
@@ -215,7 +216,7 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
     export = opts.get_str("export", "")
     tls_ref: str | None = opts.get_str("tls-creds", None)
     tls_hostname: str | None = opts.get_str("tls-hostname", None)
-    read_only = opts.get_bool("read-only", False)
+    read_only = opts.base.read_only
     address = _server_address(opts, export)  # QEMU checks the server before the credentials
     if tls_ref is not None:
         creds = graph.objects.tls_creds(tls_ref, "client")

@@ -2,7 +2,10 @@
 
 Options: ``size`` (default 1 GiB), ``read-zeroes`` (default off: reads leave the buffer untouched, as
 QEMU's does, which is fastest for benchmarks), ``latency-ns`` (each request sleeps this long first, to
-make timing-dependent tests deterministic).  Writes are accepted and dropped.
+make timing-dependent tests deterministic).  Writes are accepted and dropped.  Every node's options
+(:mod:`cowbackup.block.drivers`) are accepted too; ``cache.*`` and ``force-share`` do nothing here, and
+discards are always dropped -- they mark no dirty bitmap even with ``discard=unmap``, as QEMU's null-co
+has no discard of its own (checked against qemu-storage-daemon 7.2).
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ class NullNode(BlockNode):
     async def _do_write_zeroes(self, offset: int, length: int, flags: RequestFlags) -> None:
         await self._latency()
 
-    async def _do_discard(self, offset: int, length: int) -> None:
-        await self._latency()
+    def discards_change_data(self) -> bool:
+        # QEMU's null-co has no discard of its own, and bdrv_co_pdiscard drops a discard for such a
+        # driver before tracking it, even with discard=unmap: no latency, no dirty bitmap marked.
+        return False
 
     async def _do_flush(self) -> None:
         await self._latency()
@@ -57,5 +62,4 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
     read_zeroes = opts.get_bool("read-zeroes", False)
     latency_ns = opts.get_int("latency-ns", 0, minimum=0)
     node = NullNode(node_name, size, read_zeroes=read_zeroes, latency_ns=latency_ns)
-    node.read_only = opts.get_bool("read-only", False)
     return node

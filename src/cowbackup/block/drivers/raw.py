@@ -6,9 +6,14 @@ Options:
 ``file``       the child: a node name or an inline node definition (required)
 ``offset``     where the window starts in the child (default 0)
 ``size``       length of the window (default: the child's size minus ``offset``); a multiple of 512
-``read-only``  handled by the registry; also inherited by an inline child that does not set it
-``discard``,   not used by raw itself; inherited by an inline child that does not set them (QEMU passes
-``cache``      them down the same way).  Refused with a child given by name, as they would do nothing.
+``discard``    ``ignore`` (default): discards sent to the raw node are dropped there -- they succeed,
+               change nothing and mark none of its dirty bitmaps; ``unmap``: they mark its bitmaps and go
+               on to the child, which drops or executes them by its own ``discard`` option (QEMU's
+               raw_co_pdiscard under bdrv_co_pdiscard).  Also with a child given by name.
+others         every node's options (:mod:`cowbackup.block.drivers`): an inline child inherits
+               ``read-only``, ``auto-read-only``, ``force-share`` and ``cache.*`` unless it sets them, and
+               its ``discard`` defaults to ``unmap`` (QEMU's bdrv_inherited_options); a child given by
+               name keeps its own.  ``cache.*`` does nothing on the raw node itself.
 =============  ===========================================================================================
 
 Every request is forwarded to the child with ``offset`` added, block status is shifted back.  A raw node
@@ -27,9 +32,7 @@ dirty bitmaps and write observers.
 
 from __future__ import annotations
 
-from typing import Any
-
-from cowbackup.block.drivers import open_node as open_any
+from cowbackup.block.drivers import open_child
 from cowbackup.block.errors import BlockError
 from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import NO_FLAGS, BlockNode, Buffer, Extent, Limits, RequestFlags
@@ -37,8 +40,6 @@ from cowbackup.block.options import Options
 
 #: QEMU keeps sizes in 512-byte sectors; a window of another size would be rounded and leak past its end.
 SECTOR_SIZE = 512
-
-_INHERITED = ("discard", "cache")
 
 
 class RawNode(BlockNode):
@@ -78,11 +79,6 @@ class RawNode(BlockNode):
 
     def describe(self) -> dict[str, object]:
         return {"file": self.child.describe().get("file", self.child.node_name)}
-
-    def discards_change_data(self) -> bool:
-        # raw passes discards on: they change data if its child's do (an inline child inherits
-        # the raw node's ``discard`` option, as in QEMU).
-        return self.child.discards_change_data()
 
     # ------------------------------------------------------------------ the data path (see the module)
 
@@ -143,29 +139,12 @@ class RawNode(BlockNode):
         return Extent(offset, ext.length, ext.flags)
 
 
-async def _open_file_child(graph: BlockGraph, opts: Options) -> BlockNode:
-    """Open the ``file`` child; an inline one inherits ``read-only``, ``discard`` and ``cache``."""
-    inherited: dict[str, Any] = {key: opts.raw(key) for key in _INHERITED if opts.has(key)}
-    ref = opts.get_ref("file")
-    if isinstance(ref, str):
-        if inherited:
-            raise BlockError(f"Parameter '{next(iter(inherited))}' is unexpected")
-        return graph.get(ref)
-    if opts.peek("read-only", False) in (True, "on", "true", "yes"):
-        ref.setdefault("read-only", True)
-    for key, value in inherited.items():
-        if key == "cache" and isinstance(value, dict) and isinstance(ref.get("cache", {}), dict):
-            ref["cache"] = {**value, **ref.get("cache", {})}
-        else:
-            ref.setdefault(key, value)
-    return await open_any(graph, ref, implicit=True)
-
-
 async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNode:
     """Open a ``raw`` node (options in the module docstring).  BlockError with QEMU's wording."""
     offset = opts.get_int("offset", 0, minimum=0)
     size: int | None = opts.get_int("size", None, minimum=0)
-    child = await _open_file_child(graph, opts)
+    child = await open_child(graph, opts, "file")
+    assert child is not None
     real_size = child.size
     node = RawNode(node_name, offset=offset, size=0)
     graph.attach(node, "file", child)

@@ -87,6 +87,10 @@ class CopyBeforeWriteNode(FilterNode):
     """
 
     driver_name = "copy-before-write"
+    # Discards always go on to the source, whatever the filter's ``discard`` option: unlike QEMU's, our
+    # filter is inserted under the source's other parents (see open_node), and a guest's discard that
+    # went straight to the source there must not be dropped by the filter here.
+    discard_option_applies = False
 
     def __init__(
         self, node_name: str, *, on_cbw_error: str = "break-guest-write", cbw_timeout: int = 0
@@ -548,7 +552,6 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> CopyBef
     bitmap_ref = opts.get_dict("bitmap") if opts.has("bitmap") else None
     view_map = opts.get_str("x-view-bitmap", None)
     # Refuse unknown options now, before the graph changes (the registry's own check comes after).
-    opts.discard("read-only")
     source = await open_child(graph, opts, "file")
     target = await open_child(graph, opts, "target")
     assert source is not None and target is not None

@@ -27,6 +27,8 @@ Options (``blockdev-add``):
            ``errno`` is a number or a name (``"ENOSPC"``); ``offset``/``length`` restrict the rule to
            requests overlapping that range (flushes never match a range).  A stall rule added this way
            can be released only from Python.
+others     every node's options (:mod:`cowbackup.block.drivers`).  As with QEMU's blkdebug, a discard
+           reaches the rules only on a node opened with ``discard=unmap``; by default it is dropped first.
 =========  ================================================================================================
 """
 

@@ -19,9 +19,9 @@ Every request is handed to the filter's snapshot API (:mod:`cowbackup.block.filt
   (as in QEMU), so it can be exported ``writable`` for the sake of NBD_CMD_TRIM.
 
 Like QEMU, the node opens over any node; only a copy-before-write filter answers its requests, anything
-else fails them with ENOTSUP.  Options: ``file`` (required), ``discard`` (``ignore``, the default, or
-``unmap``: as in QEMU, discards reach the snapshot only with ``discard=unmap``, otherwise they succeed and
-do nothing) and the options every node has.
+else fails them with ENOTSUP.  Options: ``file`` (required) and the options every node has
+(:mod:`cowbackup.block.drivers`), among them ``discard``: as in QEMU, discards reach the snapshot only
+with ``discard=unmap``; by default (``ignore``) they succeed, do nothing and mark no dirty bitmap.
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode, Extent, Limits, RequestFlags
 from cowbackup.block.options import Options
 
-#: QEMU's BlockdevDiscardOptions, with the legacy spellings it also accepts.
-_DISCARD = ("ignore", "off", "unmap", "on")
-
 
 class SnapshotAccessNode(BlockNode):
     """Reads, block status and discards go to the snapshot API of the ``file`` child (see the module
@@ -47,8 +44,9 @@ class SnapshotAccessNode(BlockNode):
 
     def __init__(self, node_name: str, *, unmap: bool = False) -> None:
         super().__init__(node_name)
-        #: ``discard=unmap``: discards free the snapshot's clusters; otherwise they are dropped.
-        self.unmap = unmap
+        #: ``discard=unmap``: discards free the snapshot's clusters; otherwise the generic layer drops
+        #: them (the registry sets it from the option).
+        self.discard_unmap = unmap
 
     @property
     def size(self) -> int:
@@ -85,8 +83,7 @@ class SnapshotAccessNode(BlockNode):
         return await self._cbw().snapshot_block_status(offset, length)
 
     async def _do_discard(self, offset: int, length: int) -> None:
-        if self.unmap:
-            await self._cbw().snapshot_discard(offset, length)
+        await self._cbw().snapshot_discard(offset, length)
 
     async def _do_write(self, offset: int, data: memoryview, flags: RequestFlags) -> None:
         raise RequestError(errno.ENOTSUP, "snapshot-access nodes cannot be written")
@@ -97,10 +94,9 @@ class SnapshotAccessNode(BlockNode):
 
 async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> SnapshotAccessNode:
     """``blockdev-add driver=snapshot-access node-name=NAME file=CBW [discard=ignore|unmap]``."""
-    discard = opts.get_enum("discard", _DISCARD, "ignore")
     child = await open_child(graph, opts, "file")
     assert child is not None
-    node = SnapshotAccessNode(node_name, unmap=discard in ("unmap", "on"))
+    node = SnapshotAccessNode(node_name, unmap=opts.base.discard_unmap)
     graph.attach(node, "file", child)
     node.refresh_limits()
     return node

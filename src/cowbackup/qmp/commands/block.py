@@ -31,12 +31,11 @@ def block_device_info(node: BlockNode) -> dict[str, Any]:
 
     Throttling (``bps``, ``iops``...) and ``write_threshold`` do not exist here: they are 0, as QEMU
     reports them when unset. ``dirty-bitmaps`` lists the node's bitmaps, newest first, anonymous ones
-    (a frozen bitmap's successor) without a name. ``cache`` is QEMU's default (writeback, no direct
-    I/O) unless the node says otherwise (the file driver's ``direct``).
+    (a frozen bitmap's successor) without a name. ``cache`` is the node's ``cache.direct`` and
+    ``cache.no-flush`` (given or inherited), always writeback, as QEMU reports them.
     """
     described = node.describe()
     filename = str(described.get("file", node.node_name))
-    direct = bool(getattr(node, "direct", False))
     info: dict[str, Any] = {
         "node-name": node.node_name,
         "drv": node.driver_name,
@@ -51,7 +50,7 @@ def block_device_info(node: BlockNode) -> dict[str, Any]:
         "backing_file_depth": 0,
         "encrypted": False,
         "detect_zeroes": node.detect_zeroes,
-        "cache": {"writeback": True, "direct": direct, "no-flush": False},
+        "cache": {"writeback": True, "direct": node.cache_direct, "no-flush": node.cache_no_flush},
         "write_threshold": 0,
         "bps": 0,
         "bps_rd": 0,

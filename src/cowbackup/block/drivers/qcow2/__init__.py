@@ -3,14 +3,24 @@
 Options:
 
 =================  ========================================================================================
-``file``           the image file: a node name or an inline node definition (required); an inline one
-                   inherits ``read-only``
-``backing``        a node name to use as the backing file, or null for none; when absent the backing file
-                   named in the header is opened read-only (relative to the image's directory), with the
-                   format from the header's backing format extension, or probed (qcow2 magic, else raw)
+``file``           the image file: a node name or an inline node definition (required)
+``backing``        a node name or inline definition to use as the backing file, or null for none; when
+                   absent the backing file named in the header is opened read-only (relative to the
+                   image's directory), with the format from the header's backing format extension, or
+                   probed (qcow2 magic, else raw)
 ``read-only``      open read-only (no refcounts are loaded, nothing is ever written)
+``discard``        ``ignore`` (default): discards sent to the node are dropped -- they succeed, change
+                   nothing and mark no dirty bitmap, as in QEMU; ``unmap``: the whole clusters of a
+                   discard are deallocated (or zero-flagged over a backing file, see ``zeroing``) and the
+                   node's bitmaps marked.  Freed host clusters are not discarded in the image file
+                   (QEMU's ``pass-discard-request``, on by default with ``unmap``, punches them there:
+                   what the image reads is the same)
 ``l2-cache-size``  bytes of L2 tables kept in memory (default 32 MiB, as QEMU's maximum default)
 ``compress``       write every whole cluster compressed (like QEMU's ``compress`` filter over qcow2)
+others             every node's options (:mod:`cowbackup.block.drivers`).  Inline children inherit them as
+                   in QEMU (bdrv_inherited_options): ``read-only``, ``auto-read-only``, ``force-share``,
+                   ``cache.*`` unless set; a backing file is read-only by default; ``discard`` defaults to
+                   ``unmap``.  ``cache.*`` does nothing on the qcow2 node itself.
 =================  ========================================================================================
 
 Other QEMU qcow2 options (``lazy-refcounts``, ``pass-discard-*``, ``overlap-check``, ``cache-size``, ...)
@@ -28,6 +38,7 @@ from __future__ import annotations
 import contextvars
 import os
 
+from cowbackup.block.drivers import open_child
 from cowbackup.block.drivers import open_node as open_any
 from cowbackup.block.drivers.qcow2 import bitmap_registry  # noqa: F401  (registers the bitmap store)
 from cowbackup.block.drivers.qcow2.bitmaps import StoredBitmap
@@ -47,7 +58,7 @@ from cowbackup.block.drivers.qcow2.node import Qcow2Node
 from cowbackup.block.errors import BlockError
 from cowbackup.block.graph import BlockGraph
 from cowbackup.block.node import BlockNode
-from cowbackup.block.options import Options
+from cowbackup.block.options import BaseOptions, Options, inherit
 
 __all__ = [
     "CorruptImage",
@@ -99,16 +110,7 @@ async def _load_header(file: BlockNode, read_only: bool) -> Header:
     return hdr
 
 
-async def _open_file(graph: BlockGraph, opts: Options, read_only: bool) -> BlockNode:
-    ref = opts.get_ref("file")
-    if isinstance(ref, str):
-        return graph.get(ref)
-    if read_only:
-        ref.setdefault("read-only", True)
-    return await open_any(graph, ref, implicit=True)
-
-
-async def _open_backing_from_header(graph: BlockGraph, node: Qcow2Node) -> BlockNode:
+async def _open_backing_from_header(graph: BlockGraph, node: Qcow2Node, base: BaseOptions) -> BlockNode:
     hdr = node.hdr
     assert hdr.backing_file is not None
     path = hdr.backing_file
@@ -123,12 +125,14 @@ async def _open_backing_from_header(graph: BlockGraph, node: Qcow2Node) -> Block
         raise InvalidImage(f"qcow2: backing format '{fmt}' of '{path}' is not supported")
     token = _depth.set(_depth.get() + 1)
     try:
-        file = await open_any(graph, {"driver": "file", "filename": path, "read-only": True}, implicit=True)
+        # Opened as QEMU opens the backing child (and its file child): read-only, cache options inherited.
+        file_opts = inherit(base, {"driver": "file", "filename": path}, cow=True)
+        file = await open_any(graph, file_opts, implicit=True)
         try:
             if fmt is None:
                 fmt = await probe_format(file)
             return await open_any(
-                graph, {"driver": fmt, "file": file.node_name, "read-only": True}, implicit=True
+                graph, inherit(base, {"driver": fmt, "file": file.node_name}, cow=True), implicit=True
             )
         except BaseException:
             if not file.parents:
@@ -142,14 +146,15 @@ async def _open_backing_from_header(graph: BlockGraph, node: Qcow2Node) -> Block
 
 async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNode:
     """Open a ``qcow2`` node (options in the module docstring).  BlockError (InvalidImage) for bad images."""
-    read_only = Options({"read-only": opts.peek("read-only", False)}).get_bool("read-only")
+    read_only = opts.base.read_only
     has_backing = opts.has("backing")
     backing_ref = opts.raw("backing", None)
     if backing_ref is not None and not isinstance(backing_ref, str | dict):
         raise BlockError("Invalid parameter type for 'backing', expected: BlockdevRef or null")
     cache_bytes = opts.get_int("l2-cache-size", DEFAULT_L2_CACHE, minimum=0)
     compress = opts.get_bool("compress", False)
-    file = await _open_file(graph, opts, read_only)
+    file = await open_child(graph, opts, "file")
+    assert file is not None
     try:
         hdr = await _load_header(file, read_only)
     except BaseException:
@@ -171,9 +176,9 @@ async def open_node(graph: BlockGraph, node_name: str, opts: Options) -> BlockNo
             if isinstance(backing_ref, str):
                 backing = graph.get(backing_ref)
             elif isinstance(backing_ref, dict):
-                backing = await open_any(graph, {"read-only": True, **backing_ref}, implicit=True)
+                backing = await open_any(graph, inherit(opts.base, backing_ref, cow=True), implicit=True)
         elif hdr.backing_file:
-            backing = await _open_backing_from_header(graph, node)
+            backing = await _open_backing_from_header(graph, node, opts.base)
         if backing is not None:
             graph.attach(node, "backing", backing)
     except BaseException:
