@@ -174,7 +174,9 @@ async def _demo(args: argparse.Namespace, workdir: str) -> int:
 
     daemon = Daemon()
     try:
-        await daemon.blockdev_add({"driver": "file", "node-name": "disk", "filename": src_path})
+        await daemon.blockdev_add(
+            {"driver": "file", "node-name": "disk", "filename": src_path, "discard": "unmap"}
+        )
         await daemon.blockdev_add({"driver": "file", "node-name": "backup", "filename": tgt_path})
         vm = Root("demo writers")
         daemon.graph.attach(vm, "root", daemon.graph.get("disk"))
