@@ -375,10 +375,7 @@ class Transmission(asyncio.BufferedProtocol):
                 rbuf.users -= 1
                 if not rbuf.users and rbuf is not self._rbuf:
                     self._spare = rbuf
-            self._out.send(reply)
-            if self._out.congested():
-                with contextlib.suppress(ConnectionError, OSError):
-                    await self._out.drain()
+            await self._send(reply)
         finally:
             self._release()
 
@@ -470,12 +467,16 @@ class Transmission(asyncio.BufferedProtocol):
                 # refilled under it.
                 if reusable and payload is not None:
                     self._payload_buffers.give(payload)
-            self._out.send(reply)
-            if self._out.congested():
-                with contextlib.suppress(ConnectionError, OSError):
-                    await self._out.drain()
+            await self._send(reply)
         finally:
             self._release()
+
+    async def _send(self, reply: Message) -> None:
+        """Send ``reply``, then wait while the client does not read its replies (flow control)."""
+        self._out.send(reply)
+        if self._out.congested():
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._out.drain()
 
     def _release(self) -> None:
         self.in_flight -= 1
