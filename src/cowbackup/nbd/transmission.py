@@ -183,21 +183,60 @@ class Transmission(asyncio.BufferedProtocol):
         return self._rbuf.view[self._carry : self._receive_size]
 
     def buffer_updated(self, nbytes: int) -> None:
+        """Serve the requests in ``_rbuf.view[:_carry + nbytes]`` (a carried incomplete request, then
+        the bytes just received) -- unless a WRITE's payload is being received into its own buffer.
+
+        The usual requests go the fast way: parsed by the core in one call
+        (:meth:`~cowbackup.nbd.server.ServerProtocol.parse_fast`), run at once on the node, their
+        replies sent together (:meth:`_serve_fast`).  From the first request that is not usual -- or
+        that cannot start now -- on, the bytes go to the core and the careful path (:meth:`_pump`)::
+
+            view  |req|req|req|odd...........|            |req|req|WRITE + half its pay|
+                  |-- fast --|-> receive_data, _pump      |-- fast --|-> carried to the next receive
+        """
         if self.done.done():
             return
-        if self._payload_req is None:
-            self._received(self._carry + nbytes)
+        if self._payload_req is not None:
+            self._payload_received(nbytes)
             return
-        else:
-            self._payload_have += nbytes
-            self._proto.payload_consumed(nbytes)
-            if self._payload_have < len(self._payload_buf):
-                return
-            req, payload = self._payload_req, self._payload_buf
-            self._payload_req, self._payload_buf = None, memoryview(b"")
-            if len(payload) >= LARGE_PAYLOAD:
-                self._receive_size = SHORT_RECEIVE
-            self._start(req, payload, True)
+        end = self._carry + nbytes
+        self._carry = 0
+        self._receive_size = RECEIVE_SIZE
+        rbuf = self._rbuf
+        view = rbuf.view
+        requests, pos, wanted = self._proto.parse_fast(view, end)
+        if requests and self._blocked is None:
+            started = self._serve_fast(requests, view, rbuf)
+            if started < len(requests):
+                pos, wanted = requests[started][5] - REQUEST.size, 0
+        elif requests:  # cannot happen: reading stops while a request is blocked
+            pos, wanted = 0, 0
+        if pos < end:
+            if 0 < wanted <= CARRY_MAX:
+                self._carry = end - pos
+            else:
+                self._receive(view[pos:end])
+                self._pump()
+        if rbuf.users:  # a write that waits still reads its payload from this buffer
+            spare, self._spare = self._spare, None
+            self._rbuf = spare if spare is not None else _ReceiveBuffer()
+            if self._carry:
+                self._rbuf.view[: self._carry] = view[pos:end]
+        elif self._carry and pos:
+            view[: self._carry] = view[pos:end]
+
+    def _payload_received(self, nbytes: int) -> None:
+        """``nbytes`` more of the payload of the WRITE received into its own buffer."""
+        self._payload_have += nbytes
+        self._proto.payload_consumed(nbytes)
+        if self._payload_have < len(self._payload_buf):
+            return
+        req, payload = self._payload_req, self._payload_buf
+        assert req is not None
+        self._payload_req, self._payload_buf = None, memoryview(b"")
+        if len(payload) >= LARGE_PAYLOAD:
+            self._receive_size = SHORT_RECEIVE
+        self._start(req, payload, True)
         self._pump()
 
     def eof_received(self) -> bool:
@@ -226,42 +265,6 @@ class Transmission(asyncio.BufferedProtocol):
         self._stream_protocol.resume_writing()
 
     # ------------------------------------------------------------------ the fast path
-
-    def _received(self, end: int) -> None:
-        """Serve the requests in ``_rbuf.view[:end]`` (a carried incomplete request, then new bytes).
-
-        The usual requests go the fast way: parsed by the core in one call
-        (:meth:`~cowbackup.nbd.server.ServerProtocol.parse_fast`), run at once on the node, their
-        replies sent together.  From the first request that is not usual -- or that cannot start now
-        -- on, the bytes go to the core and the careful path (:meth:`_pump`)::
-
-            view  |req|req|req|odd...........|            |req|req|WRITE + half its pay|
-                  |-- fast --|-> receive_data, _pump      |-- fast --|-> carried to the next receive
-        """
-        self._carry = 0
-        self._receive_size = RECEIVE_SIZE
-        rbuf = self._rbuf
-        view = rbuf.view
-        requests, pos, wanted = self._proto.parse_fast(view, end)
-        if requests and self._blocked is None:
-            started = self._serve_fast(requests, view, rbuf)
-            if started < len(requests):
-                pos, wanted = requests[started][5] - REQUEST.size, 0
-        elif requests:  # cannot happen: reading stops while a request is blocked
-            pos, wanted = 0, 0
-        if pos < end:
-            if 0 < wanted <= CARRY_MAX:
-                self._carry = end - pos
-            else:
-                self._receive(view[pos:end])
-                self._pump()
-        if rbuf.users:  # a write that waits still reads its payload from this buffer
-            spare, self._spare = self._spare, None
-            self._rbuf = spare if spare is not None else _ReceiveBuffer()
-            if self._carry:
-                self._rbuf.view[: self._carry] = view[pos:end]
-        elif self._carry and pos:
-            view[: self._carry] = view[pos:end]
 
     def _serve_fast(self, requests: list[FastRequest], view: memoryview, rbuf: _ReceiveBuffer) -> int:
         """Run ``requests`` (from :meth:`ServerProtocol.parse_fast`) and send their replies together.
