@@ -71,7 +71,9 @@ BATCH_BYTES = 256 * 1024
 
 _FUA = RequestFlags.FUA
 _simple_reply = SIMPLE_REPLY.pack
+_SIMPLE_SIZE = SIMPLE_REPLY.size
 _read_chunk = CHUNK_WITH_OFFSET.pack
+_READ_CHUNK_SIZE = CHUNK_WITH_OFFSET.size
 
 
 class ReplyOutput(Protocol):
@@ -80,6 +82,9 @@ class ReplyOutput(Protocol):
 
     def send(self, message: Message) -> None:
         """Queue a whole reply (never interleaved with another)."""
+
+    def send_buffers(self, pieces: list[bytes | memoryview], nbytes: int) -> None:
+        """Queue whole replies made only of ``bytes`` and byte-format memoryviews, ``nbytes`` in all."""
 
     def hold(self, held: bool) -> None:
         """While held, replies may wait to leave together when let go."""
@@ -279,14 +284,14 @@ class Transmission(asyncio.BufferedProtocol):
         handler = self._handler
         node = handler.node()  # one step of the loop: the graph does not change in between
         structured = handler.replies.structured
-        pieces: Message = []
-        batched = 0
+        pieces: list[bytes | memoryview] = []
+        batched = 0  # bytes in pieces
         started = 0
         for cookie, cmd, flags, offset, length, start in requests:
             if self.in_flight >= self._max_in_flight:
                 break
             if batched > BATCH_BYTES:
-                out.send(pieces)
+                out.send_buffers(pieces, batched)
                 pieces, batched = [], 0
                 if out.congested():
                     break
@@ -312,6 +317,7 @@ class Transmission(asyncio.BufferedProtocol):
             except StopIteration:
                 if data is None:
                     pieces.append(_simple_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
+                    batched += _SIMPLE_SIZE
                 elif structured:
                     pieces.append(
                         _read_chunk(
@@ -324,19 +330,19 @@ class Transmission(asyncio.BufferedProtocol):
                         )
                     )
                     pieces.append(memoryview(data))
-                    batched += length
+                    batched += _READ_CHUNK_SIZE + length
                 else:
                     pieces.append(_simple_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
                     pieces.append(memoryview(data))
-                    batched += length
+                    batched += _SIMPLE_SIZE + length
                 continue
             except OSError as err:
-                pieces += handler.error_reply(Request(cookie, cmd, flags, offset, length), err)
+                out.send(handler.error_reply(Request(cookie, cmd, flags, offset, length), err))
                 continue
             except Exception:
                 req = Request(cookie, cmd, flags, offset, length)
                 self._log.exception("request %s failed unexpectedly", req)
-                pieces += handler.replies.error(req, NBD_EIO)
+                out.send(handler.replies.error(req, NBD_EIO))
                 continue
             # It has to wait: a task carries it on, in a request slot.
             self.in_flight += 1
@@ -349,7 +355,7 @@ class Transmission(asyncio.BufferedProtocol):
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         if pieces:
-            out.send(pieces)
+            out.send_buffers(pieces, batched)
         return started
 
     async def _finish(

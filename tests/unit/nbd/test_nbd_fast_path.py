@@ -89,6 +89,10 @@ class _Output:
     def send(self, message: Message) -> None:
         self.sent.append(b"".join(bytes(piece) for piece in message))  # type: ignore[arg-type]
 
+    def send_buffers(self, pieces: list[bytes | memoryview], nbytes: int) -> None:
+        assert sum(len(piece) for piece in pieces) == nbytes
+        self.send(list(pieces))
+
     def hold(self, held: bool) -> None:
         pass
 
