@@ -515,7 +515,7 @@ class ServerProtocol(ProtocolCore[ServerEvent]):
             or self._payload
             or self._discard
             or self._events
-            or self._buffer
+            or self._buffer.size
             or self._eof
             or tx is None
             or self._log.isEnabledFor(logging.DEBUG)
