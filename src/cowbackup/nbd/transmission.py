@@ -5,15 +5,21 @@ socket is read straight into our buffers and each request starts in the callback
 eagerly (:func:`~cowbackup.eager.start_eager`), so a request the page cache can answer is read, served and
 replied to in one turn of the event loop::
 
-    recv_into(header buffer) -> core.receive_data -> Request ----------------> start_eager(serve)
-                                                  \\-> WRITE with payload -> recv_into(payload buffer)
-                                                                               -> start_eager(serve)
+    recv_into(receive buffer) -> core.parse_fast -> usual READ/WRITE -> node.read/write
+                                 |              |                   -> the replies, in one writev
+                                 |              \\-> other usual requests -> start_eager(serve)
+                              -> the first unusual one and the rest -> core.receive_data -> Request
+                                   -> start_eager(serve);  WRITE -> recv_into(payload buffer) -> ...
 
-A WRITE payload is received straight into its own buffer (STYLE #12); only bytes that arrived together
-with headers pass through the core.  Those buffers are reused (a fresh 256 KiB ``bytearray`` costs a
-memset and page faults), and after a large payload the next read is kept short: the header of the next
-large write and a little of its payload, rather than most of that payload read into the receive buffer
-and then copied twice.  At most ``max_in_flight`` requests run at once: at the limit the
+The fast path (:meth:`Transmission.buffer_updated`, ``docs/design.md`` "The connection's fast path")
+takes the usual requests of a receive -- valid, complete -- with one call into the core; a WRITE's
+payload is then a view of the receive buffer, which is not reused while a write still using it waits.
+Everything else goes through the core's events (the careful path) with the errors it always gave.
+There, a WRITE payload is received straight into its own buffer (STYLE #12); only bytes that arrived
+together with headers pass through the core.  Those buffers are reused (a fresh 256 KiB ``bytearray``
+costs a memset and page faults), and after a large payload the next read is kept short: the header of
+the next large write and a little of its payload, rather than most of that payload read into the
+receive buffer and then copied twice.  At most ``max_in_flight`` requests run at once: at the limit the
 transport stops reading and the requests already received wait in the core.  A request's slot is freed
 once its reply is handed to the socket, so a client that does not read its replies stops being read.
 
