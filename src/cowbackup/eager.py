@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["start_eager"]
+__all__ = ["carry_on", "start_eager"]
 
 T = TypeVar("T")
 
@@ -36,11 +36,15 @@ def start_eager(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T] | None:
         waiting_on = coro.send(None)
     except StopIteration:
         return None
-    return asyncio.get_running_loop().create_task(_carry_on(coro, waiting_on))
+    return asyncio.get_running_loop().create_task(carry_on(coro, waiting_on))
 
 
-async def _carry_on(coro: Coroutine[Any, Any, T], waiting_on: Any) -> T:
-    """Drive ``coro`` (suspended on ``waiting_on``) to its end, as the task running it would."""
+async def carry_on(coro: Coroutine[Any, Any, T], waiting_on: Any) -> T:
+    """Drive ``coro`` (suspended on ``waiting_on``) to its end, as the task running it would.
+
+    For a caller that started ``coro`` itself (``waiting_on = coro.send(None)``) and found it waiting:
+    awaited in a task, this carries it on as :func:`start_eager`'s task does.
+    """
     while True:
         to_throw: BaseException | None = None
         if waiting_on is None:  # a bare yield (asyncio.sleep(0)): let the loop run once

@@ -51,21 +51,21 @@ EventT = TypeVar("EventT")
 class ByteQueue:
     """A FIFO of received bytes, stored as the chunks they arrived in."""
 
-    __slots__ = ("_chunks", "_head", "_size")
+    __slots__ = ("_chunks", "_head", "size")
 
     def __init__(self) -> None:
         self._chunks: deque[bytes] = deque()
         self._head = 0  # bytes of _chunks[0] already consumed
-        self._size = 0
+        self.size = 0  # bytes held (read only: what len() gives, without a call)
 
     def __len__(self) -> int:
-        return self._size
+        return self.size
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         chunk = data if type(data) is bytes else bytes(data)
         if chunk:
             self._chunks.append(chunk)
-            self._size += len(chunk)
+            self.size += len(chunk)
 
     def peek(self, n: int) -> bytes:
         """The first ``n`` bytes (``n <= len(self)``), left in the queue."""
@@ -93,7 +93,7 @@ class ByteQueue:
         if len(first) - head < n:
             return layout.unpack(self.take(n))
         values = layout.unpack_from(first, head)
-        self._size -= n
+        self.size -= n
         if len(first) - head == n:
             self._chunks.popleft()
             self._head = 0
@@ -109,7 +109,7 @@ class ByteQueue:
 
     def take_view(self, n: int) -> memoryview:
         """Remove and return up to ``n`` bytes as a memoryview; zero-copy when they lie in one chunk."""
-        n = min(n, self._size)
+        n = min(n, self.size)
         if n <= 0:
             return memoryview(b"")
         first = self._chunks[0]
@@ -121,7 +121,7 @@ class ByteQueue:
 
     def skip(self, n: int) -> int:
         """Drop up to ``n`` bytes; return how many were dropped."""
-        n = min(n, self._size)
+        n = min(n, self.size)
         left = n
         while left:
             avail = len(self._chunks[0]) - self._head
@@ -131,7 +131,7 @@ class ByteQueue:
             self._chunks.popleft()
             self._head = 0
             left -= avail
-        self._size -= n
+        self.size -= n
         return n
 
 

@@ -283,6 +283,9 @@ class StreamOutput:
             assert not any(isinstance(p, FileSegment) for p in message)
             self._writer.writelines(message)  # type: ignore[arg-type]
 
+    def send_buffers(self, pieces: list[bytes | memoryview], nbytes: int) -> None:
+        self.send(pieces)  # type: ignore[arg-type]
+
     def hold(self, held: bool) -> None:
         """The transport batches by itself."""
 

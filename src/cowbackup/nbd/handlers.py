@@ -85,7 +85,9 @@ class RequestHandler:
         *,
         sendfile: bool = False,
     ) -> None:
-        self._node = node
+        #: The export's node, resolved through its edge (call it for every request, or every batch of
+        #: requests received together: the graph does not change in between).
+        self.node = node
         self.replies = replies
         self.contexts = contexts
         #: The shell can send :class:`FileSegment` data (a plain socket): large reads of a file-backed
@@ -96,7 +98,7 @@ class RequestHandler:
         """The reply to ``req`` (``payload``: the data of a WRITE)."""
         # One coroutine for the whole request, the common cases first: this runs for every request.
         try:
-            node = self._node()
+            node = self.node()
             kind = req.type
             if kind == NBD_CMD_WRITE:
                 data = b"" if payload is None else payload  # a zero-length write has no payload
@@ -124,9 +126,13 @@ class RequestHandler:
                 raise OSError(errno.EINVAL, f"unsupported command {kind}")
             return self.replies.ok(req)
         except OSError as err:
-            code = err.errno or errno.EIO
-            log.debug("%s failed: %s", req, err)
-            return self.replies.error(req, errno_to_nbd(code), err.strerror or str(err))
+            return self.error_reply(req, err)
+
+    def error_reply(self, req: Request, err: OSError) -> Message:
+        """The reply to ``req`` that failed with ``err`` (errno mapped as the spec asks)."""
+        code = err.errno or errno.EIO
+        log.debug("%s failed: %s", req, err)
+        return self.replies.error(req, errno_to_nbd(code), err.strerror or str(err))
 
     async def _read(self, node: BlockNode, req: Request) -> Message:
         if req.length == 0:

@@ -61,7 +61,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cowbackup.nbd import _options
@@ -116,7 +116,15 @@ from cowbackup.nbd.exports import DEFAULT_MAX_PAYLOAD, ExportInfo
 from cowbackup.nbd.replies import ReplyBuilder
 from cowbackup.nbd.wire import CLIENT_FLAGS, GREETING, OPTION_HEADER, REQUEST, option_reply
 
-__all__ = ["OPTION_DATA_MAX", "Negotiation", "ServerProtocol", "ServerState", "TLSMode", "Transmission"]
+__all__ = [
+    "OPTION_DATA_MAX",
+    "FastRequest",
+    "Negotiation",
+    "ServerProtocol",
+    "ServerState",
+    "TLSMode",
+    "Transmission",
+]
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +163,12 @@ _TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
 
 @dataclass
 class Transmission:
-    """What the transmission phase works with; fixed when the export is selected."""
+    """What the transmission phase works with; fixed when the export is selected.
+
+    ``fast_commands`` is :meth:`ServerProtocol.parse_fast`'s table: for every command that
+    :meth:`ServerProtocol._check_request` accepts on this connection whatever its range, the flags it
+    may carry and the longest length it may have.
+    """
 
     info: ExportInfo
     flags: int
@@ -163,6 +176,14 @@ class Transmission:
     meta_contexts: dict[int, str]
     max_io: int  # longest READ/WRITE accepted
     replies: ReplyBuilder
+    fast_commands: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+#: One request :meth:`ServerProtocol.parse_fast` accepted: cookie, command, flags, offset, length, and
+#: where its payload starts in the buffer (just after its header).
+FastRequest = tuple[int, int, int, int, int, int]
+
+_U32_MAX = 0xFFFFFFFF
 
 
 class ServerProtocol(ProtocolCore[ServerEvent]):
@@ -357,6 +378,7 @@ class ServerProtocol(ProtocolCore[ServerEvent]):
             max_io=self.max_io(info),
             replies=replies,
         )
+        self._tx.fast_commands = self._fast_commands(self._tx)
         self._emit(
             ExportSelected(
                 info=info,
@@ -404,22 +426,14 @@ class ServerProtocol(ProtocolCore[ServerEvent]):
         """(NBD error, message) for a request the core can already tell is invalid, else (0, "")."""
         tx = self._tx
         assert tx is not None
-        allowed = COMMAND_FLAGS_ALLOWED.get(cmd)
+        allowed = self._allowed_flags(tx, cmd)
         if allowed is None:
             return NBD_EINVAL, f"unknown command {cmd}"
-        if not tx.structured:
-            allowed &= ~NBD_CMD_FLAG_DF
-        if not tx.flags & NBD_FLAG_SEND_FAST_ZERO:
-            allowed &= ~NBD_CMD_FLAG_FAST_ZERO
         if flags & ~allowed:
             return NBD_EINVAL, f"flags {flags & ~allowed:#x} are not valid for {cmd_name(cmd)}"
-        # Read-only before "not advertised": a read-only export advertises no TRIM or WRITE_ZEROES, yet
-        # the spec asks for NBD_EPERM on a write, trim or write zeroes there, as for a WRITE.
-        if cmd in _WRITES and tx.info.read_only:
-            return NBD_EPERM, "the export is read-only"
-        needed = COMMAND_NEEDS_FLAG.get(cmd, 0)
-        if needed and not tx.flags & needed:
-            return NBD_EINVAL, f"{cmd_name(cmd)} is not supported by this export"
+        error, message = self._command_error(tx, cmd)
+        if error:
+            return error, message
         size = tx.info.size
         if cmd != NBD_CMD_FLUSH and (offset > size or length > size - offset):
             error = NBD_ENOSPC if cmd in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES) else NBD_EINVAL
@@ -429,3 +443,108 @@ class ServerProtocol(ProtocolCore[ServerEvent]):
         if cmd == NBD_CMD_BLOCK_STATUS and not tx.meta_contexts:
             return NBD_EINVAL, "no metadata context was negotiated"
         return 0, ""
+
+    @staticmethod
+    def _allowed_flags(tx: Transmission, cmd: int) -> int | None:
+        """The flags ``cmd`` may carry on this connection; None for an unknown command."""
+        allowed = COMMAND_FLAGS_ALLOWED.get(cmd)
+        if allowed is None:
+            return None
+        if not tx.structured:
+            allowed &= ~NBD_CMD_FLAG_DF
+        if not tx.flags & NBD_FLAG_SEND_FAST_ZERO:
+            allowed &= ~NBD_CMD_FLAG_FAST_ZERO
+        return allowed
+
+    @staticmethod
+    def _command_error(tx: Transmission, cmd: int) -> tuple[int, str]:
+        """(NBD error, message) if the export refuses ``cmd`` whatever its range, else (0, "")."""
+        # Read-only before "not advertised": a read-only export advertises no TRIM or WRITE_ZEROES, yet
+        # the spec asks for NBD_EPERM on a write, trim or write zeroes there, as for a WRITE.
+        if cmd in _WRITES and tx.info.read_only:
+            return NBD_EPERM, "the export is read-only"
+        needed = COMMAND_NEEDS_FLAG.get(cmd, 0)
+        if needed and not tx.flags & needed:
+            return NBD_EINVAL, f"{cmd_name(cmd)} is not supported by this export"
+        return 0, ""
+
+    @classmethod
+    def _fast_commands(cls, tx: Transmission) -> dict[int, tuple[int, int]]:
+        """The table of :meth:`parse_fast`: command -> (flags allowed, longest length), for every
+        command :meth:`_check_request` accepts here when the flags are allowed, the range lies in the
+        export and the length is at most the longest.  (Its one other case, a FLUSH whose offset and
+        length lie beyond the end, which it accepts, is left to the careful path.)"""
+        table: dict[int, tuple[int, int]] = {}
+        for cmd in COMMAND_FLAGS_ALLOWED:
+            allowed = cls._allowed_flags(tx, cmd)
+            if cmd == NBD_CMD_DISC or allowed is None or cls._command_error(tx, cmd)[0]:
+                continue
+            if cmd == NBD_CMD_BLOCK_STATUS and not tx.meta_contexts:
+                continue
+            table[cmd] = (allowed, tx.max_io if cmd in (NBD_CMD_READ, NBD_CMD_WRITE) else _U32_MAX)
+        return table
+
+    # -- transmission fast path --------------------------------------------------------------------
+
+    def parse_fast(self, buf: memoryview, end: int) -> tuple[list[FastRequest], int, int]:
+        """Parse the usual requests at the start of ``buf[:end]`` in one go, bypassing the event queue.
+
+        The transmission phase's fast path: a shell that received ``end`` bytes at a request boundary
+        calls this first.  It returns ``(requests, pos, wanted)``: the requests of ``buf[:pos]``, each
+        valid (as :meth:`_check_request` has it) and complete (a WRITE with all its payload, which is
+        ``buf[start : start + length]``); then, for what is left at ``pos``, ``wanted`` is the length of
+        the next request when it is incomplete but usual so far (a header cut short: 28; a valid WRITE
+        whose payload is cut short: header and payload), or 0 when it is anything else.  The core
+        keeps no state of its own for these requests and none of their bytes::
+
+            buf   |req|req|WRITE + payload|req|WRITE + part of its pay|
+                  |<------------- requests ------------>|<- wanted ->|
+                                                        pos
+
+        What is left -- all of ``buf[:end]`` when the core is not idle in transmission (bytes or
+        events pending, a payload owed, an error, EOF) or when debug logging is on (the careful path
+        logs every message) -- the shell must either keep and pass again, with more bytes after it, in
+        a later call, or pass to :meth:`receive_data`, after which the careful path (``next_event()``)
+        handles it and everything after it: bad magic, unknown commands and flags, ranges beyond the
+        end, oversized requests, NBD_CMD_DISC all go there, with their usual errors.  While the core
+        holds anything, this returns ``([], 0, 0)``.
+        """
+        tx = self._tx
+        if (
+            self._state is not ServerState.TRANSMISSION
+            or self._payload
+            or self._discard
+            or self._events
+            or self._buffer.size
+            or self._eof
+            or tx is None
+            or self._log.isEnabledFor(logging.DEBUG)
+        ):
+            return [], 0, 0
+        table = tx.fast_commands
+        size = tx.info.size
+        unpack = REQUEST.unpack_from
+        header = REQUEST.size
+        requests: list[FastRequest] = []
+        pos = 0
+        while end - pos >= header:
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            usual = table.get(cmd)
+            if (
+                magic != NBD_REQUEST_MAGIC
+                or usual is None
+                or flags & ~usual[0]
+                or length > usual[1]
+                or offset + length > size
+            ):
+                return requests, pos, 0
+            start = pos + header
+            if cmd == NBD_CMD_WRITE:
+                if start + length > end:
+                    return requests, pos, header + length
+                requests.append((cookie, cmd, flags, offset, length, start))
+                pos = start + length
+            else:
+                requests.append((cookie, cmd, flags, offset, length, start))
+                pos = start
+        return requests, pos, header if pos < end else 0

@@ -103,6 +103,33 @@ class VectorWriter:
             self._scheduled = True
             self._loop.call_soon(self._send_now)
 
+    def send_buffers(self, pieces: list[bytes | memoryview], nbytes: int) -> None:
+        """:meth:`send` for whole replies made only of ``bytes`` and byte-format memoryviews, ``nbytes``
+        in all (the transmission fast path's batch): when nothing is pending they go straight to
+        ``writev``, and only what the socket does not take is queued."""
+        if self._queue or self._writing or self._scheduled or self._held or self.error is not None:
+            self.send(pieces)  # type: ignore[arg-type]
+            return
+        if len(pieces) > IOV_MAX:
+            self.send(pieces)  # type: ignore[arg-type]
+            return
+        try:
+            sent = os.writev(self._fd, pieces)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as err:
+            self._fail(err)
+            return
+        if sent == nbytes:
+            return
+        self._queue.extend(pieces)
+        self._queued = nbytes
+        self._consume(sent)
+        if self._drained is not None:
+            self._drained.clear()
+        self._writing = True
+        self._loop.add_writer(self._fd, self._flush)
+
     def hold(self, held: bool) -> None:
         """While held, :meth:`send` only queues; letting go sends the batch, in one ``writev`` if it fits.
 

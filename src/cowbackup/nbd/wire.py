@@ -72,8 +72,9 @@ ERROR = struct.Struct(">IH")
 #: NBD_REPLY_TYPE_ERROR_OFFSET, after the message: offset (64)
 ERROR_OFFSET = struct.Struct(">Q")
 
-#: A structured reply chunk header followed by an offset: the start of OFFSET_DATA and OFFSET_HOLE chunks.
-_CHUNK_WITH_OFFSET = struct.Struct(">IHHQIQ")
+#: S: a structured reply chunk header followed by an offset (64): the start of OFFSET_DATA and OFFSET_HOLE
+#: chunks
+CHUNK_WITH_OFFSET = struct.Struct(">IHHQIQ")
 
 
 class WireError(ValueError):
@@ -212,4 +213,4 @@ def structured_header_with_offset(
     flags: int, reply_type: int, cookie: int, length: int, offset: int
 ) -> bytes:
     """A structured reply chunk header (payload ``length`` includes the offset) followed by ``offset``."""
-    return _CHUNK_WITH_OFFSET.pack(NBD_STRUCTURED_REPLY_MAGIC, flags, reply_type, cookie, length, offset)
+    return CHUNK_WITH_OFFSET.pack(NBD_STRUCTURED_REPLY_MAGIC, flags, reply_type, cookie, length, offset)

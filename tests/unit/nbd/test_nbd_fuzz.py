@@ -20,8 +20,8 @@ from cowbackup.nbd import constants as c
 from cowbackup.nbd import wire
 from cowbackup.nbd.client import ClientProtocol
 from cowbackup.nbd.errors import OptionError, ProtocolError
-from cowbackup.nbd.events import ConnectionClosed, NeedData, SendData, StartTLS
-from cowbackup.nbd.server import ServerProtocol, TLSMode
+from cowbackup.nbd.events import ConnectionClosed, NeedData, Request, SendData, StartTLS
+from cowbackup.nbd.server import ServerProtocol, ServerState, TLSMode
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -130,19 +130,32 @@ def test_server_handshake_framed_options(
 
 
 def _handshake_bytes() -> bytes:
-    """Everything a client sends to reach transmission with go("disk")."""
+    """Everything a client sends to reach transmission with go("disk"): its flags, then the options."""
     w = Wire()
     w.run()
+    sent = bytearray()
+    for event in w.c.events:  # the client flags, sent on the greeting
+        if isinstance(event, SendData):
+            sent += event.data
+    seen = len(w.c.events)
     w.client_send(w.client.go("disk"))
-    sent = bytearray(w.s.inbox)
+    sent += w.s.inbox
     w.run()
-    for event in w.c.events:  # the options go() sent as SendData
+    for event in w.c.events[seen:]:  # the options go() sent as SendData
         if isinstance(event, SendData):
             sent += event.data
     return bytes(sent)
 
 
 HANDSHAKE = _handshake_bytes()
+
+
+def test_handshake_bytes_reach_transmission() -> None:
+    server = make_server()
+    server.receive_data(HANDSHAKE)
+    while not isinstance(server.next_event(), NeedData):
+        pass
+    assert server.state is ServerState.TRANSMISSION
 
 
 @st.composite
@@ -166,6 +179,34 @@ def test_server_transmission_random_bytes(data: bytes, chunk: int) -> None:
 @given(reqs=st.lists(requests(), max_size=6), tail=st.binary(max_size=30), chunk=chunks)
 def test_server_transmission_framed_requests(reqs: list[bytes], tail: bytes, chunk: int) -> None:
     check(make_server, HANDSHAKE, b"".join(reqs) + tail, chunk)
+
+
+@FUZZ
+@given(reqs=st.lists(requests(), max_size=8), tail=st.binary(max_size=30))
+def test_server_parse_fast_agrees_with_the_events(reqs: list[bytes], tail: bytes) -> None:
+    """The fast path's requests are the careful path's first requests, all valid; it stops at the first
+    request it leaves to the careful path, or at an incomplete one, and keeps nothing of them."""
+    data = b"".join(reqs) + tail
+    fast = make_server()
+    fast.receive_data(HANDSHAKE)
+    while not isinstance(fast.next_event(), NeedData):
+        pass
+    found, pos, wanted = fast.parse_fast(memoryview(data), len(data))
+    careful = [e for e in drive(make_server(), HANDSHAKE + data, len(HANDSHAKE) + len(data) + 1)]
+    requests_ = [e for e in careful if isinstance(e, Request)]
+    assert len(found) <= len(requests_)
+    end = 0
+    for (cookie, cmd, flags, offset, length, start), event in zip(found, requests_, strict=False):
+        payload = length if cmd == c.NBD_CMD_WRITE else 0
+        assert event == Request(cookie, cmd, flags, offset, length, payload)
+        assert start == end + wire.REQUEST.size
+        end = start + payload
+    assert pos == end
+    if wanted:
+        assert len(data) - pos < wanted
+    # Nothing of it stays in the core: it goes on as if it had seen nothing.
+    assert fast.parse_fast(memoryview(data), len(data)) == (found, pos, wanted)
+    assert isinstance(fast.next_event(), NeedData)
 
 
 # -- client ------------------------------------------------------------------------------------------

@@ -180,3 +180,37 @@ def test_held_replies_congest_only_past_the_held_high_water() -> None:
         peer.close()
 
     asyncio.run(body())
+
+
+def test_send_buffers_mixed_with_send_keeps_order() -> None:
+    """Batches given to send_buffers (written at once when idle, the rest queued) and ordinary sends,
+    on a socket that takes only part of them: everything arrives, in order."""
+    rng = random.Random(11)
+
+    async def body() -> None:
+        ours, peer = _pair()
+        writer = VectorWriter(asyncio.get_running_loop(), ours.fileno())
+        expected = bytearray()
+        for i in range(100):
+            pieces: list[bytes | memoryview] = [
+                rng.randbytes(16),
+                memoryview(bytearray(rng.randbytes(rng.randrange(0, 20_000)))),
+            ]
+            expected += b"".join(pieces)
+            if i % 3:
+                writer.send_buffers(pieces, sum(len(p) for p in pieces))
+            else:
+                writer.send(list(pieces))
+            if i % 10 == 0:
+                expected_now = len(expected)
+                got = await _read_all(peer, expected_now - len(received))
+                received.extend(got)
+        received.extend(await _read_all(peer, len(expected) - len(received)))
+        assert bytes(received) == bytes(expected)
+        await writer.flush()
+        writer.abort()
+        ours.close()
+        peer.close()
+
+    received = bytearray()
+    asyncio.run(body())
