@@ -133,6 +133,7 @@ class RepoTargetNode(BlockNode):
         #: Stores in the background (write-behind), their bytes, and the first that failed.
         self._behind: dict[asyncio.Task[None], int] = {}
         self._behind_bytes = 0
+        self._room = asyncio.Event()
         self._failure: OSError | None = None
         #: The newest write of each position: an older store finishing late never overwrites it.
         self._latest: dict[int, object] = {}
@@ -153,7 +154,10 @@ class RepoTargetNode(BlockNode):
         positions = self._positions(offset, len(data))
         self._raise_failure()
         while self._behind and self._behind_bytes + len(data) > WRITE_BEHIND_BYTES:
-            await asyncio.wait(set(self._behind), return_when=asyncio.FIRST_COMPLETED)
+            # One event for all waiters (not a wait on every store: with a thousand small chunks held,
+            # that made each write cost a thousand callbacks).
+            self._room.clear()
+            await self._room.wait()
             self._raise_failure()
         copy = bytes(data)  # the caller's buffer is the caller's again once we return
         token = object()
@@ -189,6 +193,7 @@ class RepoTargetNode(BlockNode):
 
     def _stored(self, task: asyncio.Task[None]) -> None:
         self._behind_bytes -= self._behind.pop(task)
+        self._room.set()
         if not task.cancelled() and task.exception() is not None and self._failure is None:
             self._failure = OSError(errno.EIO, f"storing a chunk failed: {task.exception()!r}")
 
