@@ -363,7 +363,8 @@ async def connect_qmp(client: QMPClient, path: Path, limit: float = 10.0) -> Non
 
     qemu-storage-daemon serves one client per monitor socket and may still be closing the connection of
     wait_listening()'s probe when the next one comes: that one then reads EOF instead of the greeting.
-    Such a connection is retried; anything else, or the deadline, fails.
+    Such a connection is retried, as is one refused while the monitor is still busy with the probe (its
+    listen backlog is one); anything else, or the deadline, fails.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
@@ -372,6 +373,6 @@ async def connect_qmp(client: QMPClient, path: Path, limit: float = 10.0) -> Non
             await asyncio.wait_for(client.connect(str(path)), max(deadline - loop.time(), 0.1))
             return
         except ConnectError as err:
-            if not isinstance(err.exc, EOFError) or loop.time() > deadline:
+            if not isinstance(err.exc, EOFError | ConnectionRefusedError) or loop.time() > deadline:
                 raise
         await asyncio.sleep(0.05)  # polling for the monitor to be free, with a deadline
