@@ -537,7 +537,8 @@ def test_replies_nobody_reads_are_bounded(
             while loop.time() < end:
                 peak = max(peak, buffered())
                 await asyncio.sleep(0.01)
-            assert peak <= (MAX_IN_FLIGHT + 1) * MiB, f"{peak} bytes of replies buffered"
+            # MAX_IN_FLIGHT replies, and up to two more partly taken by the socket's (enlarged) buffer
+            assert peak <= (MAX_IN_FLIGHT + 2) * MiB, f"{peak} bytes of replies buffered"
             for _ in range(count):
                 error, cookie, got = await client.reply(MiB)
                 assert error == 0
