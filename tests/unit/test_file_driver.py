@@ -172,6 +172,53 @@ def test_write_zeroes_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert data == expect
 
 
+def test_write_zeroes_punch_and_allocate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ZERO_RANGE is missing (tmpfs), write-zeroes without unmap punches the range and allocates it
+    again, as QEMU does: zeros without writing a byte, the file as allocated as before.  A file system
+    that cannot allocate either gets zero buffers."""
+    path = tmp_path / "disk"
+    path.write_bytes(pattern(64 * KiB))
+    allocated = os.stat(path).st_blocks
+    modes: list[int] = []
+    real = file_mod._fallocate
+
+    def no_zero_range(fd: int, mode: int, offset: int, length: int) -> None:
+        modes.append(mode)
+        if mode & file_mod.FALLOC_FL_ZERO_RANGE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        real(fd, mode, offset, length)
+
+    def nothing_but_punch(fd: int, mode: int, offset: int, length: int) -> None:
+        if not mode & file_mod.FALLOC_FL_PUNCH_HOLE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        real(fd, mode, offset, length)
+
+    async def main() -> None:
+        node = await open_file(path)  # discard=ignore: MAY_UNMAP is not honoured
+        monkeypatch.setattr(file_mod, "_fallocate", no_zero_range)
+        monkeypatch.setattr(FileNode, "_do_write", None)  # not one byte written
+        await node.write_zeroes(8 * KiB, 16 * KiB, RequestFlags.MAY_UNMAP)
+        punch = file_mod.FALLOC_FL_PUNCH_HOLE | file_mod.FALLOC_FL_KEEP_SIZE
+        assert modes == [file_mod.FALLOC_FL_ZERO_RANGE | file_mod.FALLOC_FL_KEEP_SIZE, punch, 0]
+        assert not node.has_zero_range and node.has_punch_hole and node.has_fallocate
+        assert os.stat(path).st_blocks == allocated
+        monkeypatch.undo()
+        monkeypatch.setattr(file_mod, "_fallocate", nothing_but_punch)
+        await node.write_zeroes(32 * KiB, 8 * KiB, RequestFlags.MAY_UNMAP)  # zero buffers after the punch
+        assert not node.has_fallocate
+        with pytest.raises(RequestError) as info:  # learnt: no fast way left
+            await node.write_zeroes(48 * KiB, 4 * KiB, RequestFlags.NO_FALLBACK)
+        assert info.value.errno == errno.ENOTSUP
+        await node.write_zeroes(48 * KiB, 4 * KiB)
+        await node.close()
+
+    run(main)
+    expect = bytearray(pattern(64 * KiB))
+    for start, n in ((8 * KiB, 16 * KiB), (32 * KiB, 8 * KiB), (48 * KiB, 4 * KiB)):
+        expect[start : start + n] = bytes(n)
+    assert path.read_bytes() == expect
+
+
 def test_cache_direct_unaligned(tmp_path: Path) -> None:
     path = tmp_path / "direct"
     size = 64 * KiB + 1000  # the last block is partial: padding must not grow the file

@@ -26,8 +26,10 @@ QEMU's ``aio-max-batch``, ``drop-cache``, ``pr-manager`` and ``x-check-cache-dro
 registry refuses them as unexpected).
 
 Write-zeroes follows QEMU: with ``MAY_UNMAP`` and ``discard=unmap`` it punches a hole; otherwise it tries
-``FALLOC_FL_ZERO_RANGE``; when the file system supports neither (remembered per node in
-``has_punch_hole``/``has_zero_range``) it writes zero buffers, or fails with ENOTSUP under ``NO_FALLBACK``.
+``FALLOC_FL_ZERO_RANGE``, then (tmpfs has no ZERO_RANGE) punches a hole and allocates the range again with
+a plain ``fallocate``: zeros without writing a byte, and the range stays allocated.  When the file system
+supports none of these (remembered per node in ``has_punch_hole``/``has_zero_range``/``has_fallocate``) it
+writes zero buffers, or fails with ENOTSUP under ``NO_FALLBACK``.
 Linux implements both ``fallocate`` modes on block devices too, so no ``BLKZEROOUT``/``BLKDISCARD`` ioctls
 are needed.
 
@@ -155,8 +157,9 @@ class _AlignedBuffer:
 class FileNode(BlockNode):
     """An open file descriptor.  ``fd`` is owned by the node and closed by :meth:`close`.
 
-    ``has_punch_hole``/``has_zero_range``: cleared the first time the file system reports the fallocate
-    mode unsupported, so later requests go straight to the fallback (tests clear them to force it).
+    ``has_punch_hole``/``has_zero_range``/``has_fallocate``: cleared the first time the file system
+    reports the fallocate mode unsupported, so later requests go straight to the fallback (tests clear
+    them to force it).
     ``known_zero_init``: the file was one big hole when opened (a fresh sparse file); the copy engine then
     need not write zeros to it.  It describes the file *at open* and is not updated by writes.
     """
@@ -190,6 +193,7 @@ class FileNode(BlockNode):
         self.limits.request_alignment = alignment
         self.has_punch_hole = True
         self.has_zero_range = True
+        self.has_fallocate = True
         self.has_seek_data = not is_block
         self.has_rwf_dsync = hasattr(os, "RWF_DSYNC")
         # Small requests skip the thread pool (a hop costs ~50 us, a 4 KiB copy ~2 us) where they cannot
@@ -308,7 +312,11 @@ class FileNode(BlockNode):
     async def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
         """Run fallocate; False (and remember it when permanent) if the mode is not supported here."""
         try:
-            if self.inline_all and mode & FALLOC_FL_PUNCH_HOLE and self._cheap_punch(offset, length):
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                inline = self.inline_all and self._cheap_punch(offset, length)
+            else:
+                inline = self.inline_all and length <= self.inline_max
+            if inline:
                 _fallocate(self.fd, mode, offset, length)
             else:
                 await run_blocking(_fallocate, self.fd, mode, offset, length)
@@ -316,8 +324,10 @@ class FileNode(BlockNode):
             if err.errno in _UNSUPPORTED:
                 if mode & FALLOC_FL_PUNCH_HOLE:
                     self.has_punch_hole = False
-                else:
+                elif mode & FALLOC_FL_ZERO_RANGE:
                     self.has_zero_range = False
+                else:
+                    self.has_fallocate = False
                 return False
             if err.errno == errno.EINVAL:
                 return False  # e.g. a block device and a range not aligned to its sectors
@@ -345,6 +355,12 @@ class FileNode(BlockNode):
             done = await self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         if not done and self.has_zero_range:
             done = await self._try_fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if not done and self.has_punch_hole and self.has_fallocate:
+            # QEMU's next resort, and what tmpfs offers: the range reads as zeros once punched, and
+            # allocating it again keeps it allocated as a write-zeroes without unmap must.  An error of
+            # the allocation (ENOSPC) fails the request; the range already reads as zeros.
+            done = await self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            done = done and await self._try_fallocate(0, offset, length)
         if not done:
             # The base class writes zero buffers, or raises ENOTSUP under NO_FALLBACK.
             await super()._do_write_zeroes(offset, length, flags)
