@@ -22,6 +22,8 @@ Both are driven with the ``qemu.qmp`` client.  Every backup gets a fresh sparse 
                   BLOCK_JOB_COMPLETED received; then the target must equal live.raw (cmp)
     base-qdN      fio --ioengine=nbd 4 KiB random writes to the export for --runtime s, no job: IOPS, p99
     read-qdN      the same with random reads
+    sync-qd1      the same random writes at queue depth 1, each followed by a flush (fio --fsync=1: what
+                  a guest's O_DIRECT write + fsync sends), no job
     cbw-qdN       fio's same random writes while a slow backup runs (speed --speed, x-perf.max-chunk
                   --max-chunk), but a fixed number of them, --cbw-writes (default: one per two 64 KiB
                   clusters), the same offsets for both systems: most land on a cluster not yet copied
@@ -91,8 +93,10 @@ JOB_ID = "bench0"
 EXPORT = "src"
 
 #: fio tests: base = random writes, read = random reads, no job; cbw = a fixed number of random writes
-#: during a slow backup (first touch), steady = random writes for --runtime s during one (steady state).
-FIO_TESTS = tuple(f"{kind}-qd{qd}" for kind in ("base", "read", "cbw", "steady") for qd in FIO_DEPTHS)
+#: during a slow backup (first touch), steady = random writes for --runtime s during one (steady state);
+#: sync = random writes each followed by a flush (a guest's O_DIRECT write + fsync), no job.
+FIO_KINDS = ("base", "read", "cbw", "steady")
+FIO_TESTS = (*(f"{kind}-qd{qd}" for kind in FIO_KINDS for qd in FIO_DEPTHS), "sync-qd1")
 #: nbdcopy tests: the source image into the export, the export to null:.
 SEQ_TESTS = ("seq-write", "seq-read")
 TESTS = ("full-backup", *FIO_TESTS, *SEQ_TESTS)
@@ -467,7 +471,7 @@ class Turn:
                 wanted = self.cfg.tests
                 if "full-backup" in wanted:
                     await self.full_backup(d)
-                for kind in ("base", "read", "cbw", "steady"):
+                for kind in FIO_KINDS:
                     for qd in FIO_DEPTHS:
                         test = f"{kind}-qd{qd}"
                         if test not in wanted:
@@ -476,6 +480,8 @@ class Turn:
                             await self.fio(d, test)
                         else:
                             await self.cbw(d, qd, steady=kind == "steady")
+                if "sync-qd1" in wanted:
+                    await self.fio(d, "sync-qd1")
                 for test in SEQ_TESTS:
                     if test in wanted:
                         await self.nbdcopy(d, test)
@@ -540,6 +546,8 @@ class Turn:
         depth = test.rpartition("-qd")[2]
         rw = "randread" if test.startswith("read-") else "randwrite"
         amount = [f"--number_ios={writes}"] if writes else ["--time_based", f"--runtime={self.cfg.runtime}"]
+        if test.startswith("sync-"):
+            amount.append("--fsync=1")
         out = os.path.join(self.cfg.workdir, "fio.json")
         argv = [
             "fio",

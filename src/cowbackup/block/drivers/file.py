@@ -297,7 +297,7 @@ class FileNode(BlockNode):
         ):
             return
         fua = bool(flags) and bool(flags & RequestFlags.FUA)  # IntFlag's & is slow; bool() is int's
-        if self.inline_all and not fua and len(data) <= self.inline_max:
+        if self.inline_all and len(data) <= self.inline_max:  # in memory a sync returns at once
             self._pwrite_all(offset, data, False)
             return
         if self._needs_bounce(data):
@@ -373,7 +373,11 @@ class FileNode(BlockNode):
             await self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
     async def _do_flush(self) -> None:
-        if not self.no_flush:
+        if self.no_flush:
+            return
+        if self.inline_all:
+            os.fdatasync(self.fd)  # tmpfs and ramfs have nothing to write back: no hop to the pool
+        else:
             await run_blocking(os.fdatasync, self.fd)
 
     # ------------------------------------------------------------------ block status
