@@ -56,6 +56,12 @@ from cowbackup.block.request_types import (
 from cowbackup.block.tracked_write import TrackedWrite
 from cowbackup.block.zero import is_zero
 
+#: Status -> Status of a node without a backing file: data or zeros there are its own (allocated).  A
+#: table, because IntFlag arithmetic builds a new member per operation, on a path taken per request.
+_OWNED = {
+    Status(v): Status(v) | Status.ALLOCATED for v in range(8) if Status(v) & (Status.DATA | Status.ZERO)
+}
+
 __all__ = [
     "DEFAULT_MAX_TRANSFER",
     "DEFAULT_MAX_ZEROES",
@@ -491,10 +497,10 @@ class BlockNode:
         if ext.offset != offset or not ext.length > 0:
             raise RequestError(errno.EIO, f"driver {self.driver_name} returned a bad extent {ext}")
         flags = ext.flags
-        if not self.supports_backing and flags & (Status.DATA | Status.ZERO):
+        if not self.supports_backing:
             # A node that cannot have a backing file owns every byte: a hole is allocated zeros
             # (QEMU's rule; sync=top must not skip holes of a raw disk).
-            flags |= Status.ALLOCATED
+            flags = _OWNED.get(flags, flags)
         if ext.length > length or flags != ext.flags:
             ext = Extent(offset, min(ext.length, length), flags)
         return ext
@@ -506,7 +512,7 @@ class BlockNode:
         the node sees, as an NBD client's ``base:allocation`` must tell it."""
         ext = await self.block_status(offset, length)
         layer: BlockNode = self
-        while not ext.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED):
+        while not ext.flags:  # neither data, zeros nor an allocation here
             edge = layer.children.get("backing")
             if edge is None:
                 break

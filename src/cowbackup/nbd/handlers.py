@@ -52,6 +52,15 @@ SENDFILE_MIN = 64 * 1024
 #: nothing worth a block-status query at this size.
 SPARSE_READ_MIN = 64 * 1024
 
+#: Block status -> base:allocation flags (a table: IntFlag arithmetic builds a member per operation).
+_NBD_STATE = {
+    Status(v): (0 if Status(v) & Status.DATA else NBD_STATE_HOLE)
+    | (NBD_STATE_ZERO if Status(v) & Status.ZERO else 0)
+    for v in range(8)
+}
+#: Block status values whose range reads as zeros.
+_READS_ZERO = frozenset(flags for flags in _NBD_STATE if flags & Status.ZERO)
+
 
 async def base_allocation(node: BlockNode, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
     """``base:allocation``: NBD_STATE_HOLE where nothing is stored, NBD_STATE_ZERO where reads give zeros
@@ -61,9 +70,7 @@ async def base_allocation(node: BlockNode, offset: int, length: int, one: bool) 
     end = offset + length
     while offset < end and len(runs) < MAX_EXTENTS:
         ext = await node.status_above(offset, end - offset)
-        flags = (0 if ext.flags & Status.DATA else NBD_STATE_HOLE) | (
-            NBD_STATE_ZERO if ext.flags & Status.ZERO else 0
-        )
+        flags = _NBD_STATE[ext.flags]
         if runs and runs[-1][1] == flags:
             runs[-1] = (runs[-1][0] + ext.length, flags)
         else:
@@ -145,7 +152,7 @@ class RequestHandler:
         pos, end = req.offset, req.offset + req.length
         while pos < end:
             ext = await node.block_status(pos, end - pos)
-            extents.append((ext.length, bool(ext.flags & Status.ZERO)))
+            extents.append((ext.length, ext.flags in _READS_ZERO))
             pos = ext.end
         segments = split_read(req.offset, req.length, extents, min_hole=MIN_HOLE)
         host = host_file(node) if self.sendfile and req.length >= SENDFILE_MIN else None
