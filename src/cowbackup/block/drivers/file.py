@@ -103,6 +103,8 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+#: The status of data in a file, built once (an IntFlag | builds a new member each time).
+_ALLOCATED_DATA = Status.DATA | Status.ALLOCATED
 #: statfs f_type of file systems whose I/O never waits for a device (their pages live in memory).
 _MEMORY_FS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
 #: Requests up to this size may run on the event loop thread instead of the pool (see FileNode).
@@ -401,7 +403,7 @@ class FileNode(BlockNode):
                 return Extent(offset, length, Status.ZERO)  # no data after offset: a hole to EOF
             if err.errno in _UNSUPPORTED or err.errno == errno.EINVAL:
                 self.has_seek_data = False
-                return Extent(offset, length, Status.DATA | Status.ALLOCATED)
+                return Extent(offset, length, _ALLOCATED_DATA)
             raise
         if data > offset:
             return Extent(offset, min(data - offset, length), Status.ZERO)
@@ -417,7 +419,7 @@ class FileNode(BlockNode):
             hole = offset + length  # the file shrank under us: report data, reads will tell
         if hole <= offset:
             hole = offset + length  # changed between the two seeks: data is the safe answer
-        return Extent(offset, min(hole - offset, length), Status.DATA | Status.ALLOCATED)
+        return Extent(offset, min(hole - offset, length), _ALLOCATED_DATA)
 
     async def _seek_in_memory(self, offset: int, length: int) -> Extent:
         """:meth:`_find_allocation` for a file in memory, on the event loop where it is cheap.
@@ -441,16 +443,16 @@ class FileNode(BlockNode):
 
     async def _do_block_status(self, offset: int, length: int) -> Extent:
         if not self.has_seek_data:
-            return Extent(offset, length, Status.DATA | Status.ALLOCATED)
+            return Extent(offset, length, _ALLOCATED_DATA)
         cached = self._data_extents.lookup(offset)
         if cached is not None:
-            return Extent(offset, min(cached[0] - offset, length), Status.DATA | Status.ALLOCATED)
+            return Extent(offset, min(cached[0] - offset, length), _ALLOCATED_DATA)
         # Ask about the whole rest of the file once and keep the answer (a long SEEK_HOLE is costly).
         if self.inline_all:
             ext = await self._seek_in_memory(offset, self._size - offset)
         else:
             ext = await run_blocking(self._find_allocation, offset, self._size - offset)
-        if ext.flags & Status.DATA:
+        if ext.flags == _ALLOCATED_DATA:  # the only status of data _find_allocation gives
             self._data_extents.add(ext.offset, ext.end, True)
         return Extent(offset, min(ext.length, length), ext.flags)
 
