@@ -299,7 +299,9 @@ class StreamOutput:
         """The transport batches by itself."""
 
     def congested(self) -> bool:
-        return True  # the stream's drain() knows best, and returns at once when it is not
+        # What makes the stream's drain() wait: the transport holds more than its high-water mark.
+        transport = self._writer.transport
+        return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
 
     async def drain(self) -> None:
         await self._writer.drain()

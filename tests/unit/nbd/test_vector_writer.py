@@ -1,4 +1,5 @@
-"""The VectorWriter over a real socket pair: order, partial writes, file segments, flow control, errors."""
+"""The VectorWriter over a real socket pair: order, partial writes, file segments, flow control, errors;
+and the stream output TLS connections use instead."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import tempfile
 
 import pytest
 
+from cowbackup.nbd.connection import StreamOutput
 from cowbackup.nbd.replies import FileSegment, Message
 from cowbackup.nbd.vector_writer import HELD_HIGH_WATER, HIGH_WATER, VectorWriter
 
@@ -214,3 +216,27 @@ def test_send_buffers_mixed_with_send_keeps_order() -> None:
 
     received = bytearray()
     asyncio.run(body())
+
+
+def test_stream_output_is_congested_only_while_drain_would_wait() -> None:
+    """Under TLS replies go through the stream's transport: the connection takes the fast path while
+    the transport is below its high-water mark, and waits (drain) only past it -- a client that does not
+    read still stops being served."""
+    async def main() -> None:
+        ours, peer = _pair()
+        _, writer = await asyncio.open_connection(sock=ours)
+        out = StreamOutput(writer)
+        out.send([b"x" * 100])
+        assert not out.congested()
+        high = writer.transport.get_write_buffer_limits()[1]
+        big = high + 256 * 1024
+        out.send([b"y" * big])  # nobody reads: most of it stays in the transport
+        assert out.congested()
+        received = await _read_all(peer, 100 + big)
+        assert len(received) == 100 + big
+        await asyncio.wait_for(out.drain(), 5)
+        assert not out.congested()
+        writer.close()
+        peer.close()
+
+    asyncio.run(main())
