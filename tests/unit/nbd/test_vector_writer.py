@@ -222,6 +222,7 @@ def test_stream_output_is_congested_only_while_drain_would_wait() -> None:
     """Under TLS replies go through the stream's transport: the connection takes the fast path while
     the transport is below its high-water mark, and waits (drain) only past it -- a client that does not
     read still stops being served."""
+
     async def main() -> None:
         ours, peer = _pair()
         _, writer = await asyncio.open_connection(sock=ours)
