@@ -55,12 +55,14 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
@@ -68,6 +70,10 @@ from qemu.qmp.protocol import ConnectError
 
 from cowbackup.block.options import parse_size
 from cowbackup.cli.argtypes import positive_int
+
+# The test suite's certificate maker (a CA, server and client certificates, as tls-creds-x509 reads them).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from integration.nbd_peers import make_tls_creds
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -100,6 +106,7 @@ FIO_TESTS = (*(f"{kind}-qd{qd}" for kind in FIO_KINDS for qd in FIO_DEPTHS), "sy
 #: nbdcopy tests: the source image into the export, the export to null:.
 SEQ_TESTS = ("seq-write", "seq-read")
 TESTS = ("full-backup", *FIO_TESTS, *SEQ_TESTS)
+TRANSPORTS = ("unix", "tcp", "tls")
 
 
 class BenchError(Exception):
@@ -167,6 +174,8 @@ class Config:
     qemu_storage_daemon: str
     profile: str | None
     tests: tuple[str, ...] = TESTS
+    transport: str = "unix"
+    tls_dir: str | None = None
 
 
 # ---------------------------------------------------------------------- images
@@ -329,16 +338,25 @@ def _load_json(path: str) -> Any:
         return json.load(f)
 
 
-def daemon_options(image: str, nbd_sock: str, qmp_sock: str) -> list[str]:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 nobody listens on now (the daemon binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def daemon_options(image: str, nbd_server: str, qmp_sock: str, tls_dir: str | None) -> list[str]:
     """The command line both daemons get (JSON for the nodes, so no file name needs comma escaping)."""
     nodes: list[dict[str, Any]] = [
         {"driver": "file", "node-name": "src-file", "filename": image},
         {"driver": "raw", "node-name": EXPORT, "file": "src-file"},
     ]
     argv: list[str] = []
+    if tls_dir is not None:
+        argv += ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={tls_dir},verify-peer=off"]
     for node in nodes:
         argv += ["--blockdev", json.dumps(node)]
-    argv += ["--nbd-server", f"addr.type=unix,addr.path={nbd_sock}"]
+    argv += ["--nbd-server", nbd_server]
     argv += ["--export", f"type=nbd,id=exp0,node-name={EXPORT},name={EXPORT},writable=on"]
     argv += ["--chardev", f"socket,id=mon0,path={qmp_sock},server=on,wait=off", "--monitor", "chardev=mon0"]
     return argv
@@ -359,8 +377,18 @@ class DaemonProc:
         self.nbd_sock = os.path.join(cfg.workdir, f"{system}-nbd.sock")
         self.qmp_sock = os.path.join(cfg.workdir, f"{system}-qmp.sock")
         self.log = os.path.join(cfg.workdir, f"{system}.log")
-        self.uri = f"nbd+unix:///{EXPORT}?socket={self.nbd_sock}"
-        options = daemon_options(image, self.nbd_sock, self.qmp_sock)
+        if cfg.transport == "unix":
+            self.uri = f"nbd+unix:///{EXPORT}?socket={self.nbd_sock}"
+            server = f"addr.type=unix,addr.path={self.nbd_sock}"
+        else:
+            port = free_port()
+            server = f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}"
+            if cfg.tls_dir is None:
+                self.uri = f"nbd://127.0.0.1:{port}/{EXPORT}"
+            else:
+                server += ",tls-creds=tls0"
+                self.uri = f"nbds://localhost:{port}/{EXPORT}?tls-certificates={cfg.tls_dir}"
+        options = daemon_options(image, server, self.qmp_sock, cfg.tls_dir)
         if system == "qemu":
             self.argv = [cfg.qemu_storage_daemon, *options]
         else:
@@ -809,12 +837,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", metavar="FILE", help="run our daemon under cProfile into FILE (the last turn wins)"
     )
     p.add_argument("--qemu-storage-daemon", default="qemu-storage-daemon", help="daemon binary to use")
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="unix",
+        help="how NBD clients connect: a Unix socket (default), TCP on 127.0.0.1, or TCP with TLS "
+        "(x509, made with openssl; only the nbdcopy tests and full-backup: fio's nbd engine may not "
+        "read certificate files)",
+    )
     return p
 
 
 def missing_tools(args: argparse.Namespace) -> list[str]:
     """What is missing, with the Debian package that brings it."""
     needed = {"fio": "fio", "cmp": "diffutils"}
+    if args.transport == "tls":
+        needed["openssl"] = "openssl"
     if any(t in SEQ_TESTS for t in args.tests):
         needed["nbdcopy"] = "libnbd-bin"
     if args.only != "cowbackup":
@@ -844,6 +882,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.transport == "tls":
+        fio_tests = [t for t in args.tests if t in FIO_TESTS]
+        if fio_tests and args.tests != TESTS:
+            _progress(f"daemon_vs_qsd: fio cannot connect with TLS: {','.join(fio_tests)}")
+            return 2
+        args.tests = tuple(t for t in args.tests if t not in FIO_TESTS)
     missing = missing_tools(args)
     if missing:
         _progress(f"daemon_vs_qsd: missing {'; '.join(missing)}")
@@ -864,6 +908,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({time.perf_counter() - started:.1f} s)"
         )
         profile = os.path.abspath(args.profile) if args.profile else None
+        tls_dir = None
+        if args.transport == "tls":
+            tls_dir = str(make_tls_creds(Path(workdir) / "tls"))
         cfg = Config(
             workdir,
             source,
@@ -875,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.qemu_storage_daemon,
             profile,
             args.tests,
+            args.transport,
+            tls_dir,
         )
         samples = asyncio.run(_main_async(cfg, args))
         signal.signal(signal.SIGTERM, _interrupt)  # the loop's removal reset it to the default
