@@ -17,7 +17,7 @@ from cowbackup.block.drivers import open_node
 from cowbackup.block.drivers.file import FileNode, create_file
 from cowbackup.block.errors import BlockError, RequestError
 from cowbackup.block.graph import BlockGraph
-from cowbackup.block.node import RequestFlags
+from cowbackup.block.node import NO_FLAGS, RequestFlags
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -433,3 +433,60 @@ def test_punching_in_memory_inline_or_in_the_pool(tmp_path: Path, monkeypatch: p
         assert path.read_bytes() == bytes(16 * MiB)
     finally:
         path.unlink()
+
+
+def test_buffered_writes_inline_until_one_is_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a file system on a device, whole-page writes up to INLINE_MAX go to the page cache from the
+    event loop; partial pages, FUA and longer writes go to the pool.  A slow inline write sends the
+    next WRITE_SLOW_STREAK writes to the pool, twice as many after another slow one; a fast one resets
+    the streak.  Every byte lands wherever it was written from."""
+    path = tmp_path / "disk"
+    create_file(str(path), 1 * MiB)
+    model = bytearray(1 * MiB)
+    pooled: list[int] = []
+    real = threadpool.run_blocking
+
+    async def counting(func: Any, *args: Any) -> Any:
+        if getattr(func, "__name__", "") == "_pwrite_all":
+            pooled.append(args[0])
+        return await real(func, *args)
+
+    monkeypatch.setattr(file_mod, "run_blocking", counting)
+    streak = file_mod.WRITE_SLOW_STREAK
+
+    async def main() -> None:
+        node = await open_file(path)
+        if node.inline_all:  # tmp_path on tmpfs: behave as a file on a device
+            node.inline_all, node.inline_max, node.inline_writes = False, file_mod.INLINE_MAX, True
+        assert node.inline_writes
+
+        async def write(offset: int, length: int, flags: RequestFlags = NO_FLAGS) -> None:
+            data = pattern(length, offset % 250)
+            await node.write(offset, data, flags)
+            model[offset : offset + length] = data
+
+        await write(0, 4 * KiB)
+        await write(64 * KiB, 64 * KiB)
+        assert pooled == []
+        await write(8 * KiB + 512, 1024)  # a partial page
+        await write(16 * KiB, 4 * KiB, RequestFlags.FUA)
+        await write(256 * KiB, 128 * KiB)  # longer than INLINE_MAX
+        assert pooled == [8 * KiB + 512, 16 * KiB, 256 * KiB]
+        pooled.clear()
+        monkeypatch.setattr(file_mod, "WRITE_INLINE_BUDGET_NS", -1)  # every inline write is slow
+        await write(0, 4 * KiB)  # inline, slow: the next `streak` go to the pool
+        for i in range(streak):
+            await write(4 * KiB * (i % 16), 4 * KiB)
+        assert len(pooled) == streak
+        await write(0, 4 * KiB)  # inline again, slow again: twice as many
+        assert node._pool_writes == 2 * streak
+        monkeypatch.setattr(file_mod, "WRITE_INLINE_BUDGET_NS", 10**12)
+        for i in range(2 * streak):
+            await write(4 * KiB * (i % 16), 4 * KiB)
+        assert len(pooled) == 3 * streak
+        await write(0, 4 * KiB)  # inline and fast: the streak starts over
+        assert len(pooled) == 3 * streak and node._write_streak == streak
+        await node.close()
+
+    run(main)
+    assert path.read_bytes() == model

@@ -117,6 +117,17 @@ MEMORY_INLINE_MAX = 1024 * 1024
 #: each extent is asked once (then cached), so a budget well above the hop's cost pays.
 SEEK_INLINE_BUDGET_NS = 2_000_000
 SEEK_SLOW_STREAK = 16
+#: Buffered writes of whole pages up to INLINE_MAX to a file on a device are done on the event loop: the
+#: page cache takes 4 KiB in a few microseconds, a hop to the pool costs ~50 (ext4 refuses RWF_NOWAIT
+#: for buffered writes, so the kernel cannot be asked whether one would wait).  A write that takes
+#: longer than WRITE_INLINE_BUDGET_NS (dirty-page throttling, a journal wait) sends the next writes to
+#: the pool: WRITE_SLOW_STREAK of them, twice as many after each slow try, up to WRITE_SLOW_STREAK_MAX,
+#: so a throttled device holds the loop up for one write now and then, not for every write.
+WRITE_INLINE_BUDGET_NS = 1_000_000
+WRITE_SLOW_STREAK = 64
+WRITE_SLOW_STREAK_MAX = 64 * 1024
+#: Partial pages are not written inline: one not in the page cache is read from the device first.
+_PAGE_MASK = 4096 - 1
 
 
 def _memory_backed(fd: int) -> bool:
@@ -199,10 +210,15 @@ class FileNode(BlockNode):
         self.has_seek_data = not is_block
         self.has_rwf_dsync = hasattr(os, "RWF_DSYNC")
         # Small requests skip the thread pool (a hop costs ~50 us, a 4 KiB copy ~2 us) where they cannot
-        # block: always on tmpfs/ramfs; reads elsewhere when RWF_NOWAIT finds the data in the page cache.
+        # block: always on tmpfs/ramfs; reads elsewhere when RWF_NOWAIT finds the data in the page cache,
+        # and buffered writes of whole pages while they stay fast (inline_writes).
         self.inline_all = not direct and not is_block and _memory_backed(fd)
         self.inline_max = MEMORY_INLINE_MAX if self.inline_all else INLINE_MAX
         self.has_rwf_nowait = hasattr(os, "RWF_NOWAIT") and not direct
+        # Buffered writes of whole pages inline, on a device too (see WRITE_INLINE_BUDGET_NS).
+        self.inline_writes = not direct and not self.inline_all
+        self._pool_writes = 0  # writes still to send to the pool after a slow inline one
+        self._write_streak = WRITE_SLOW_STREAK
         # Ranges known to hold data (QEMU keeps one; we keep several, see extent_cache).  Only data -- a stale
         # "data" answer is still correct for reads, even if someone changes the file behind our back,
         # while a stale "hole" would make a backup skip data -- and it is dropped when a zero-write or
@@ -256,6 +272,16 @@ class FileNode(BlockNode):
         if fua and not rwflags:
             os.fdatasync(self.fd)
 
+    def _write_inline(self, offset: int, data: memoryview) -> None:
+        """A buffered write on the event loop, timed: a slow one sends the next ones to the pool."""
+        started = time.perf_counter_ns()
+        self._pwrite_all(offset, data, False)
+        if time.perf_counter_ns() - started > WRITE_INLINE_BUDGET_NS:
+            self._pool_writes = self._write_streak
+            self._write_streak = min(2 * self._write_streak, WRITE_SLOW_STREAK_MAX)
+        else:
+            self._write_streak = WRITE_SLOW_STREAK
+
     def _read_inline(self, offset: int, buf: memoryview) -> int:
         """Read what can be read without blocking; the number of bytes read (maybe 0)."""
         if self.inline_all:
@@ -302,6 +328,12 @@ class FileNode(BlockNode):
         if self.inline_all and len(data) <= self.inline_max:  # in memory a sync returns at once
             self._pwrite_all(offset, data, False)
             return
+        whole_pages = not (offset | len(data)) & _PAGE_MASK
+        if self.inline_writes and not fua and len(data) <= INLINE_MAX and whole_pages:
+            if not self._pool_writes:
+                self._write_inline(offset, data)
+                return
+            self._pool_writes -= 1
         if self._needs_bounce(data):
             with _AlignedBuffer(len(data)) as bounce:
                 bounce[:] = data
