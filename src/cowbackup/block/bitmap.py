@@ -280,9 +280,13 @@ class DirtyBitmap:
         A zero length is a no-op. Raises ValueError if the range is not within
         [0, size].
         """
-        self._check_range(offset, length)
+        # The checks and the granule arithmetic inline: every write marks its node's bitmaps, and a
+        # copy sets and clears bits for each cluster.
+        if offset < 0 or length < 0 or offset + length > self._size:
+            self._check_range(offset, length)
         if length:
-            self._fill(*self._granules_outward(offset, length), True)
+            shift = self._shift
+            self._fill(offset >> shift, (offset + length + self._granularity - 1) >> shift, True)
 
     def reset(self, offset: int, length: int) -> None:
         """Mark clean the granules of [offset, offset + length).
@@ -292,12 +296,14 @@ class DirtyBitmap:
         granule). Raises ValueError otherwise or if the range is out of bounds.
         Use :meth:`reset_inward` for unaligned ranges.
         """
-        self._check_range(offset, length)
+        if offset < 0 or length < 0 or offset + length > self._size:
+            self._check_range(offset, length)
         g = self._granularity
-        if offset % g or (length % g and offset + length != self._size):
+        if (offset | length) & (g - 1) and (offset & (g - 1) or offset + length != self._size):
             raise ValueError(f"Range offset={offset} length={length} is not aligned to granularity {g}")
         if length:
-            self._fill(*self._granules_outward(offset, length), False)
+            shift = self._shift
+            self._fill(offset >> shift, (offset + length + g - 1) >> shift, False)
 
     def reset_inward(self, offset: int, length: int) -> None:
         """Mark clean only the granules lying entirely inside the range.
