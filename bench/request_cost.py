@@ -6,7 +6,12 @@ the server's connection calls for each request -- on four node stacks over a fil
 * ``file``            one ``file`` node;
 * ``raw/file``        ``raw`` over ``file`` (what users run);
 * ``cbw/raw/file``    a copy-before-write filter over the same, every cluster already copied;
-* ``cbw+inflight``    the same while a copy of an unrelated cluster is in flight (its target stalls).
+* ``cbw+inflight``    the same while a copy of an unrelated cluster is in flight (its target stalls);
+* ``cbw-first/raw/file``  first touch: every write lands on a cluster not copied yet, so each request
+                      first copies one 64 KiB cluster (random data) to a target ``file`` node in ``--dir``
+                      (opened as daemon_vs_qsd.py opens its targets).  Each pass over the disk's
+                      clusters starts a new snapshot (the copy bitmap set again, ``done`` cleared), a
+                      cost of a few instructions per request.
 
 On tmpfs every request completes without suspending, so the handler's coroutine is driven with
 ``send(None)`` and no event-loop turn is measured: what remains is the Python of the request path.
@@ -59,15 +64,23 @@ from cowbackup.nbd.server import ServerProtocol
 from cowbackup.nbd.transmission import Transmission
 from cowbackup.nbd.vector_writer import VectorWriter
 
-STACKS = ("file", "raw/file", "cbw/raw/file", "cbw+inflight")
+STACKS = ("file", "raw/file", "cbw/raw/file", "cbw+inflight", "cbw-first/raw/file")
 SIZE = 64 * 1024 * 1024
 BLOCK = 4096
 CLUSTER = 64 * 1024
 
 
-async def _stack(graph: BlockGraph, kind: str, path: str) -> tuple[BlockNode, list[object]]:
-    """The export's node for ``kind``, and what must stay alive while it is used."""
+def _nothing() -> None:
+    pass
+
+
+async def _stack(
+    graph: BlockGraph, kind: str, path: str, target: str
+) -> tuple[BlockNode, list[object], Callable[[], None]]:
+    """The export's node for ``kind``, what must stay alive while it is used, and what makes every
+    cluster "to copy" again (a no-op but for ``cbw-first``)."""
     keep: list[object] = []
+    rearm: Callable[[], None] = _nothing
     file_opts = {"driver": "file", "node-name": "disk-file", "filename": path}
     if kind == "file":
         top = await open_node(graph, file_opts)
@@ -77,7 +90,28 @@ async def _stack(graph: BlockGraph, kind: str, path: str) -> tuple[BlockNode, li
     root = Root("export 'bench'")
     graph.attach(root, "root", top)
     keep.append(root)
-    if kind.startswith("cbw"):
+    if kind == "cbw-first/raw/file":
+        await open_node(
+            graph,
+            {
+                "driver": "file",
+                "node-name": "tgt",
+                "filename": target,
+                "discard": "unmap",
+                "detect-zeroes": "unmap",
+            },
+        )
+        filt, bcs = cbw_append(graph, top.node_name, "tgt")
+        done = filt.done
+        assert done is not None
+
+        def new_snapshot() -> None:
+            bcs.bitmap.set_all()
+            done.clear()
+
+        rearm = new_snapshot
+        rearm()
+    elif kind.startswith("cbw"):
         # The target's writes stall for a minute: a copy started there stays in flight.
         await open_node(
             graph, {"driver": "null-co", "node-name": "tgt", "size": SIZE, "latency-ns": 60 * 10**9}
@@ -91,7 +125,7 @@ async def _stack(graph: BlockGraph, kind: str, path: str) -> tuple[BlockNode, li
             keep.append(task)
             await asyncio.sleep(0)  # the copy runs until the target stalls it
             assert bcs.in_flight_bytes == CLUSTER
-    return root.node, keep
+    return root.node, keep, rearm
 
 
 def _drive(make: Callable[[], Awaitable[object]], count: int) -> None:
@@ -158,8 +192,11 @@ class _Transport:
         return None
 
 
-def _serve_loop(node: BlockNode, reqs: list[Request], payload: bytes, batch: int) -> Callable[[int], None]:
-    """A function running ``n`` requests through a connection's transmission, ``batch`` per receive."""
+def _serve_loop(
+    node: BlockNode, reqs: list[Request], payload: bytes, batch: int, rearm: Callable[[], None]
+) -> Callable[[int], None]:
+    """A function running ``n`` requests through a connection's transmission, ``batch`` per receive
+    (``rearm`` called before each pass over ``reqs``)."""
     server = _handshake(node)
     loop = asyncio.get_running_loop()
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -182,7 +219,10 @@ def _serve_loop(node: BlockNode, reqs: list[Request], payload: bytes, batch: int
 
     def run(n: int) -> None:
         for _ in range(n // batch):
-            data = groups[next(it) % len(groups)]
+            i = next(it) % len(groups)
+            if not i:
+                rearm()
+            data = groups[i]
             buf = trans.get_buffer(len(data))
             buf[: len(data)] = data
             trans.buffer_updated(len(data))
@@ -196,22 +236,28 @@ async def _measure(
     kind: str, op: str, count: int, repeat: int, directory: str, through: str = "handler", batch: int = 1
 ) -> float:
     graph = BlockGraph()
-    with tempfile.NamedTemporaryFile(dir=directory) as f:
+    with tempfile.NamedTemporaryFile(dir=directory) as f, tempfile.NamedTemporaryFile(dir=directory) as t:
         f.write(os.urandom(SIZE // 16) * 16)
         f.flush()
-        node, keep = await _stack(graph, kind, f.name)
+        t.truncate(SIZE)  # a fresh sparse target
+        node, keep, rearm = await _stack(graph, kind, f.name, t.name)
         handler = RequestHandler(lambda: node, ReplyBuilder(structured=True, meta_contexts={}), {})
         payload = memoryview(os.urandom(BLOCK))
         cmd = NBD_CMD_WRITE if op == "write" else NBD_CMD_READ
-        # Offsets in the first half, a cluster apart: never the stalled copy's cluster.
-        reqs = [Request(i, cmd, 0, (i * 7919 % (SIZE // 2 // CLUSTER)) * CLUSTER, BLOCK) for i in range(1024)]
+        # Offsets in the first half, a cluster apart: never the stalled copy's cluster.  First touch:
+        # every cluster of the disk once per pass (7919 is odd, so this is a permutation of 1024).
+        span = SIZE // CLUSTER if kind == "cbw-first/raw/file" else SIZE // 2 // CLUSTER
+        reqs = [Request(i, cmd, 0, (i * 7919 % span) * CLUSTER, BLOCK) for i in range(1024)]
         it = iter(range(1 << 62))
 
         def make() -> Awaitable[object]:
-            return handler.handle(reqs[next(it) & 1023], payload if op == "write" else None)
+            i = next(it) & 1023
+            if not i:
+                rearm()
+            return handler.handle(reqs[i], payload if op == "write" else None)
 
         if through == "server":
-            run = _serve_loop(node, reqs, bytes(payload), batch)
+            run = _serve_loop(node, reqs, bytes(payload), batch, rearm)
         else:
 
             def run(n: int) -> None:
@@ -242,7 +288,7 @@ def main() -> None:
     for op in args.op or ("write", "read"):
         for kind in args.only or STACKS:
             us = asyncio.run(_measure(kind, op, args.count, args.repeat, args.dir, args.through, args.batch))
-            print(f"{op:5} {kind:14} {us:7.2f} µs/request")
+            print(f"{op:5} {kind:18} {us:7.2f} µs/request")
 
 
 if __name__ == "__main__":

@@ -431,6 +431,33 @@ def test_resize() -> None:
     check_towers(bitmap)
 
 
+def test_one_word_updates_climb_both_towers_to_the_top() -> None:
+    # A range inside one word of level 0 takes its own path (a mask, then a climb while summaries flip):
+    # a single bit that empties or fills its word must change every level of the tower above it, in a
+    # bitmap of four levels (262149, 4097, 65 and 2 bits), at the first and the last granule.
+    bitmap = DirtyBitmap(64**3 + 5, 1)
+    for gi in (0, 64**3 + 4):
+        bitmap.set(gi, 1)  # a word, and everything above it, becomes non-zero
+        check_towers(bitmap)
+        assert bitmap.next_dirty(0) == gi and next(bitmap.dirty_areas()) == (gi, 1)
+        bitmap.reset(gi, 1)
+        check_towers(bitmap)
+        assert bitmap.is_empty() and bitmap.next_dirty(0) is None
+        bitmap.set_all()
+        bitmap.reset(gi, 1)  # a full word, and everything above it, stops being full
+        check_towers(bitmap)
+        assert bitmap.next_clean(0) == gi and bitmap.count_bits() == 64**3 + 4
+        bitmap.set(gi, 1)
+        check_towers(bitmap)
+        assert bitmap.next_clean(0) is None
+        bitmap.reset(gi + 1 if gi == 0 else gi - 2, 2)  # two bits in one word: count and stamps
+        cleaned = bitmap.cleaned
+        bitmap.reset(gi + 1 if gi == 0 else gi - 2, 2)  # no change: no new stamp
+        assert bitmap.cleaned == cleaned and bitmap.count_bits() == 64**3 + 3
+        bitmap.clear()
+        check_towers(bitmap)
+
+
 # -- a 16 TiB disk -----------------------------------------------------------------
 
 

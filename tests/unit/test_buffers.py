@@ -44,11 +44,11 @@ def test_pool_waits_for_its_budget() -> None:
         waiter = asyncio.ensure_future(pool.get(64 * KiB))
         await asyncio.sleep(0.01)
         assert not waiter.done()
-        await pool.put(first)
+        pool.put(first)
         second = await asyncio.wait_for(waiter, 1)
         assert len(second) == 64 * KiB and pool.used == 64 * KiB
         huge = asyncio.ensure_future(pool.get(1024 * KiB))  # over budget: passes once alone
-        await pool.put(second)
+        pool.put(second)
         assert len(await asyncio.wait_for(huge, 1)) == 1024 * KiB
 
     asyncio.run(body())
@@ -59,7 +59,7 @@ def test_pool_drop_frees_the_budget_but_not_the_buffer() -> None:
         pool = BufferPool(budget=128 * KiB)
         first = await pool.get(128 * KiB)
         owner = first.obj
-        await pool.drop(first)  # something may still use it: never handed out again
+        pool.drop(first)  # something may still use it: never handed out again
         assert pool.used == 0
         again = await asyncio.wait_for(pool.get(128 * KiB), 1)
         assert again.obj is not owner

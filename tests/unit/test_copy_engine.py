@@ -6,18 +6,22 @@ import asyncio
 import errno
 import os
 import random
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cowbackup.block.bitmap import DirtyBitmap
-from cowbackup.block.copy import BlockCopyState, CopyCall, CopyCancelled, CopyError
+from cowbackup.block.copy import BlockCopyState, CopyCall, CopyCancelled, CopyError, _BusyClusters
 from cowbackup.block.drivers import open_node
 from cowbackup.block.drivers.memory import MemoryNode
 from cowbackup.block.errors import RequestError
 from cowbackup.block.filters.cbw import cbw_append, cbw_drop
 from cowbackup.block.filters.fault import FaultNode
 from cowbackup.block.graph import BlockGraph, Root
-from cowbackup.block.node import BlockNode, Extent, RequestFlags
+from cowbackup.block.node import BlockNode, Extent, RequestFlags, Status
 
 MiB = 1 << 20
 C = 64 * 1024
@@ -482,3 +486,202 @@ def test_bitmap_change_stamps_move_with_changes_only() -> None:
     assert a.dirtied > d1
     copy = a.copy()
     assert copy.dirtied not in (a.dirtied, a.cleaned) and copy.dirtied > b.dirtied
+
+
+# -- a guest write's first touch: the whole range claimed as one task, without the copy loop ----------
+
+
+def _completes_at_once(write: Coroutine[Any, Any, None]) -> None:
+    """Run ``write`` to its end without an event-loop turn (memory nodes never suspend)."""
+    with pytest.raises(StopIteration):
+        write.send(None)
+
+
+def test_first_touch_copies_its_clusters_as_one_task() -> None:
+    async def main() -> None:
+        graph, src, tgt, guest = await _setup()
+        await src.write(0, os.urandom(src.size))
+        before = src.snapshot()
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        progress: list[int] = []
+        bcs.on_progress = progress.append
+        remaining = bcs.remaining()
+        _completes_at_once(guest.node.write(3 * C + 100, b"new"))
+        assert bcs.whole_calls == 1 and progress == [C] and bcs.remaining() == remaining - C
+        assert tgt.snapshot()[3 * C : 4 * C] == before[3 * C : 4 * C]
+        assert not bcs.bitmap.get(3 * C) and bcs.settled(3 * C, 4 * C) and bcs.in_flight_bytes == 0
+        assert filt.done is not None and filt.done.get(3 * C)
+        assert src.snapshot()[3 * C + 100 : 3 * C + 103] == b"new"
+        # Across a cluster boundary: both clusters, one task.
+        _completes_at_once(guest.node.write(6 * C - 2, b"four"))
+        assert bcs.whole_calls == 2 and progress == [C, 2 * C]
+        assert tgt.snapshot()[5 * C : 7 * C] == before[5 * C : 7 * C]
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_first_touch_of_the_partial_last_cluster() -> None:
+    async def main() -> None:
+        graph, src, tgt, guest = await _setup(2 * C + 1000)
+        await src.write(0, os.urandom(src.size))
+        before = src.snapshot()
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        assert bcs.remaining() == src.size
+        await guest.node.write(src.size - 10, b"end")
+        assert bcs.whole_calls == 1 and bcs.remaining() == 2 * C
+        assert tgt.snapshot()[2 * C :] == before[2 * C :]
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_first_touch_of_a_zero_cluster_writes_no_data() -> None:
+    """With the source's status cached as zero there, nothing is read; the target is zeroed, or left
+    alone when it is known to read zeros."""
+
+    async def main() -> None:
+        graph, src, tgt, guest = await _setup()
+        await src.write(0, os.urandom(C))  # cluster 0 data, the rest a hole
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        bcs._status.add(C, src.size, Status.ZERO)  # as a block-status query of the job leaves it
+        await tgt.write(2 * C, b"\7" * C)  # not zero, and not known to be
+        await guest.node.write(2 * C, b"x")
+        bcs.target_is_zero = True
+        await tgt.write(4 * C, b"\7" * C)  # never written: the target reads zeros there, we are told
+        await guest.node.write(4 * C, b"y")
+        assert bcs.whole_calls == 2 and bcs.remaining() == src.size - 2 * C
+        target = tgt.snapshot()
+        assert target[2 * C : 3 * C] == bytes(C) and target[4 * C : 5 * C] == b"\7" * C
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_first_touch_is_not_taken_where_the_copy_loop_must_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not all of the range to copy, a cached status that cuts it, sync=top's scan, copy offloading, a
+    long range, or a call of the job: the copy loop runs, with the same result."""
+
+    async def main() -> None:
+        graph, src, tgt, guest = await _setup(8 * MiB)
+        await src.write(0, os.urandom(src.size))
+        before = src.snapshot()
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        loops: list[int] = []
+        real_loop = bcs._copy_dirty_clusters
+
+        async def counted(call: CopyCall) -> bool:
+            if call.offset not in loops:  # a call's first pass (the loop makes another to find it done)
+                loops.append(call.offset)
+            return await real_loop(call)
+
+        monkeypatch.setattr(bcs, "_copy_dirty_clusters", counted)
+        await guest.node.write(C, b"a")  # taken
+        assert bcs.whole_calls == 1 and loops == []
+        await guest.node.write(2 * C - 1, b"bc")  # cluster 1 copied, cluster 2 not
+        bcs._status.add(4 * C, 5 * C + 10, Status.DATA | Status.ALLOCATED)
+        await guest.node.write(5 * C - 1, b"de")  # the cached extent ends inside cluster 5
+        bcs.skip_unallocated = True
+        await guest.node.write(8 * C, b"f")
+        bcs.skip_unallocated, bcs.use_copy_range = False, True
+        await guest.node.write(10 * C, b"g")
+        bcs.use_copy_range = False
+        await guest.node.write(16 * C, b"\1" * MiB)  # a run long enough to ask its block status
+        await bcs.copy(CopyCall(40 * C, C))  # the job's call: the speed limit may make it wait
+        assert bcs.whole_calls == 1 and loops == [C, 4 * C, 8 * C, 10 * C, 16 * C, 40 * C]
+        target = tgt.snapshot()
+        for cluster in (1, 2, 4, 5, 8, 10, *range(16, 32), 40):
+            assert target[cluster * C : (cluster + 1) * C] == before[cluster * C : (cluster + 1) * C], cluster
+            assert not bcs.bitmap.get(cluster * C)
+        assert bcs.in_flight_bytes == 0
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_first_touch_failures_put_the_cluster_back() -> None:
+    """A failed read or target write of a first touch: the write fails (break-guest-write), its cluster
+    is to copy again and not busy, and the next write copies it the same way."""
+
+    async def main() -> None:
+        graph = BlockGraph()
+        mem = await _memory(graph, "mem", MiB)
+        await mem.write(0, os.urandom(MiB))
+        before = mem.snapshot()
+        src = await open_node(graph, {"driver": "fault-inject", "node-name": "src", "file": "mem"})
+        tmem = await _memory(graph, "tmem", MiB)
+        tgt = await open_node(graph, {"driver": "fault-inject", "node-name": "tgt", "file": "tmem"})
+        assert isinstance(src, FaultNode) and isinstance(tgt, FaultNode)
+        guest = Root("guest")
+        graph.attach(guest, "root", src)
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        for node, op, err in ((src, "read", errno.EIO), (tgt, "write", errno.ENOSPC)):
+            node.inject(op, nth=1, errno=err)
+            with pytest.raises(RequestError) as info:
+                await guest.node.write(2 * C, b"new")
+            assert info.value.errno == err
+            assert bcs.bitmap.get(2 * C) and not bcs.settled(2 * C, 3 * C)
+            assert bcs.in_flight_bytes == 0 and bcs.remaining() == MiB
+            assert mem.snapshot()[2 * C : 2 * C + 3] == before[2 * C : 2 * C + 3]
+        await guest.node.write(2 * C, b"new")
+        assert bcs.whole_calls == 3 and bcs.remaining() == MiB - C
+        assert tmem.snapshot()[2 * C : 3 * C] == before[2 * C : 3 * C]
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+def test_write_overlapping_a_first_touch_in_flight_waits_for_it() -> None:
+    async def main() -> None:
+        graph, src, tgt, fault, guest = await _faulty_target(os.urandom(MiB))
+        before = src.snapshot()
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        rule = fault.inject("any-write", nth=1, stall=True)
+        first = asyncio.ensure_future(guest.node.write(3 * C, b"first"))
+        await rule.wait_hits(1)
+        assert bcs.whole_calls == 1 and bcs.in_flight_bytes == C and not bcs.settled(3 * C, 4 * C)
+        # The same cluster: it must not reach the source before the old data is in the target.
+        second = asyncio.ensure_future(guest.node.write(3 * C + 100, b"second"))
+        await asyncio.sleep(0.02)
+        assert not first.done() and not second.done() and src.snapshot() == before
+        rule.release()
+        await asyncio.gather(first, second)
+        assert bcs.whole_calls == 1 and tgt.snapshot()[3 * C : 4 * C] == before[3 * C : 4 * C]
+        assert src.snapshot()[3 * C : 3 * C + 5] == b"first"
+        assert src.snapshot()[3 * C + 100 : 3 * C + 106] == b"second"
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    clusters=st.integers(1, 300),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 300), st.integers(1, 300)), max_size=20),
+    probes=st.lists(st.tuples(st.integers(0, 320), st.integers(1, 320)), max_size=10),
+)
+def test_busy_clusters_match_a_set_model(
+    clusters: int, ops: list[tuple[bool, int, int]], probes: list[tuple[int, int]]
+) -> None:
+    """The copy engine's flat "being copied" bits: runs marked and cleared, asked about any range (one
+    word, two, many; past the end of the disk)."""
+    g = 512
+    size = clusters * g - 100  # a partial last cluster
+    busy, model = _BusyClusters(size, g), set[int]()
+    for value, first, n in ops:
+        first = min(first, clusters - 1)
+        n = min(n, clusters - first)
+        length = min(n * g, size - first * g)
+        busy.mark(first * g, length, value)
+        model = model | set(range(first, first + n)) if value else model - set(range(first, first + n))
+        probes.append((first, n))
+    for first, n in [*probes, (0, clusters + 10)]:
+        start, end = first * g + 7, (first + n) * g - 3
+        want = any(start // g <= c <= (end - 1) // g for c in model)
+        assert busy.any(start, end) == want, (start, end)

@@ -82,6 +82,19 @@ __all__ = ["DirtyBitmap"]
 _STAMPS = itertools.count(1)
 
 
+def _flip_summary(tower: list[array[int]], w: int, *, full: bool) -> None:
+    """Flip the summary bit of level-0 word ``w`` in ``tower`` (whose summary just changed), and climb
+    while the word holding that bit changes its own summary: non-zero, or all ones if ``full``."""
+    for level in tower:
+        i = w >> 6
+        old = level[i]
+        new = old ^ (1 << (w & 63))
+        level[i] = new
+        if (old != M64 and new != M64) if full else (old and new):
+            return
+        w = i
+
+
 class DirtyBitmap:
     """A dirty bitmap of ``size`` bytes with one bit per ``granularity`` bytes.
 
@@ -150,6 +163,28 @@ class DirtyBitmap:
     def _fill(self, a: int, b: int, value: bool) -> None:
         """Set granules [a, b) to ``value`` and update count and towers."""
         if a >= b:
+            return
+        w = a >> 6
+        if w == (b - 1) >> 6:
+            # Inside one word of level 0 -- a copy's claim and finish, a guest write's cluster: one
+            # mask, and each tower climbed only while a summary bit flips.
+            l0 = self._l0
+            old = l0[w]
+            mask = ((1 << (b - a)) - 1) << (a & 63)
+            new = old | mask if value else old & ~mask
+            if new == old:
+                return
+            l0[w] = new
+            if value:
+                self._count += (new ^ old).bit_count()
+                self.dirtied = next(_STAMPS)
+            else:
+                self._count -= (new ^ old).bit_count()
+                self.cleaned = next(_STAMPS)
+            if not old or not new:  # the word's "has a set bit" changed
+                _flip_summary(self._any, w, full=False)
+            if old == M64 or new == M64:  # its "is all ones" changed
+                _flip_summary(self._full, w, full=True)
             return
         flipped = fill_bits(self._l0, a, b, value)
         if not flipped:
@@ -245,9 +280,13 @@ class DirtyBitmap:
         A zero length is a no-op. Raises ValueError if the range is not within
         [0, size].
         """
-        self._check_range(offset, length)
+        # The checks and the granule arithmetic inline: every write marks its node's bitmaps, and a
+        # copy sets and clears bits for each cluster.
+        if offset < 0 or length < 0 or offset + length > self._size:
+            self._check_range(offset, length)
         if length:
-            self._fill(*self._granules_outward(offset, length), True)
+            shift = self._shift
+            self._fill(offset >> shift, (offset + length + self._granularity - 1) >> shift, True)
 
     def reset(self, offset: int, length: int) -> None:
         """Mark clean the granules of [offset, offset + length).
@@ -257,12 +296,14 @@ class DirtyBitmap:
         granule). Raises ValueError otherwise or if the range is out of bounds.
         Use :meth:`reset_inward` for unaligned ranges.
         """
-        self._check_range(offset, length)
+        if offset < 0 or length < 0 or offset + length > self._size:
+            self._check_range(offset, length)
         g = self._granularity
-        if offset % g or (length % g and offset + length != self._size):
+        if (offset | length) & (g - 1) and (offset & (g - 1) or offset + length != self._size):
             raise ValueError(f"Range offset={offset} length={length} is not aligned to granularity {g}")
         if length:
-            self._fill(*self._granules_outward(offset, length), False)
+            shift = self._shift
+            self._fill(offset >> shift, (offset + length + g - 1) >> shift, False)
 
     def reset_inward(self, offset: int, length: int) -> None:
         """Mark clean only the granules lying entirely inside the range.

@@ -43,8 +43,10 @@ class BufferCache:
         free = self._free.get(cls)
         if free:
             self.kept -= cls
-            return memoryview(free.pop())[:n]
-        return memoryview(bytearray(cls))[:n]
+            view = memoryview(free.pop())
+        else:
+            view = memoryview(bytearray(cls))
+        return view if n == cls else view[:n]
 
     def give(self, view: memoryview) -> None:
         """Give back a buffer from :meth:`take`; the view must not be used afterwards."""
@@ -54,7 +56,10 @@ class BufferCache:
         cls = len(buf)
         if self.kept + cls <= self.max_kept:
             self.kept += cls
-            self._free.setdefault(cls, []).append(buf)
+            free = self._free.get(cls)
+            if free is None:
+                free = self._free[cls] = []
+            free.append(buf)
 
     def clear(self) -> None:
         """Drop the buffers kept for reuse (they are freed once no view refers to them)."""
@@ -70,29 +75,42 @@ class BufferPool:
         self.used = 0
         # Everything handed out comes back, so the free list never holds more than the budget.
         self._cache = BufferCache(max_kept=budget + _size_class(budget))
-        self._released = asyncio.Condition()
+        # Set when a buffer comes back, for the getters waiting then; made by the first of them, so
+        # that giving back a buffer nobody waits for costs nothing (a copy per cluster gives one back).
+        self._released: asyncio.Event | None = None
 
     async def get(self, n: int) -> memoryview:
         """A buffer of ``n`` bytes (contents undefined); waits while the budget is spent."""
+        while (buf := self.get_nowait(n)) is None:
+            if self._released is None:
+                self._released = asyncio.Event()
+            await self._released.wait()
+        return buf
+
+    def get_nowait(self, n: int) -> memoryview | None:
+        """:meth:`get` without the wait: None while the budget is spent."""
         cls = _size_class(n)
         if self.used and self.used + cls > self.budget:
-            async with self._released:
-                await self._released.wait_for(lambda: not self.used or self.used + cls <= self.budget)
+            return None
         self.used += cls
         return self._cache.take(n)
 
-    async def put(self, view: memoryview) -> None:
+    def put(self, view: memoryview) -> None:
         """Give a buffer from :meth:`get` back.  The view must not be used afterwards."""
         self.used -= _size_class(len(view))
         self._cache.give(view)
-        async with self._released:
-            self._released.notify_all()
+        self._wake()
 
-    async def drop(self, view: memoryview) -> None:
+    def drop(self, view: memoryview) -> None:
         """Account for a buffer from :meth:`get` that must not be reused (something may still use it)."""
         self.used -= _size_class(len(view))
-        async with self._released:
-            self._released.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        # Every waiter looks at the budget again (those that still do not fit wait for the next one).
+        if self._released is not None:
+            self._released.set()
+            self._released = None
 
     def clear(self) -> None:
         """Drop the buffers kept for reuse (they are freed once no view refers to them)."""

@@ -19,6 +19,10 @@ The rules that make the point-in-time guarantee hold::
                clusters that another call started;
     roll back  a failed task sets its bits again; the waiting call then copies them itself (or fails).
 
+A guest write's first touch of a cluster -- its whole range still to copy, short enough for one task --
+skips the loop: the range is claimed as one task at once, copied inline, and the call returns (QEMU's
+block-copy per cluster; :meth:`BlockCopyState._claim_whole` says why no pass before or after is needed).
+
 All state is owned by the event loop; no locks are needed because claiming happens without an ``await``
 between finding a dirty area and clearing it.
 """
@@ -31,8 +35,9 @@ import enum
 import errno
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from cowbackup.block._bitwords import CHUNK, M64, fill_bits, words_to_int, zero_words
 from cowbackup.block.align import align_down, align_up
 from cowbackup.block.bitmap import DirtyBitmap
 from cowbackup.block.buffers import BufferPool
@@ -74,6 +79,14 @@ class CopyMethod(enum.Enum):
     COPY_RANGE = "copy-range"
 
 
+# The members as module constants, for the per-task path: on Python 3.11 every attribute of an Enum class
+# goes through EnumType's __getattr__ hook (about a thousand instructions), a global is a dict lookup.
+_READ_WRITE = CopyMethod.READ_WRITE
+_WRITE_ZEROES = CopyMethod.WRITE_ZEROES
+_SKIP = CopyMethod.SKIP
+_COPY_RANGE = CopyMethod.COPY_RANGE
+
+
 class CopyError(RequestError):
     """A copy failed.  ``is_read`` tells whether reading the source (True) or writing the target failed."""
 
@@ -87,19 +100,81 @@ class CopyCancelled(Exception):
     """The call was cancelled before it finished its range (not an error of the copy)."""
 
 
-@dataclass(eq=False)
-class _Task:
-    """Clusters ``[offset, offset+length)`` claimed by one call; ``done`` is set when they are settled."""
+class _BusyClusters:
+    """The clusters of the tasks in flight, from claim to finish: a bit each, in a flat array of words.
 
-    call: CopyCall
-    offset: int
-    length: int
-    method: CopyMethod = CopyMethod.READ_WRITE
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    Not a :class:`DirtyBitmap`: what changes is one task's run of clusters, and what is asked is whether
+    any of a guest request's few clusters is busy, so its count and summary levels would only cost --
+    the one-cluster task of a guest write's first touch sets and clears a bit with one masked store.
+    """
+
+    __slots__ = ("_bits", "_shift", "_words")
+
+    def __init__(self, size: int, cluster_size: int) -> None:
+        self._shift = cluster_size.bit_length() - 1
+        self._bits = -(-size // cluster_size)
+        self._words = zero_words((self._bits + 63) >> 6)
+
+    def mark(self, offset: int, length: int, busy: bool) -> None:
+        """Mark the clusters touching ``[offset, offset+length)`` (non-empty, inside the disk)."""
+        a = offset >> self._shift
+        b = ((offset + length - 1) >> self._shift) + 1
+        w = a >> 6
+        if w == (b - 1) >> 6:
+            mask = ((1 << (b - a)) - 1) << (a & 63)
+            words = self._words
+            words[w] = words[w] | mask if busy else words[w] & ~mask
+        else:
+            fill_bits(self._words, a, b, busy)
+
+    def any(self, start: int, end: int) -> bool:
+        """Whether a cluster touching ``[start, end)`` is busy (``end`` may lie past the disk)."""
+        a = start >> self._shift
+        b = min(((end - 1) >> self._shift) + 1, self._bits)
+        if a >= b:
+            return False
+        words = self._words
+        wa, wb = a >> 6, (b - 1) >> 6
+        head = words[wa] >> (a & 63)
+        if wa == wb:
+            return bool(head & ((1 << (b - a)) - 1))
+        if head or words[wb] & (M64 >> (63 - ((b - 1) & 63))):
+            return True
+        # Whole words between: a long request (a discard of the disk, say), C speed a chunk at a time.
+        return any(words_to_int(words, w, min(w + CHUNK, wb)) for w in range(wa + 1, wb, CHUNK))
+
+
+class _Task:
+    """Clusters ``[offset, offset+length)`` claimed by one call.
+
+    :meth:`wait` returns once they are settled (copied, or given back).  Most tasks are waited for by
+    nobody, so the event behind it is made by the first waiter only.
+    """
+
+    __slots__ = ("_settled", "call", "length", "method", "offset")
+
+    def __init__(self, call: CopyCall, offset: int, length: int) -> None:
+        self.call = call
+        self.offset = offset
+        self.length = length
+        self.method = _READ_WRITE
+        self._settled: asyncio.Event | None = None
 
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+    async def wait(self) -> None:
+        """Wait until the clusters the task holds now are settled (or some of them given back)."""
+        if self._settled is None:
+            self._settled = asyncio.Event()
+        await self._settled.wait()
+
+    def wake(self) -> None:
+        """Wake every :meth:`wait`; later ones wait for the next :meth:`wake`."""
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
 
 
 @dataclass(eq=False)
@@ -118,15 +193,23 @@ class CopyCall:
     ignore_ratelimit: bool = False
     cancelled: bool = False
     error: CopyError | None = None
-    _kick: asyncio.Event = field(default_factory=asyncio.Event)
+    # Made on the first kick or sleep: a guest write's call, made for every first touch of a cluster,
+    # does neither.
+    _kick: asyncio.Event | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
-        self._kick.set()
+        self.kicked().set()
 
     def kick(self) -> None:
         """Wake the call if it sleeps for the speed limit (the limit changed)."""
-        self._kick.set()
+        self.kicked().set()
+
+    def kicked(self) -> asyncio.Event:
+        """The event a kick sets, and a sleep for the speed limit waits for."""
+        if self._kick is None:
+            self._kick = asyncio.Event()
+        return self._kick
 
 
 class BlockCopyState:
@@ -152,6 +235,8 @@ class BlockCopyState:
         self.cluster_size = cluster_size
         size = source.node.size
         self.bitmap = DirtyBitmap(size, cluster_size)
+        #: Bytes of the bitmap's last cluster past the end of the disk (see :meth:`remaining`).
+        self._tail_pad = align_up(size, cluster_size) - size
         self.skip_unallocated = False
         #: Discard each source range once copied (blockdev-backup's discard-source).
         self.discard_source = False
@@ -162,9 +247,11 @@ class BlockCopyState:
         self.on_progress: Callable[[int], None] = lambda n: None
         self.on_remaining: Callable[[int], None] = lambda n: None
         self._tasks: list[_Task] = []
+        #: Calls copied as one task claimed at once, without the copy loop (:meth:`_claim_whole`).
+        self.whole_calls = 0
         #: The clusters of ``_tasks`` (set from claim to finish), so that "is anything being copied
         #: here?" is a bit test, not a walk of the tasks.
-        self._busy = DirtyBitmap(size, cluster_size)
+        self._busy = _BusyClusters(size, cluster_size)
         self._in_flight_bytes = 0
         self._buffers = BufferPool(memory_budget)
         self._calls: set[CopyCall] = set()
@@ -199,7 +286,7 @@ class BlockCopyState:
         The filter's fast path asks this for every guest write; whatever is copied or in flight
         elsewhere on the disk does not change the answer or its cost.
         """
-        return self.bitmap.all_clean(start, end) and (not self._tasks or self._busy.all_clean(start, end))
+        return self.bitmap.all_clean(start, end) and (not self._tasks or not self._busy.any(start, end))
 
     def remaining(self) -> int:
         """Bytes still to copy: dirty clusters plus those being copied.
@@ -209,9 +296,8 @@ class BlockCopyState:
         size until that cluster is copied, and stay so if the job fails first).
         """
         dirty = self.bitmap.count()
-        size = self.size
-        if size % self.cluster_size and self.bitmap.get(size - 1):
-            dirty -= align_up(size, self.cluster_size) - size
+        if self._tail_pad and self.bitmap.get(self.bitmap.size - 1):
+            dirty -= self._tail_pad
         return dirty + self._in_flight_bytes
 
     def set_speed(self, speed: int) -> None:
@@ -237,6 +323,16 @@ class BlockCopyState:
         if self._confirm_target_zero:
             self._confirm_target_zero = False
             self.target_is_zero = await self._target_reads_zero()
+        task = self._claim_whole(call)
+        if task is not None:
+            # Nothing to wait for before the task, and nothing left to copy or wait for after it: see
+            # _claim_whole.
+            await self._run_task(task)
+            if call.error is not None:
+                raise call.error
+            if call.cancelled:
+                raise CopyCancelled()
+            return
         self._calls.add(call)
         try:
             while True:
@@ -251,6 +347,50 @@ class BlockCopyState:
         finally:
             self._calls.discard(call)
 
+    def _claim_whole(self, call: CopyCall) -> _Task | None:
+        """The first touch of a guest write: the call's whole range as one task, claimed and classified,
+        when every cluster of it is still to copy and it fits one task; None otherwise (the copy loop).
+
+        What QEMU's block-copy does for a cluster, without the loop's second pass: a range all dirty
+        is covered by no task in flight (a task's clusters are clean from its claim to its end), so
+        there is nothing to wait for first; once the task ends, its clusters are copied -- nothing
+        makes them dirty again but its own failure, which ends the call with the error -- and no other
+        task can have claimed them meanwhile, so there is nothing to copy or wait for after it.  Only
+        guest calls (no speed limit to wait for, no chunk limit) for a range the loop would copy as
+        one short run (one cluster, always): its block status comes from the cache or not at all, as
+        in the loop, and a cached answer that would cut the task short leaves the call to the loop,
+        as do sync=top's scan of unallocated areas and copy offloading, which need the status.
+        """
+        if not call.ignore_ratelimit or call.max_chunk or call.cancelled:
+            return None
+        if self.skip_unallocated or self.use_copy_range:
+            return None
+        cluster = self.cluster_size
+        start = call.offset - call.offset % cluster
+        end = call.offset + call.length
+        end -= end % -cluster  # rounded up to a cluster
+        size = self.size
+        if end > size:
+            end = size
+        length = end - start
+        if length <= 0 or not self.bitmap.all_dirty(start, end):
+            return None
+        if length > cluster and length >= min(self._chunk_limit(call), STATUS_MIN_RUN):
+            return None  # a long run: the loop asks its block status and may cut it into tasks
+        method = _READ_WRITE
+        cached = self._status.lookup(start)
+        if cached is not None:
+            ext_end, flags = cached
+            if ext_end < end:
+                return None  # _classify would shrink the task
+            if flags & Status.ZERO:
+                method = _SKIP if self.target_is_zero else _WRITE_ZEROES
+        task = self._claim(call, start, length)
+        task.method = method
+        self.ratelimit.account(length)  # charged, never waited for (see _copy_dirty_clusters)
+        self.whole_calls += 1
+        return task
+
     async def _target_reads_zero(self) -> bool:
         """True if the whole target is one zero extent (only asked before this state's first copy)."""
         try:
@@ -263,7 +403,7 @@ class BlockCopyState:
         """Wait for one task in flight that overlaps ``[start, end)``; False if there is none."""
         for task in self._tasks:
             if task.offset < end and start < task.end:
-                await task.done.wait()
+                await task.wait()
                 return True
         return False
 
@@ -319,24 +459,22 @@ class BlockCopyState:
         return found
 
     def _claim(self, call: CopyCall, offset: int, length: int) -> _Task:
-        end = min(offset + length, self.size)
-        # Claim whole clusters; the bitmap clamps the last partial cluster to the image end.
-        self.bitmap.reset(offset, end - offset)
-        self._busy.set(offset, end - offset)
-        task = _Task(call, offset, end - offset)
+        """Claim ``[offset, offset+length)``: whole clusters, the last one cut at the end of the disk."""
+        self.bitmap.reset(offset, length)
+        self._busy.mark(offset, length, True)
+        task = _Task(call, offset, length)
         self._tasks.append(task)
-        self._in_flight_bytes += task.length
+        self._in_flight_bytes += length
         return task
 
     def _shrink(self, task: _Task, length: int) -> None:
         """Give back the tail of a task (its clusters become dirty again) and wake its waiters."""
         tail = task.length - length
         self.bitmap.set(task.offset + length, tail)
-        self._busy.reset(task.offset + length, tail)
+        self._busy.mark(task.offset + length, tail, False)
         self._in_flight_bytes -= tail
         task.length = length
-        task.done.set()
-        task.done = asyncio.Event()
+        task.wake()
 
     async def _classify(self, task: _Task, *, ask_status: bool = True) -> bool:
         """Choose the copy method from the source's block status; False if the task needs no copy.
@@ -370,13 +508,13 @@ class BlockCopyState:
         if usable < task.length:
             self._shrink(task, usable)
         if self.skip_unallocated and not flags & Status.ALLOCATED:
-            task.method = CopyMethod.SKIP
+            task.method = _SKIP
             self._finish(task, ok=True, count_progress=False)
             return False
         if flags & Status.ZERO:
-            task.method = CopyMethod.SKIP if self.target_is_zero else CopyMethod.WRITE_ZEROES
+            task.method = _SKIP if self.target_is_zero else _WRITE_ZEROES
         elif self.use_copy_range:
-            task.method = CopyMethod.COPY_RANGE
+            task.method = _COPY_RANGE
         return True
 
     async def _sleep(self, call: CopyCall, delay_ns: int) -> None:
@@ -387,15 +525,15 @@ class BlockCopyState:
         """
         if not call.cancelled:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(call._kick.wait(), delay_ns / 1e9)
-        call._kick.clear()
+                await asyncio.wait_for(call.kicked().wait(), delay_ns / 1e9)
+        call.kicked().clear()
 
     async def _run_task(self, task: _Task) -> None:
         ok = False
         try:
             await self._do_copy(task)
             ok = True
-            if self.discard_source and task.method is not CopyMethod.SKIP:
+            if self.discard_source and task.method is not _SKIP:
                 # Best effort, as QEMU: a failed discard does not fail the copy.
                 with contextlib.suppress(OSError):
                     await self.source.node.discard(task.offset, task.length)
@@ -409,26 +547,29 @@ class BlockCopyState:
     async def _do_copy(self, task: _Task) -> None:
         target = self.target.node
         offset, length = task.offset, task.length
-        if task.method is CopyMethod.SKIP:
+        method = task.method
+        if method is _SKIP:
             return
-        if task.method is CopyMethod.WRITE_ZEROES:
+        if method is _WRITE_ZEROES:
             await self._write_zeroes(offset, length)
             return
-        if task.method is CopyMethod.COPY_RANGE:
+        if method is _COPY_RANGE:
             if await self._copy_range(offset, length):
                 return
-            task.method = CopyMethod.READ_WRITE
-        buf = await self._buffers.get(length)
+            task.method = _READ_WRITE
+        buf = self._buffers.get_nowait(length)
+        if buf is None:
+            buf = await self._buffers.get(length)
         try:
             await self._read_write(target, offset, buf)
         except asyncio.CancelledError:
             # A pool thread may still be reading into the buffer or writing from it: never again.
-            await self._buffers.drop(buf)
+            self._buffers.drop(buf)
             raise
         except BaseException:
-            await self._buffers.put(buf)
+            self._buffers.put(buf)
             raise
-        await self._buffers.put(buf)
+        self._buffers.put(buf)
 
     async def _read_write(self, target: BlockNode, offset: int, buf: memoryview) -> None:
         try:
@@ -437,6 +578,13 @@ class BlockCopyState:
             raise CopyError(err, is_read=True) from err
         if is_zero(buf):
             await self._write_zeroes(offset, len(buf))
+            return
+        if len(buf) <= self.cluster_size:
+            # One cluster, not zero: nothing to split (the usual copy for a guest's write).
+            try:
+                await target.write(offset, buf, self.write_flags)
+            except OSError as err:
+                raise CopyError(err, is_read=False) from err
             return
         # Zero clusters inside a data extent stay sparse too (only data runs are written).
         for run, n, zero in zero_runs(buf, self.cluster_size):
@@ -464,10 +612,10 @@ class BlockCopyState:
     def _finish(self, task: _Task, *, ok: bool, count_progress: bool = True) -> None:
         if not ok:
             self.bitmap.set(task.offset, task.length)
-        self._busy.reset(task.offset, task.length)
+        self._busy.mark(task.offset, task.length, False)
         self._in_flight_bytes -= task.length
         self._tasks.remove(task)
-        task.done.set()
+        task.wake()
         if ok and count_progress:
             self.on_progress(task.length)
         self.on_remaining(self.remaining())

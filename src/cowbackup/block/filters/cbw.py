@@ -144,19 +144,24 @@ class CopyBeforeWriteNode(FilterNode):
     # ------------------------------------------------------------------ interception
 
     async def _save_old_data(self, offset: int, length: int, flags: RequestFlags) -> None:
-        bcs = self.bcs
+        bcs = self._bcs
         if bcs is None or not self.active or self.snapshot_error is not None or length == 0:
             return
-        if flags & RequestFlags.WRITE_UNCHANGED:
+        if flags and flags & RequestFlags.WRITE_UNCHANGED:  # IntFlag's & is slow; test the int first
             return
         cluster = bcs.cluster_size
-        start = align_down(offset, cluster)
-        end = min(align_up(offset + length, cluster), bcs.size)
+        start = offset - offset % cluster
+        end = offset + length
+        end -= end % -cluster  # rounded up to a cluster
+        if end > bcs.size:
+            end = bcs.size
         if not bcs.settled(start, end):
+            call = CopyCall(start, end - start, max_workers=CBW_WORKERS, ignore_ratelimit=True)
             try:
-                await self._copy(
-                    bcs, CopyCall(start, end - start, max_workers=CBW_WORKERS, ignore_ratelimit=True)
-                )
+                if self.cbw_timeout:
+                    await self._copy_with_timeout(bcs, call)
+                else:
+                    await bcs.copy(call)
             except (CopyError, RequestError) as err:
                 self._copy_failed(err)  # raises unless on-cbw-error=break-snapshot
                 await self._wait_frozen(start, end)
@@ -166,10 +171,7 @@ class CopyBeforeWriteNode(FilterNode):
             if self._frozen:
                 await self._wait_frozen(start, end)
 
-    async def _copy(self, bcs: BlockCopyState, call: CopyCall) -> None:
-        if not self.cbw_timeout:
-            await bcs.copy(call)
-            return
+    async def _copy_with_timeout(self, bcs: BlockCopyState, call: CopyCall) -> None:
         copy = asyncio.ensure_future(bcs.copy(call))
         self._background.add(copy)
         copy.add_done_callback(self._background_done)
@@ -212,7 +214,7 @@ class CopyBeforeWriteNode(FilterNode):
         """
         if op == "read":
             return True
-        bcs = self.bcs
+        bcs = self._bcs
         if bcs is None or not self.active or self.snapshot_error is not None or not length:
             self.passed += 1
             return True
@@ -292,7 +294,7 @@ class CopyBeforeWriteNode(FilterNode):
                 cached = False
             if not cached:
                 if not self._passes("write", offset, length, flags):
-                    await self._intercept("write", offset, length, flags)
+                    await self._save_old_data(offset, length, flags)
             else:
                 self.passed += 1
             await self.children["file"].node.write(offset, data, flags)
