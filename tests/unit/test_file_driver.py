@@ -470,7 +470,9 @@ def test_buffered_writes_inline_until_one_is_slow(tmp_path: Path, monkeypatch: p
         assert pooled == []
         await write(8 * KiB + 512, 1024)  # a partial page
         await write(16 * KiB, 4 * KiB, RequestFlags.FUA)
+        monkeypatch.setattr(file_mod, "INLINE_MAX", 64 * KiB)
         await write(256 * KiB, 128 * KiB)  # longer than INLINE_MAX
+        monkeypatch.setattr(file_mod, "INLINE_MAX", 1 * MiB)
         assert pooled == [8 * KiB + 512, 16 * KiB, 256 * KiB]
         pooled.clear()
         monkeypatch.setattr(file_mod, "WRITE_INLINE_BUDGET_NS", -1)  # every inline write is slow
