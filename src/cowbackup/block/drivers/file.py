@@ -128,18 +128,27 @@ WRITE_SLOW_STREAK = 64
 WRITE_SLOW_STREAK_MAX = 64 * 1024
 #: Partial pages are not written inline: one not in the page cache is read from the device first.
 _PAGE_MASK = 4096 - 1
+#: Local disk file systems, the only ones buffered writes are done inline on: a network or FUSE file
+#: system can hang a write for as long as its server is away, and the loop would hang with it (in the
+#: pool only that request waits).  ext2/3/4, XFS, Btrfs, F2FS, bcachefs, ZFS, JFS.
+_LOCAL_DISK_FS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0xF2F52010, 0xCA451A4E, 0x2FC12FC1, 0x3153464A})
 
 
-def _memory_backed(fd: int) -> bool:
-    """True when ``fd`` is on tmpfs or ramfs, by ``fstatfs(2)`` (its first field is ``f_type``)."""
+def _fs_type(fd: int) -> int | None:
+    """The ``f_type`` of the file system ``fd`` is on (``fstatfs(2)``'s first field), None if unknown."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         buf = ctypes.create_string_buffer(256)  # larger than struct statfs on every Linux ABI
         if libc.fstatfs(fd, buf) != 0:
-            return False
+            return None
     except (OSError, AttributeError):
-        return False
-    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little", signed=True) in _MEMORY_FS
+        return None
+    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little", signed=True)
+
+
+def _memory_backed(fd: int) -> bool:
+    """True when ``fd`` is on tmpfs or ramfs."""
+    return _fs_type(fd) in _MEMORY_FS
 
 
 def _address(view: memoryview) -> int | None:
@@ -215,8 +224,9 @@ class FileNode(BlockNode):
         self.inline_all = not direct and not is_block and _memory_backed(fd)
         self.inline_max = INLINE_MAX
         self.has_rwf_nowait = hasattr(os, "RWF_NOWAIT") and not direct
-        # Buffered writes of whole pages inline, on a device too (see WRITE_INLINE_BUDGET_NS).
-        self.inline_writes = not direct and not self.inline_all
+        # Buffered writes of whole pages inline on a local disk file system too (WRITE_INLINE_BUDGET_NS);
+        # not on a block device, whose writes a dead disk can hold up for good once its cache is full.
+        self.inline_writes = not direct and not is_block and _fs_type(fd) in _LOCAL_DISK_FS
         self._pool_writes = 0  # writes still to send to the pool after a slow inline one
         self._write_streak = WRITE_SLOW_STREAK
         # Ranges known to hold data (QEMU keeps one; we keep several, see extent_cache).  Only data -- a stale
