@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cowbackup.block import copy as copy_mod
+from cowbackup.block import threadpool
 from cowbackup.block.bitmap import DirtyBitmap
 from cowbackup.block.copy import BlockCopyState, CopyCall, CopyCancelled, CopyError, _BusyClusters
 from cowbackup.block.drivers import open_node
@@ -685,3 +687,61 @@ def test_busy_clusters_match_a_set_model(
         start, end = first * g + 7, (first + n) * g - 3
         want = any(start // g <= c <= (end - 1) // g for c in model)
         assert busy.any(start, end) == want, (start, end)
+
+
+def test_large_copies_from_a_file_read_on_the_bulk_thread(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of at least OFFLOAD_MIN from a raw-over-file source are read and scanned on the bulk-copy
+    thread; the target gets the data, zero clusters stay unwritten, guest writes during the copy keep the
+    point in time, and a source that ends early fails the copy as a read error."""
+    size = 8 * MiB
+    rng = random.Random(11)
+    image = bytearray(size)
+    image[0:MiB] = rng.randbytes(MiB)
+    image[3 * MiB : 3 * MiB + 5000] = b"y" * 5000  # data with zero clusters around it, in one chunk
+    path = tmp_path / "src.img"
+    path.write_bytes(bytes(image))
+    offloaded: list[int] = []
+    real = threadpool.run_bulk
+
+    async def counting(func: Any, *args: Any) -> Any:
+        offloaded.append(len(args[2]))
+        return await real(func, *args)
+
+    monkeypatch.setattr(copy_mod, "run_bulk", counting)
+
+    async def main() -> None:
+        graph = BlockGraph()
+        await open_node(graph, {"driver": "file", "node-name": "src-file", "filename": str(path)})
+        src = await open_node(graph, {"driver": "raw", "node-name": "src", "file": "src-file"})
+        tgt = await _memory(graph, "tgt", size)
+        guest = Root("guest")
+        graph.attach(guest, "root", src)
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+
+        async def writer() -> None:
+            for _ in range(50):
+                off = rng.randrange(0, size - 4096)
+                await guest.node.write(off, rng.randbytes(4096))
+                await asyncio.sleep(0)
+
+        await asyncio.gather(writer(), bcs.copy(CopyCall(0, size, max_workers=4)))
+        assert offloaded and all(n >= copy_mod.OFFLOAD_MIN for n in offloaded)
+        assert tgt.snapshot() == bytes(image)
+        data = [(e.offset, e.length) async for e in tgt.extents() if e.is_data]
+        assert all(off < MiB or 3 * MiB <= off < 3 * MiB + C for off, _ in data)
+        await cbw_drop(graph, filt)
+
+        # The file shrinks behind our back: the bulk read hits its end, a read error.
+        filt, bcs = cbw_append(graph, "src", "tgt")
+        bcs.bitmap.set_all()
+        os.truncate(path, 2 * MiB)
+        with pytest.raises(CopyError) as info:
+            await bcs.copy(CopyCall(4 * MiB, 4 * MiB))
+        assert info.value.is_read
+        assert bcs.remaining() == 8 * MiB  # every cluster still to copy
+        await cbw_drop(graph, filt)
+
+    asyncio.run(main())
